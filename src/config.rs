@@ -1,0 +1,557 @@
+//! Configuration: reads and checks `gateway.toml`.
+//!
+//! Owns the shape of the config file and every rule about it (unique ids, references between
+//! sections, token hashes). It returns a fully checked [`Config`] or a [`ConfigError`] naming
+//! the file, the key and what is wrong. It must not open the store or touch the network.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// The demo configuration compiled into the binary; used when `config/gateway.toml` is absent.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/gateway.toml");
+/// Where `serve` looks for its config when no `--config` is given.
+pub const DEFAULT_PATH: &str = "config/gateway.toml";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: key `{key}`: {message}")]
+    Invalid {
+        file: String,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    GpSystem,
+    Provider,
+    Auditor,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::GpSystem => "gp-system",
+            Role::Provider => "provider",
+            Role::Auditor => "auditor",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Largest accepted request body, in bytes.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+}
+
+fn default_max_body() -> usize {
+    256 * 1024
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Practice {
+    pub ods: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Need {
+    pub name: String,
+    pub display: String,
+    /// SNOMED CT concept ids that this need category stands for.
+    pub snomed: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provider {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub needs: Vec<String>,
+    /// Postcode districts served (outward codes, e.g. "BB9").
+    #[serde(default)]
+    pub areas: Vec<String>,
+    /// Largest number of open Tasks (requested, accepted, in-progress, on-hold).
+    pub capacity: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: String,
+    pub provider: String,
+    /// Need category names or SNOMED codes; any one matching is enough. Empty: any need.
+    #[serde(default)]
+    pub needs: Vec<String>,
+    /// Postcode districts; empty: anywhere.
+    #[serde(default)]
+    pub postcode_districts: Vec<String>,
+    /// Practice ODS codes; empty: any practice.
+    #[serde(default)]
+    pub practices: Vec<String>,
+    #[serde(default)]
+    pub min_age: Option<u32>,
+    #[serde(default)]
+    pub max_age: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Routing {
+    /// Provider that takes every referral no rule (with capacity) matched.
+    pub fallback_provider: String,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outcome {
+    /// SNOMED CT code of the outcome measure.
+    pub code: String,
+    pub display: String,
+    pub min: i64,
+    pub max: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Client {
+    pub id: String,
+    pub role: Role,
+    /// Lower-case hex SHA-256 of the bearer token.
+    pub token_sha256: String,
+    /// A demo token (its clear text is published in README): refused unless the listener is
+    /// loopback.
+    #[serde(default)]
+    pub demo: bool,
+    /// For `gp-system`: the practices (ODS codes) it acts for.
+    #[serde(default)]
+    pub practices: Vec<String>,
+    /// For `provider`: the provider id it acts for.
+    #[serde(default)]
+    pub provider: Option<String>,
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: Server,
+    pub practices: Vec<Practice>,
+    pub needs: Vec<Need>,
+    pub providers: Vec<Provider>,
+    pub routing: Routing,
+    pub outcomes: Vec<Outcome>,
+    pub clients: Vec<Client>,
+}
+
+impl Config {
+    /// Reads `path`, or the embedded demo config when `path` is `None` and
+    /// [`DEFAULT_PATH`] does not exist.
+    pub fn load(path: Option<&Path>) -> Result<(Config, String), ConfigError> {
+        let (text, name) = match path {
+            Some(p) => (read(p)?, p.display().to_string()),
+            None if Path::new(DEFAULT_PATH).exists() => {
+                (read(Path::new(DEFAULT_PATH))?, DEFAULT_PATH.to_string())
+            }
+            None => (
+                EMBEDDED_DEFAULT.to_string(),
+                format!("{DEFAULT_PATH} (embedded)"),
+            ),
+        };
+        let cfg = Config::parse(&text, &name)?;
+        Ok((cfg, name))
+    }
+
+    /// Parses and checks a config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_string(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        cfg.check(file)?;
+        Ok(cfg)
+    }
+
+    /// Applies command-line overrides and checks the result again (a `--listen` that is not
+    /// loopback must not serve demo tokens).
+    pub fn with_overrides(
+        mut self,
+        file: &str,
+        listen: Option<SocketAddr>,
+        data_dir: Option<PathBuf>,
+    ) -> Result<Config, ConfigError> {
+        if let Some(l) = listen {
+            self.server.listen = l;
+        }
+        if let Some(d) = data_dir {
+            self.server.data_dir = d;
+        }
+        self.check(file)?;
+        Ok(self)
+    }
+
+    pub fn practice(&self, ods: &str) -> Option<&Practice> {
+        self.practices.iter().find(|p| p.ods == ods)
+    }
+
+    pub fn provider(&self, id: &str) -> Option<&Provider> {
+        self.providers.iter().find(|p| p.id == id)
+    }
+
+    pub fn need(&self, name: &str) -> Option<&Need> {
+        self.needs.iter().find(|n| n.name == name)
+    }
+
+    pub fn outcome(&self, code: &str) -> Option<&Outcome> {
+        self.outcomes.iter().find(|o| o.code == code)
+    }
+
+    fn check(&self, file: &str) -> Result<(), ConfigError> {
+        let bad = |key: String, message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            key,
+            message,
+        };
+        if self.server.max_body_bytes < 1024 {
+            return Err(bad(
+                "server.max_body_bytes".into(),
+                "must be at least 1024".into(),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, p) in self.practices.iter().enumerate() {
+            if !is_ods_code(&p.ods) {
+                return Err(bad(
+                    format!("practices[{i}].ods"),
+                    format!(
+                        "`{}` is not an ODS code (3 to 10 upper-case letters and digits)",
+                        p.ods
+                    ),
+                ));
+            }
+            if !seen.insert(p.ods.as_str()) {
+                return Err(bad(
+                    format!("practices[{i}].ods"),
+                    format!("`{}` is listed twice", p.ods),
+                ));
+            }
+        }
+        let mut need_names = HashSet::new();
+        for (i, n) in self.needs.iter().enumerate() {
+            if n.name.is_empty()
+                || !n
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(bad(
+                    format!("needs[{i}].name"),
+                    "must be lower-case letters, digits and '-'".into(),
+                ));
+            }
+            if !need_names.insert(n.name.as_str()) {
+                return Err(bad(
+                    format!("needs[{i}].name"),
+                    format!("`{}` is listed twice", n.name),
+                ));
+            }
+            if n.snomed.is_empty() {
+                return Err(bad(
+                    format!("needs[{i}].snomed"),
+                    "must list at least one SNOMED CT code".into(),
+                ));
+            }
+            for (j, c) in n.snomed.iter().enumerate() {
+                if !is_sctid(c) {
+                    return Err(bad(
+                        format!("needs[{i}].snomed[{j}]"),
+                        format!("`{c}` is not a SNOMED CT concept id (6 to 18 digits)"),
+                    ));
+                }
+            }
+        }
+        let mut provider_ids = HashSet::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            if !is_fhir_id(&p.id) {
+                return Err(bad(
+                    format!("providers[{i}].id"),
+                    format!("`{}` is not a FHIR id ([A-Za-z0-9-.], 1 to 64)", p.id),
+                ));
+            }
+            if !provider_ids.insert(p.id.as_str()) {
+                return Err(bad(
+                    format!("providers[{i}].id"),
+                    format!("`{}` is listed twice", p.id),
+                ));
+            }
+            if p.capacity == 0 {
+                return Err(bad(
+                    format!("providers[{i}].capacity"),
+                    "must be at least 1".into(),
+                ));
+            }
+            for (j, n) in p.needs.iter().enumerate() {
+                if !need_names.contains(n.as_str()) {
+                    return Err(bad(
+                        format!("providers[{i}].needs[{j}]"),
+                        format!("`{n}` is not a need named in [[needs]]"),
+                    ));
+                }
+            }
+            for (j, a) in p.areas.iter().enumerate() {
+                if !is_postcode_district(a) {
+                    return Err(bad(
+                        format!("providers[{i}].areas[{j}]"),
+                        format!("`{a}` is not a postcode district such as \"BB9\""),
+                    ));
+                }
+            }
+        }
+        if !provider_ids.contains(self.routing.fallback_provider.as_str()) {
+            return Err(bad(
+                "routing.fallback_provider".into(),
+                format!(
+                    "`{}` is not a provider id",
+                    self.routing.fallback_provider
+                ),
+            ));
+        }
+        let mut route_names = HashSet::new();
+        for (i, r) in self.routing.routes.iter().enumerate() {
+            if !route_names.insert(r.name.as_str()) {
+                return Err(bad(
+                    format!("routing.routes[{i}].name"),
+                    format!("`{}` is listed twice", r.name),
+                ));
+            }
+            if !provider_ids.contains(r.provider.as_str()) {
+                return Err(bad(
+                    format!("routing.routes[{i}].provider"),
+                    format!("`{}` is not a provider id", r.provider),
+                ));
+            }
+            for (j, n) in r.needs.iter().enumerate() {
+                if !need_names.contains(n.as_str()) && !is_sctid(n) {
+                    return Err(bad(
+                        format!("routing.routes[{i}].needs[{j}]"),
+                        format!("`{n}` is neither a need name nor a SNOMED CT code"),
+                    ));
+                }
+            }
+            for (j, d) in r.postcode_districts.iter().enumerate() {
+                if !is_postcode_district(d) {
+                    return Err(bad(
+                        format!("routing.routes[{i}].postcode_districts[{j}]"),
+                        format!("`{d}` is not a postcode district such as \"BB9\""),
+                    ));
+                }
+            }
+            for (j, o) in r.practices.iter().enumerate() {
+                if !seen.contains(o.as_str()) {
+                    return Err(bad(
+                        format!("routing.routes[{i}].practices[{j}]"),
+                        format!("`{o}` is not a practice in [[practices]]"),
+                    ));
+                }
+            }
+            if let (Some(lo), Some(hi)) = (r.min_age, r.max_age) {
+                if lo > hi {
+                    return Err(bad(
+                        format!("routing.routes[{i}].min_age"),
+                        format!("{lo} is above max_age {hi}"),
+                    ));
+                }
+            }
+        }
+        let mut outcome_codes = HashSet::new();
+        for (i, o) in self.outcomes.iter().enumerate() {
+            if !is_sctid(&o.code) {
+                return Err(bad(
+                    format!("outcomes[{i}].code"),
+                    format!("`{}` is not a SNOMED CT concept id", o.code),
+                ));
+            }
+            if !outcome_codes.insert(o.code.as_str()) {
+                return Err(bad(
+                    format!("outcomes[{i}].code"),
+                    format!("`{}` is listed twice", o.code),
+                ));
+            }
+            if o.min > o.max {
+                return Err(bad(
+                    format!("outcomes[{i}].min"),
+                    format!("{} is above max {}", o.min, o.max),
+                ));
+            }
+        }
+        let mut client_ids = HashSet::new();
+        let mut hashes = BTreeSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            if !client_ids.insert(c.id.as_str()) {
+                return Err(bad(
+                    format!("clients[{i}].id"),
+                    format!("`{}` is listed twice", c.id),
+                ));
+            }
+            let h = &c.token_sha256;
+            if h.len() != 64
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(bad(
+                    format!("clients[{i}].token_sha256"),
+                    "must be 64 lower-case hex digits (the SHA-256 of the token)".into(),
+                ));
+            }
+            if !hashes.insert(h.as_str()) {
+                return Err(bad(
+                    format!("clients[{i}].token_sha256"),
+                    "the same token is given to two clients".into(),
+                ));
+            }
+            match c.role {
+                Role::GpSystem => {
+                    if c.practices.is_empty() {
+                        return Err(bad(
+                            format!("clients[{i}].practices"),
+                            "a gp-system client must name at least one practice".into(),
+                        ));
+                    }
+                    for (j, o) in c.practices.iter().enumerate() {
+                        if !seen.contains(o.as_str()) {
+                            return Err(bad(
+                                format!("clients[{i}].practices[{j}]"),
+                                format!("`{o}` is not a practice in [[practices]]"),
+                            ));
+                        }
+                    }
+                }
+                Role::Provider => match &c.provider {
+                    Some(p) if provider_ids.contains(p.as_str()) => {}
+                    Some(p) => {
+                        return Err(bad(
+                            format!("clients[{i}].provider"),
+                            format!("`{p}` is not a provider id"),
+                        ))
+                    }
+                    None => {
+                        return Err(bad(
+                            format!("clients[{i}].provider"),
+                            "a provider client must name its provider".into(),
+                        ))
+                    }
+                },
+                Role::Auditor | Role::Admin => {}
+            }
+        }
+        if self.clients.iter().any(|c| c.demo) && !self.server.listen.ip().is_loopback() {
+            return Err(bad(
+                "server.listen".into(),
+                format!(
+                    "{} is not a loopback address, and demo tokens are configured: \
+                     demo tokens are refused anywhere but loopback",
+                    self.server.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn read(p: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+        file: p.display().to_string(),
+        source,
+    })
+}
+
+/// ODS organisation code: 3 to 10 upper-case letters and digits.
+pub fn is_ods_code(s: &str) -> bool {
+    (3..=10).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+}
+
+/// SNOMED CT concept id: 6 to 18 digits, no leading zero.
+pub fn is_sctid(s: &str) -> bool {
+    (6..=18).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) && !s.starts_with('0')
+}
+
+/// FHIR `id`: `[A-Za-z0-9\-\.]{1,64}`.
+pub fn is_fhir_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// UK postcode district (outward code): e.g. "BB9", "M1", "EC1A", "SW19".
+pub fn is_postcode_district(s: &str) -> bool {
+    let b = s.as_bytes();
+    let letters = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
+    if !(1..=2).contains(&letters) {
+        return false;
+    }
+    let rest = &b[letters..];
+    match rest {
+        [d] => d.is_ascii_digit(),
+        [d, e] => d.is_ascii_digit() && (e.is_ascii_digit() || e.is_ascii_uppercase()),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let cfg = Config::parse(EMBEDDED_DEFAULT, "embedded").expect("default config");
+        assert!(cfg.practices.len() >= 3);
+        assert!(cfg.providers.len() >= 4);
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let text = EMBEDDED_DEFAULT.replacen("capacity = ", "capacity = 0 #", 1);
+        let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.starts_with("x.toml: key `providers[0].capacity`"), "{err}");
+        let err = Config::parse("[server]\nlisten = 3", "y.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("y.toml: "), "{err}");
+    }
+
+    #[test]
+    fn postcode_districts() {
+        for ok in ["BB9", "M1", "EC1A", "SW19", "B33"] {
+            assert!(is_postcode_district(ok), "{ok}");
+        }
+        for bad in ["", "9BB", "BBB9", "bb9", "BB", "B123"] {
+            assert!(!is_postcode_district(bad), "{bad}");
+        }
+    }
+}

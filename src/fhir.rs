@@ -1,0 +1,528 @@
+//! FHIR mapping and resource rules.
+//!
+//! Owns: the code systems and profiles the gateway uses; building UK Core Patient,
+//! ServiceRequest and Task from a checked referral (DESIGN §5); the "declined" Observation;
+//! Organization resources for the configured directory; checking provider Observations and
+//! the parts of a Task a client may not change. Resources are `serde_json::Value` so that
+//! what a client sent is stored as sent (fhir-sdk drops unknown fields); fhir-sdk's R4B types
+//! are used to check that what a client sends parses as typed FHIR.
+//!
+//! It must not read or write the store, and knows nothing of HTTP or roles.
+
+use serde_json::{json, Map, Value};
+
+use crate::config::{Config, Provider};
+use crate::error::{Error, Issue, Result};
+use crate::ingest::CheckedReferral;
+use crate::routing::Decision;
+use crate::schema;
+
+pub const SNOMED: &str = "http://snomed.info/sct";
+pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
+pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+pub const TASK_CODE_SYSTEM: &str = "http://hl7.org/fhir/CodeSystem/task-code";
+/// Canonical base of what this gateway publishes (CodeSystems, extensions, identifiers).
+pub const CANONICAL: &str = "https://sp-gateway.example.org/fhir";
+
+pub const PROFILE_PATIENT: &str = "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Patient";
+pub const PROFILE_SERVICE_REQUEST: &str =
+    "https://fhir.hl7.org.uk/StructureDefinition/UKCore-ServiceRequest";
+pub const PROFILE_TASK: &str = "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Task";
+pub const PROFILE_OBSERVATION: &str =
+    "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Observation";
+pub const PROFILE_ORGANIZATION: &str =
+    "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Organization";
+
+pub const CODE_SP_REFERRAL: &str = "871731000000106";
+pub const CODE_SP_DECLINED: &str = "871711000000103";
+pub const CODE_PATIENT_REFERRAL: &str = "3457005";
+
+pub fn task_reason_system() -> String {
+    format!("{CANONICAL}/CodeSystem/task-status-reason")
+}
+pub const PATIENT_DECLINED: &str = "patient-declined";
+
+pub fn feedback_system() -> String {
+    format!("{CANONICAL}/CodeSystem/feedback")
+}
+pub const LINK_WORKER_FEEDBACK: &str = "link-worker-feedback";
+
+pub fn routing_extension_url() -> String {
+    format!("{CANONICAL}/StructureDefinition/routing-decision")
+}
+
+/// Identifier system for GP referral ids: one per practice, since ids are unique only there.
+pub fn referral_id_system(ods: &str) -> String {
+    format!("{CANONICAL}/Id/gp-referral/{ods}")
+}
+
+pub fn org_ref(id: &str, display: &str) -> Value {
+    json!({ "reference": format!("Organization/{id}"), "display": display })
+}
+
+fn practice_ref(cfg: &Config, ods: &str) -> Value {
+    let name = cfg.practice(ods).map(|p| p.name.as_str()).unwrap_or(ods);
+    json!({
+        "reference": format!("Organization/{ods}"),
+        "identifier": { "system": ODS_SYSTEM, "value": ods },
+        "display": name
+    })
+}
+
+pub fn provider_ref(p: &Provider) -> Value {
+    org_ref(&p.id, &p.name)
+}
+
+/// Sets the server-owned elements: `id` and `meta` (versionId, lastUpdated, profile kept).
+pub fn stamp(resource: &mut Value, id: &str, version: u64, last_updated: &str) {
+    if let Some(obj) = resource.as_object_mut() {
+        obj.insert("id".into(), Value::String(id.to_string()));
+        let profile = obj
+            .get("meta")
+            .and_then(|m| m.get("profile"))
+            .cloned();
+        let mut meta = Map::new();
+        meta.insert("versionId".into(), Value::String(version.to_string()));
+        meta.insert("lastUpdated".into(), Value::String(last_updated.to_string()));
+        if let Some(p) = profile {
+            meta.insert("profile".into(), p);
+        }
+        obj.insert("meta".into(), Value::Object(meta));
+    }
+}
+
+pub fn version_of(resource: &Value) -> u64 {
+    resource
+        .pointer("/meta/versionId")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn last_updated_of(resource: &Value) -> &str {
+    resource
+        .pointer("/meta/lastUpdated")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+/// The id part of a literal reference `Type/id` when its type is `rtype`.
+pub fn ref_id<'a>(reference: &'a Value, rtype: &str) -> Option<&'a str> {
+    let r = reference.get("reference")?.as_str()?;
+    let id = r.strip_prefix(rtype)?.strip_prefix('/')?;
+    crate::config::is_fhir_id(id).then_some(id)
+}
+
+/// UK Core Patient from a referral.
+pub fn patient(c: &CheckedReferral, cfg: &Config) -> Value {
+    let p = &c.referral.patient;
+    let mut telecom = Vec::new();
+    let preferred = p.preferred_contact.as_deref();
+    if let Some(phone) = &p.phone {
+        let rank = if matches!(preferred, Some("phone" | "sms")) { 1 } else { 2 };
+        telecom.push(json!({ "system": "phone", "value": phone, "use": "home", "rank": rank }));
+    }
+    if let Some(email) = &p.email {
+        let rank = if preferred == Some("email") { 1 } else { 2 };
+        telecom.push(json!({ "system": "email", "value": email, "use": "home", "rank": rank }));
+    }
+    let mut out = json!({
+        "resourceType": "Patient",
+        "meta": { "profile": [PROFILE_PATIENT] },
+        "identifier": [{ "system": NHS_NUMBER_SYSTEM, "value": p.nhs_number }],
+        "name": [{ "use": "official", "family": p.family_name, "given": [p.given_name] }],
+        "gender": p.gender,
+        "birthDate": p.birth_date,
+        "address": [{ "use": "home", "postalCode": c.postcode }],
+        "generalPractitioner": [practice_ref(cfg, &c.referral.practice.ods_code)]
+    });
+    if !telecom.is_empty() {
+        out["telecom"] = Value::Array(telecom);
+    }
+    if let Some(lang) = &p.interpreter_language {
+        out["communication"] = json!([{
+            "language": { "coding": [{ "system": "urn:ietf:bcp:47", "code": lang }] },
+            "preferred": true
+        }]);
+        out["extension"] = json!([{
+            "url": "https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-NHSCommunication",
+            "extension": [
+                { "url": "language", "valueCodeableConcept": { "coding": [{ "system": "urn:ietf:bcp:47", "code": lang }] } },
+                { "url": "interpreterRequired", "valueBoolean": true }
+            ]
+        }]);
+    }
+    out
+}
+
+/// UK Core ServiceRequest from a referral.
+pub fn service_request(
+    c: &CheckedReferral,
+    cfg: &Config,
+    patient_id: &str,
+    provider: &Provider,
+) -> Value {
+    let r = &c.referral;
+    let mut reason_codes: Vec<Value> = r
+        .needs
+        .iter()
+        .filter_map(|n| cfg.need(n))
+        .map(|n| {
+            let coding: Vec<Value> = n
+                .snomed
+                .iter()
+                .map(|code| json!({ "system": SNOMED, "code": code }))
+                .collect();
+            json!({ "coding": coding, "text": n.display })
+        })
+        .collect();
+    for reason in &r.reasons {
+        let mut coding = json!({ "system": reason.system, "code": reason.code });
+        if let Some(d) = &reason.display {
+            coding["display"] = Value::String(d.clone());
+        }
+        reason_codes.push(json!({ "coding": [coding] }));
+    }
+    let mut out = json!({
+        "resourceType": "ServiceRequest",
+        "meta": { "profile": [PROFILE_SERVICE_REQUEST] },
+        "identifier": [{
+            "system": referral_id_system(&r.practice.ods_code),
+            "value": r.referral_id,
+            "assigner": practice_ref(cfg, &r.practice.ods_code)
+        }],
+        "status": "active",
+        "intent": "order",
+        "category": [{ "coding": [{ "system": SNOMED, "code": CODE_PATIENT_REFERRAL, "display": "Patient referral" }] }],
+        "priority": r.urgency.as_str(),
+        "code": { "coding": [{ "system": SNOMED, "code": CODE_SP_REFERRAL, "display": "Referral to social prescribing service" }] },
+        "subject": { "reference": format!("Patient/{patient_id}") },
+        "authoredOn": r.sent_at,
+        "requester": practice_ref(cfg, &r.practice.ods_code),
+        "performer": [provider_ref(provider)],
+        "reasonCode": reason_codes
+    });
+    let mut author = r.referrer.name.clone();
+    if let Some(role) = &r.referrer.role {
+        author = format!("{author} ({role})");
+    }
+    if let Some(notes) = &r.notes {
+        if !notes.trim().is_empty() {
+            out["note"] = json!([{ "authorString": author, "time": r.sent_at, "text": notes }]);
+        }
+    }
+    out
+}
+
+/// The Task that carries the referral to its provider, recording the routing decision.
+pub fn task(
+    c: &CheckedReferral,
+    cfg: &Config,
+    ids: (&str, &str),
+    provider: &Provider,
+    decision: &Decision,
+    now: &str,
+) -> Value {
+    let (patient_id, sr_id) = ids;
+    let r = &c.referral;
+    json!({
+        "resourceType": "Task",
+        "meta": { "profile": [PROFILE_TASK] },
+        "extension": [{
+            "url": routing_extension_url(),
+            "extension": [
+                { "url": "rule", "valueString": decision.rule },
+                { "url": "reason", "valueString": decision.reason }
+            ]
+        }],
+        "identifier": [{ "system": referral_id_system(&r.practice.ods_code), "value": r.referral_id }],
+        "status": "requested",
+        "intent": "order",
+        "priority": r.urgency.as_str(),
+        "code": { "coding": [{ "system": TASK_CODE_SYSTEM, "code": "fulfill", "display": "Fulfill the focal request" }] },
+        "focus": { "reference": format!("ServiceRequest/{sr_id}") },
+        "for": { "reference": format!("Patient/{patient_id}") },
+        "authoredOn": now,
+        "lastModified": now,
+        "requester": practice_ref(cfg, &r.practice.ods_code),
+        "owner": provider_ref(provider)
+    })
+}
+
+/// The Observation the gateway writes when a patient declines (SNOMED 871711000000103).
+pub fn declined_observation(task: &Value, provider: &Provider, now: &str) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "meta": { "profile": [PROFILE_OBSERVATION] },
+        "status": "final",
+        "code": { "coding": [{ "system": SNOMED, "code": CODE_SP_DECLINED, "display": "Social prescribing declined" }] },
+        "subject": task.get("for").cloned().unwrap_or(Value::Null),
+        "basedOn": [task.get("focus").cloned().unwrap_or(Value::Null)],
+        "performer": [provider_ref(provider)],
+        "effectiveDateTime": now,
+        "issued": now
+    })
+}
+
+/// Organization for a practice (by ODS code) or a provider (by its id).
+pub fn organization(cfg: &Config, id: &str) -> Option<Value> {
+    if let Some(p) = cfg.practice(id) {
+        return Some(json!({
+            "resourceType": "Organization",
+            "id": p.ods,
+            "meta": { "profile": [PROFILE_ORGANIZATION] },
+            "identifier": [{ "system": ODS_SYSTEM, "value": p.ods }],
+            "active": true,
+            "type": [{ "coding": [{ "system": "https://fhir.nhs.uk/CodeSystem/organisation-role", "code": "76", "display": "GP PRACTICE" }] }],
+            "name": p.name
+        }));
+    }
+    cfg.provider(id).map(|p| {
+        json!({
+            "resourceType": "Organization",
+            "id": p.id,
+            "meta": { "profile": [PROFILE_ORGANIZATION] },
+            "identifier": [{ "system": format!("{CANONICAL}/Id/provider"), "value": p.id }],
+            "active": true,
+            "name": p.name
+        })
+    })
+}
+
+/// Whether a Task rejection says the patient declined: the gateway's `patient-declined`
+/// code in `statusReason`, or the text "patient declined".
+pub fn is_patient_declined(task: &Value) -> bool {
+    let Some(reason) = task.get("statusReason") else {
+        return false;
+    };
+    let coded = reason
+        .get("coding")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("system").and_then(Value::as_str) == Some(task_reason_system().as_str())
+                    && c.get("code").and_then(Value::as_str) == Some(PATIENT_DECLINED)
+            })
+        });
+    let text = reason
+        .get("text")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("patient declined"));
+    coded || text
+}
+
+/// Checks that a resource is structurally valid R4 and parses as fhir-sdk's typed R4B
+/// resource; `expected` is its required `resourceType`.
+pub fn check_structure(resource: &Value, expected: &str) -> Result<()> {
+    match resource.get("resourceType").and_then(Value::as_str) {
+        Some(t) if t == expected => {}
+        Some(_) => {
+            return Err(Error::invalid(
+                "structure",
+                "resourceType",
+                format!("must be {expected}"),
+            ))
+        }
+        None => {
+            return Err(Error::invalid(
+                "required",
+                "resourceType",
+                format!("is required and must be {expected}"),
+            ))
+        }
+    }
+    let issues = schema::check_fhir(expected, resource)?;
+    if !issues.is_empty() {
+        return Err(Error::Invalid(issues));
+    }
+    typed_parse(resource, expected)
+}
+
+/// Parses with fhir-sdk's R4B types (the same JSON as R4 for these resources).
+pub fn typed_parse(resource: &Value, rtype: &str) -> Result<()> {
+    use fhir_sdk::r4b::resources as r;
+    let res = match rtype {
+        "Task" => serde_json::from_value::<r::Task>(resource.clone()).map(drop),
+        "Observation" => serde_json::from_value::<r::Observation>(resource.clone()).map(drop),
+        "ServiceRequest" => serde_json::from_value::<r::ServiceRequest>(resource.clone()).map(drop),
+        "Patient" => serde_json::from_value::<r::Patient>(resource.clone()).map(drop),
+        "Organization" => serde_json::from_value::<r::Organization>(resource.clone()).map(drop),
+        "Bundle" => serde_json::from_value::<r::Bundle>(resource.clone()).map(drop),
+        "OperationOutcome" => {
+            serde_json::from_value::<r::OperationOutcome>(resource.clone()).map(drop)
+        }
+        other => {
+            return Err(Error::Internal(format!("no typed parser for {other}")));
+        }
+    };
+    res.map_err(|e| {
+        Error::invalid(
+            "structure",
+            rtype,
+            format!("is not a valid FHIR {rtype}: {}", redact_serde(&e.to_string())),
+        )
+    })
+}
+
+/// serde messages can quote input values; keep only the part that names the problem.
+fn redact_serde(msg: &str) -> String {
+    let mut out = String::new();
+    let mut in_quote = false;
+    for ch in msg.chars() {
+        if ch == '"' || ch == '`' {
+            out.push(ch);
+            if !in_quote {
+                out.push('…');
+            }
+            in_quote = !in_quote;
+        } else if !in_quote {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// The elements of a Task a client may change (DESIGN §4).
+pub const TASK_MUTABLE: [&str; 6] = [
+    "status",
+    "statusReason",
+    "businessStatus",
+    "note",
+    "output",
+    "lastModified",
+];
+
+/// The first top-level element where `new` differs from `old` outside the mutable set
+/// (ignoring `meta` and `text`, which the server owns).
+pub fn task_immutable_change(old: &Value, new: &Value) -> Option<String> {
+    let skip = |k: &str| TASK_MUTABLE.contains(&k) || k == "meta" || k == "text";
+    let empty = Map::new();
+    let o = old.as_object().unwrap_or(&empty);
+    let n = new.as_object().unwrap_or(&empty);
+    let mut keys: Vec<&String> = o.keys().chain(n.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .find(|k| !skip(k) && o.get(*k) != n.get(*k))
+        .map(|k| format!("Task.{k}"))
+}
+
+/// What a provider's Observation reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Feedback {
+    Declined,
+    Outcome { code: String, value: i64 },
+    Text,
+}
+
+/// Checks a provider's Observation against the gateway's rules (after [`check_structure`]):
+/// status final, one `basedOn` ServiceRequest, a code the gateway knows, and a value that
+/// fits it. Returns the kind and the ServiceRequest id.
+pub fn check_feedback(obs: &Value, cfg: &Config) -> Result<(Feedback, String)> {
+    let mut issues = Vec::new();
+    if obs.get("status").and_then(Value::as_str) != Some("final") {
+        issues.push(Issue::new(
+            "value",
+            "Observation.status",
+            "must be `final`: feedback sent to the GP is final",
+        ));
+    }
+    let based_on = obs.get("basedOn").and_then(Value::as_array);
+    let sr_id = match based_on.map(|b| b.as_slice()) {
+        Some([one]) => match ref_id(one, "ServiceRequest") {
+            Some(id) => Some(id.to_string()),
+            None => {
+                issues.push(Issue::new(
+                    "value",
+                    "Observation.basedOn[0]",
+                    "must be a literal reference `ServiceRequest/{id}` to the referral",
+                ));
+                None
+            }
+        },
+        _ => {
+            issues.push(Issue::new(
+                "required",
+                "Observation.basedOn",
+                "must hold exactly one reference, to the referral's ServiceRequest",
+            ));
+            None
+        }
+    };
+    let codings: Vec<(&str, &str)> = obs
+        .pointer("/code/coding")
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .filter_map(|c| {
+                    Some((c.get("system")?.as_str()?, c.get("code")?.as_str()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let feedback_sys = feedback_system();
+    let mut kind = None;
+    for (system, code) in &codings {
+        if *system == SNOMED && *code == CODE_SP_DECLINED {
+            kind = Some(Feedback::Declined);
+        } else if *system == SNOMED {
+            if let Some(o) = cfg.outcome(code) {
+                match obs.get("valueInteger").and_then(Value::as_i64) {
+                    Some(v) if (o.min..=o.max).contains(&v) => {
+                        kind = Some(Feedback::Outcome {
+                            code: code.to_string(),
+                            value: v,
+                        })
+                    }
+                    Some(_) => issues.push(Issue::new(
+                        "value",
+                        "Observation.valueInteger",
+                        format!(
+                            "is out of range for {} ({code}): must be {} to {}",
+                            o.display, o.min, o.max
+                        ),
+                    )),
+                    None => issues.push(Issue::new(
+                        "required",
+                        "Observation.valueInteger",
+                        format!("is required for {} ({code})", o.display),
+                    )),
+                }
+            }
+        } else if *system == feedback_sys && *code == LINK_WORKER_FEEDBACK {
+            match obs.get("valueString").and_then(Value::as_str) {
+                Some(s) if !s.trim().is_empty() && s.chars().count() <= 4000 => {
+                    kind = Some(Feedback::Text)
+                }
+                Some(_) => issues.push(Issue::new(
+                    "value",
+                    "Observation.valueString",
+                    "must be 1 to 4000 characters of feedback",
+                )),
+                None => issues.push(Issue::new(
+                    "required",
+                    "Observation.valueString",
+                    "is required for link-worker feedback",
+                )),
+            }
+        }
+        if kind.is_some() {
+            break;
+        }
+    }
+    if kind.is_none() && issues.iter().all(|i| i.expression.as_deref() == Some("Observation.status") || i.expression.as_deref() == Some("Observation.basedOn") || i.expression.as_deref() == Some("Observation.basedOn[0]")) {
+        let outcomes: Vec<String> = cfg.outcomes.iter().map(|o| format!("{SNOMED}|{}", o.code)).collect();
+        issues.push(Issue::new(
+            "code-invalid",
+            "Observation.code",
+            format!(
+                "must be one of: {SNOMED}|{CODE_SP_DECLINED} (declined), {}, or {feedback_sys}|{LINK_WORKER_FEEDBACK} (with valueString)",
+                outcomes.join(", ")
+            ),
+        ));
+    }
+    match (kind, sr_id) {
+        (Some(k), Some(sr)) if issues.is_empty() => Ok((k, sr)),
+        _ => Err(Error::Unprocessable(issues)),
+    }
+}

@@ -1,0 +1,472 @@
+//! The HTTP edge: routes, authentication, request bodies, and errors.
+//!
+//! Owns the axum router (DESIGN §4), reading bodies within the configured limit and content
+//! type, turning a bearer token into a [`Principal`] (via `auth`), the FHIR response headers
+//! (`ETag`, `Last-Modified`, `Location`), request logging, and the one mapping of
+//! [`Error`] to status code and OperationOutcome. It must not hold business rules: every
+//! decision is the gateway's. Logs carry the route template, never the URL, a body or a
+//! header value, so no patient identifier can reach them.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, MatchedPath, Path, RawQuery, Request, State};
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::auth::{Authenticator, Principal};
+use crate::error::{Error, Issue};
+use crate::gateway::{self, Gateway, Query};
+
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub gateway: Arc<Gateway>,
+    pub auth: Arc<Authenticator>,
+}
+
+/// The router with every route of DESIGN §4 that is implemented.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/fhir/metadata", get(metadata))
+        .route("/referrals", axum::routing::post(post_referral))
+        .route("/fhir/{rtype}", get(search).post(create))
+        .route("/fhir/{rtype}/{id}", get(read).put(update))
+        .route("/fhir/{rtype}/{id}/_history", get(history))
+        .route("/fhir/{rtype}/{id}/_history/{vid}", get(vread))
+        .fallback(|| async { ApiError(Error::not_found("no such endpoint")) })
+        .method_not_allowed_fallback(|| async { ApiError(Error::MethodNotAllowed) })
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then finishes in-flight
+/// requests.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// An [`Error`] on its way out as an OperationOutcome.
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+fn status_of(e: &Error) -> StatusCode {
+    match e {
+        Error::Invalid(_) => StatusCode::BAD_REQUEST,
+        Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Error::Forbidden => StatusCode::FORBIDDEN,
+        Error::Conflict(_) => StatusCode::CONFLICT,
+        Error::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+        Error::PreconditionRequired(_) => StatusCode::PRECONDITION_REQUIRED,
+        Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        Error::Store(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The OperationOutcome for an error.
+pub fn operation_outcome(e: &Error) -> Value {
+    let issues: Vec<Issue> = match e {
+        Error::Invalid(i) | Error::Unprocessable(i) => i.clone(),
+        Error::NotFound(what) => vec![Issue { code: "not-found", diagnostics: format!("{what} is not known"), expression: None }],
+        Error::Unauthenticated => vec![Issue { code: "login", diagnostics: "authentication required: send Authorization: Bearer <token>".into(), expression: None }],
+        Error::Forbidden => vec![Issue { code: "forbidden", diagnostics: "this client may not do that".into(), expression: None }],
+        Error::Conflict(m) => vec![Issue { code: "duplicate", diagnostics: m.clone(), expression: None }],
+        Error::PreconditionFailed(m) => vec![Issue { code: "conflict", diagnostics: m.clone(), expression: Some("If-Match".into()) }],
+        Error::PreconditionRequired(m) => vec![Issue { code: "required", diagnostics: m.clone(), expression: Some("If-Match".into()) }],
+        Error::PayloadTooLarge(n) => vec![Issue { code: "too-costly", diagnostics: format!("the request body is larger than the limit of {n} bytes"), expression: None }],
+        Error::UnsupportedMediaType(m) => vec![Issue { code: "not-supported", diagnostics: m.clone(), expression: Some("Content-Type".into()) }],
+        Error::MethodNotAllowed => vec![Issue { code: "not-supported", diagnostics: "this method is not supported on this endpoint".into(), expression: None }],
+        Error::Store(_) | Error::Internal(_) => vec![Issue { code: "exception", diagnostics: "the gateway failed to process the request; nothing was changed; try again later".into(), expression: None }],
+    };
+    let issue: Vec<Value> = issues
+        .iter()
+        .map(|i| {
+            let mut v = json!({ "severity": "error", "code": i.code, "diagnostics": i.diagnostics });
+            if let Some(e) = i.expression.as_deref().filter(|e| !e.is_empty()) {
+                v["expression"] = json!([e]);
+            }
+            v
+        })
+        .collect();
+    json!({ "resourceType": "OperationOutcome", "issue": issue })
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = status_of(&self.0);
+        if status.is_server_error() {
+            tracing::error!(error = %self.0, "request failed");
+        }
+        let mut resp = fhir_response(status, &operation_outcome(&self.0));
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn fhir_response(status: StatusCode, body: &Value) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = (status, bytes).into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    resp
+}
+
+/// A resource response with `ETag` and `Last-Modified` (and `Location` when given).
+fn resource_response(status: StatusCode, resource: &Value, location: Option<String>) -> Response {
+    let mut resp = fhir_response(status, resource);
+    let h = resp.headers_mut();
+    let version = crate::fhir::version_of(resource);
+    if version > 0 {
+        if let Ok(v) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
+            h.insert(header::ETAG, v);
+        }
+    }
+    if let Some(t) = crate::ingest::parse_instant(crate::fhir::last_updated_of(resource)) {
+        let fmt = time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        );
+        if let Ok(s) = t.to_offset(time::UtcOffset::UTC).format(&fmt) {
+            if let Ok(v) = HeaderValue::from_str(&s) {
+                h.insert(header::LAST_MODIFIED, v);
+            }
+        }
+    }
+    if let Some(loc) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        h.insert(header::LOCATION, loc);
+    }
+    resp
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let h = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let p = state.auth.authenticate(h).map_err(|e| {
+            tracing::warn!("authentication failed");
+            ApiError(e)
+        })?;
+        if let Some(slot) = parts.extensions.get::<ClientSlot>() {
+            if let Ok(mut g) = slot.0.lock() {
+                *g = Some(p.client_id.clone());
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// Where the authenticated client id is left for the request log.
+#[derive(Clone, Default)]
+struct ClientSlot(Arc<std::sync::Mutex<Option<String>>>);
+
+/// The base URL for links: the request's Host when it is a plain host name.
+fn base_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() < 256
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .unwrap_or("localhost");
+    format!("http://{host}/fhir")
+}
+
+/// Reads a JSON request body: checks the content type and the size limit.
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if mime != "application/fhir+json" && mime != "application/json" {
+        return Err(ApiError(Error::UnsupportedMediaType(format!(
+            "the body must be application/fhir+json or application/json{}",
+            if ct.is_empty() { " (no Content-Type was sent)".to_string() } else { String::new() }
+        ))));
+    }
+    let limit = state.gateway.config().server.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError(Error::PayloadTooLarge(limit)));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // axum reports http-body-util's LengthLimitError only through its message.
+        if e.to_string().contains("length limit") {
+            ApiError(Error::PayloadTooLarge(limit))
+        } else {
+            ApiError(Error::invalid("structure", "", "the request body could not be read"))
+        }
+    })
+}
+
+async fn healthz() -> Response {
+    fhir_response(StatusCode::OK, &json!({ "status": "ok" }))
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    match st.gateway.store().get(b"ready-probe") {
+        Ok(_) => fhir_response(StatusCode::OK, &json!({ "status": "ready" })),
+        Err(e) => {
+            tracing::error!(error = %e, "store not readable");
+            fhir_response(StatusCode::SERVICE_UNAVAILABLE, &json!({ "status": "store unavailable" }))
+        }
+    }
+}
+
+async fn metadata() -> Response {
+    fhir_response(StatusCode::OK, &capability_statement())
+}
+
+/// The CapabilityStatement: what this server implements, and nothing more.
+pub fn capability_statement() -> Value {
+    let read_hist = json!([{ "code": "read" }, { "code": "vread" }, { "code": "history-instance" }]);
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-21",
+        "kind": "instance",
+        "software": { "name": "sp-gateway", "version": env!("CARGO_PKG_VERSION") },
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json"],
+        "rest": [{
+            "mode": "server",
+            "security": { "description": "Authorization: Bearer <token>; scoped by client role (gp-system, provider, auditor)" },
+            "resource": [
+                { "type": "Patient", "interaction": read_hist },
+                { "type": "ServiceRequest", "interaction": read_hist },
+                {
+                    "type": "Task",
+                    "interaction": [{ "code": "read" }, { "code": "vread" }, { "code": "history-instance" }, { "code": "update" }, { "code": "search-type" }],
+                    "versioning": "versioned-update",
+                    "updateCreate": false,
+                    "searchParam": [
+                        { "name": "owner", "type": "reference" },
+                        { "name": "requester", "type": "reference" },
+                        { "name": "status", "type": "token" },
+                        { "name": "_lastUpdated", "type": "date" },
+                        { "name": "_count", "type": "number" }
+                    ]
+                },
+                {
+                    "type": "Observation",
+                    "interaction": [{ "code": "read" }, { "code": "vread" }, { "code": "history-instance" }, { "code": "create" }, { "code": "search-type" }],
+                    "searchParam": [
+                        { "name": "based-on", "type": "reference" },
+                        { "name": "_lastUpdated", "type": "date" },
+                        { "name": "_count", "type": "number" }
+                    ]
+                },
+                { "type": "Organization", "interaction": [{ "code": "read" }] }
+            ]
+        }]
+    })
+}
+
+async fn post_referral(
+    State(st): State<AppState>,
+    who: Principal,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let bytes = read_body(&st, &headers, body).await?;
+    let s = st.gateway.submit_referral(&who, &bytes).await?;
+    let base = base_url(&headers);
+    let sr_id = s.service_request.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+    let sr_version = crate::fhir::version_of(&s.service_request);
+    let entries: Vec<Value> = [&s.patient, &s.service_request, &s.task]
+        .into_iter()
+        .map(|r| {
+            let t = r.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+            let id = r.get("id").and_then(Value::as_str).unwrap_or_default();
+            json!({ "fullUrl": format!("{base}/{t}/{id}"), "resource": r })
+        })
+        .collect();
+    let bundle = json!({ "resourceType": "Bundle", "type": "collection", "entry": entries });
+    let status = if s.created { StatusCode::CREATED } else { StatusCode::OK };
+    let mut resp = fhir_response(status, &bundle);
+    if let Ok(v) = HeaderValue::from_str(&format!("{base}/ServiceRequest/{sr_id}/_history/{sr_version}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+fn query_pairs(raw: Option<String>) -> Vec<(String, String)> {
+    raw.map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+async fn search(
+    State(st): State<AppState>,
+    Path(rtype): Path<String>,
+    who: Principal,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> ApiResult {
+    let params = query_pairs(raw);
+    let q = Query::parse(&rtype, &params)?;
+    let page = match rtype.as_str() {
+        "Task" => st.gateway.search_tasks(&who, &q)?,
+        "Observation" => st.gateway.search_observations(&who, &q)?,
+        _ => {
+            return Err(ApiError(Error::invalid(
+                "not-supported",
+                rtype.clone(),
+                "search is supported on Task and Observation",
+            )))
+        }
+    };
+    let bundle = gateway::searchset(&base_url(&headers), &rtype, &q, page);
+    Ok(fhir_response(StatusCode::OK, &bundle))
+}
+
+async fn create(
+    State(st): State<AppState>,
+    Path(rtype): Path<String>,
+    who: Principal,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    if rtype != "Observation" {
+        return Err(ApiError(Error::MethodNotAllowed));
+    }
+    let bytes = read_body(&st, &headers, body).await?;
+    let obs = st.gateway.create_observation(&who, &bytes).await?;
+    let id = obs.get("id").and_then(Value::as_str).unwrap_or_default();
+    let loc = format!("{}/Observation/{id}/_history/1", base_url(&headers));
+    Ok(resource_response(StatusCode::CREATED, &obs, Some(loc)))
+}
+
+async fn read(
+    State(st): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    who: Principal,
+) -> ApiResult {
+    let r = st.gateway.read(&who, &rtype, &id)?;
+    Ok(resource_response(StatusCode::OK, &r, None))
+}
+
+async fn vread(
+    State(st): State<AppState>,
+    Path((rtype, id, vid)): Path<(String, String, String)>,
+    who: Principal,
+) -> ApiResult {
+    let r = st.gateway.vread(&who, &rtype, &id, &vid)?;
+    Ok(resource_response(StatusCode::OK, &r, None))
+}
+
+async fn history(
+    State(st): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    who: Principal,
+    headers: HeaderMap,
+) -> ApiResult {
+    let versions = st.gateway.history(&who, &rtype, &id)?;
+    let base = base_url(&headers);
+    let entries: Vec<Value> = versions
+        .into_iter()
+        .map(|r| {
+            let v = crate::fhir::version_of(&r);
+            json!({
+                "fullUrl": format!("{base}/{rtype}/{id}"),
+                "resource": r,
+                "request": { "method": if v == 1 { "POST" } else { "PUT" }, "url": if v == 1 { rtype.clone() } else { format!("{rtype}/{id}") } },
+                "response": { "status": if v == 1 { "201" } else { "200" }, "etag": format!("W/\"{v}\"") }
+            })
+        })
+        .collect();
+    let bundle = json!({ "resourceType": "Bundle", "type": "history", "total": entries.len(), "entry": entries });
+    Ok(fhir_response(StatusCode::OK, &bundle))
+}
+
+async fn update(
+    State(st): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    who: Principal,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    if rtype != "Task" {
+        return Err(ApiError(Error::MethodNotAllowed));
+    }
+    let bytes = read_body(&st, &headers, body).await?;
+    let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
+    let task = st.gateway.update_task(&who, &id, if_match, &bytes).await?;
+    Ok(resource_response(StatusCode::OK, &task, None))
+}
+
+/// Logs one line per request: method, route template, status, time, client. Never the URL
+/// (ids and search values), headers or bodies.
+async fn log_request(mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "(unmatched)".into());
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let slot = ClientSlot::default();
+    req.extensions_mut().insert(slot.clone());
+    let mut resp = next.run(req).await;
+    let client = slot
+        .0
+        .lock()
+        .ok()
+        .and_then(|g| g.clone())
+        .unwrap_or_else(|| "-".into());
+    tracing::info!(
+        request_id = %request_id,
+        method = %method,
+        route = %route,
+        status = resp.status().as_u16(),
+        ms = start.elapsed().as_millis() as u64,
+        client = %client,
+        "request"
+    );
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}

@@ -1,0 +1,17 @@
+//! sp-gateway: a FHIR R4 gateway for NHS social prescribing.
+//!
+//! See ARCHITECTURE.md for the map of modules and the invariants they keep. Data flows one
+//! way: `http` → `gateway` → (`ingest`, `fhir`, `routing`, `workflow`) → `store`.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod fhir;
+pub mod gateway;
+pub mod http;
+pub mod ingest;
+pub mod routing;
+pub mod schema;
+pub mod server;
+pub mod store;
+pub mod workflow;

@@ -1,0 +1,153 @@
+//! The `sp-gateway` command line (DESIGN §9).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use sp_gateway::config::Config;
+use tracing_subscriber::EnvFilter;
+
+/// A FHIR R4 gateway for NHS social prescribing referrals.
+#[derive(Parser)]
+#[command(name = "sp-gateway", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Common {
+    /// Config file [default: config/gateway.toml, or the embedded demo config when absent]
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (overrides server.data_dir)
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Address to listen on (overrides server.listen), e.g. 127.0.0.1:8080
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Log as JSON lines instead of text
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Check a config file and say what is wrong with it, if anything.
+    CheckConfig {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn load(common: &Common, listen: Option<SocketAddr>) -> Result<Config, String> {
+    let (cfg, name) = Config::load(common.config.as_deref()).map_err(|e| e.to_string())?;
+    cfg.with_overrides(&name, listen, common.data_dir.clone())
+        .map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { common } => match load(&common, None) {
+            Ok(cfg) => {
+                println!(
+                    "config OK: {} practices, {} providers, {} routes, {} clients",
+                    cfg.practices.len(),
+                    cfg.providers.len(),
+                    cfg.routing.routes.len(),
+                    cfg.clients.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve {
+            common,
+            listen,
+            log_json,
+        } => {
+            let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+            if log_json {
+                tracing_subscriber::fmt().json().with_env_filter(filter).init();
+            } else {
+                tracing_subscriber::fmt().with_env_filter(filter).init();
+            }
+            let cfg = match load(&common, listen) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(serve(cfg))
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> ExitCode {
+    let bound = match sp_gateway::server::bind(cfg).await {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match bound.local_addr() {
+        // Tests and scripts read this line to find the port.
+        Ok(addr) => println!("listening on http://{addr}"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    tracing::info!("sp-gateway serving");
+    match bound.run(shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("sp-gateway stopped cleanly");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

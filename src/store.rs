@@ -1,0 +1,261 @@
+//! The durable store: the only code that touches sled.
+//!
+//! Owns the on-disk layout (one sled tree of prefixed keys), atomic transactions over it,
+//! ordered prefix scans for indexes, and durability: [`Store::durable`] returns only once
+//! every write committed before the call is on disk (sled `flush`, then `syncfs` of the data
+//! directory), sharing one flush among all concurrent callers (group commit).
+//!
+//! It knows nothing of FHIR, referrals or roles: callers give it keys and bytes. It must not
+//! decide what a key means; the key scheme lives with the code that owns the data
+//! (`gateway::keys`).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+
+use sha2::{Digest, Sha256};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+#[derive(Debug, Error, Clone)]
+pub enum StoreError {
+    #[error("store at {dir}: {message}")]
+    Open { dir: String, message: String },
+    #[error("store I/O error: {0}")]
+    Io(String),
+    #[error("store is closed")]
+    Closed,
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+/// Why a transaction closure stopped: the caller's own reason, or a conflict/storage error
+/// that the store handles (conflicts are retried by sled).
+pub enum Abort<E> {
+    Caller(E),
+    Store(Conflict),
+}
+
+/// A conflict or storage error inside a transaction; `?` turns it into [`Abort::Store`].
+pub struct Conflict(UnabortableTransactionError);
+
+impl<E> From<Conflict> for Abort<E> {
+    fn from(c: Conflict) -> Self {
+        Abort::Store(c)
+    }
+}
+
+/// What a failed [`Store::transact`] reports.
+#[derive(Debug)]
+pub enum TxError<E> {
+    Caller(E),
+    Store(StoreError),
+}
+
+/// A transaction in progress: reads see the transaction's own writes; all writes land
+/// together or not at all.
+pub struct Tx<'a> {
+    t: &'a TransactionalTree,
+}
+
+impl Tx<'_> {
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Conflict> {
+        self.t
+            .get(key)
+            .map(|o| o.map(|v| v.to_vec()))
+            .map_err(Conflict)
+    }
+
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Conflict> {
+        self.t.insert(key, value).map(|_| ()).map_err(Conflict)
+    }
+
+    pub fn remove(&self, key: &[u8]) -> Result<(), Conflict> {
+        self.t.remove(key).map(|_| ()).map_err(Conflict)
+    }
+}
+
+type Waiter = oneshot::Sender<Result<(), StoreError>>;
+
+/// The store handle; cheap to share behind an `Arc`.
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+    commits: mpsc::Sender<Waiter>,
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and checks that it can be read end to end.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let open_err = |message: String| StoreError::Open {
+            dir: dir.display().to_string(),
+            message,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create: {e}")))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(256 * 1024 * 1024)
+            .open()
+            .map_err(|e| open_err(e.to_string()))?;
+        let tree = db
+            .open_tree("fhir")
+            .map_err(|e| open_err(e.to_string()))?;
+        let dir_file = File::open(dir).map_err(|e| open_err(format!("cannot open: {e}")))?;
+        let (commits, rx) = mpsc::channel::<Waiter>();
+        let flusher = db.clone();
+        thread::Builder::new()
+            .name("store-commit".into())
+            .spawn(move || group_commit_loop(flusher, dir_file, rx))
+            .map_err(|e| open_err(format!("cannot start the commit thread: {e}")))?;
+        Ok(Store {
+            db,
+            tree,
+            commits,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Keys and values under `prefix` whose key is strictly greater than `after` (when
+    /// given), in key order, at most `limit` of them.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        let iter = match after {
+            Some(a) if a >= prefix => {
+                let mut start = a.to_vec();
+                start.push(0);
+                self.tree.range(start..)
+            }
+            _ => self.tree.range(prefix.to_vec()..),
+        };
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Keys and values under `prefix` whose key is strictly less than `before` (when given),
+    /// newest key first, at most `limit` of them.
+    pub fn scan_rev(
+        &self,
+        prefix: &[u8],
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        let iter = match before {
+            Some(b) => self.tree.range(prefix.to_vec()..b.to_vec()),
+            None => self.tree.scan_prefix(prefix),
+        };
+        for item in iter.rev() {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` as one atomic transaction. `f` may be run more than once (sled retries on
+    /// conflict), so it must have no effects outside the transaction.
+    pub fn transact<T, E>(
+        &self,
+        f: impl Fn(&Tx<'_>) -> Result<T, Abort<E>>,
+    ) -> Result<T, TxError<E>> {
+        let r = self.tree.transaction(|t| {
+            let tx = Tx { t };
+            match f(&tx) {
+                Ok(v) => Ok(v),
+                Err(Abort::Caller(e)) => Err(ConflictableTransactionError::Abort(e)),
+                Err(Abort::Store(Conflict(u))) => Err(u.into()),
+            }
+        });
+        match r {
+            Ok(v) => Ok(v),
+            Err(TransactionError::Abort(e)) => Err(TxError::Caller(e)),
+            Err(TransactionError::Storage(e)) => Err(TxError::Store(e.into())),
+        }
+    }
+
+    /// Waits until every write committed before this call is on disk. Concurrent callers
+    /// share one flush and one `syncfs`.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.commits.send(tx).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Blocking form of [`Store::durable`] for command-line tools.
+    pub fn durable_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        let dir = File::open(&self.dir).map_err(|e| StoreError::Io(e.to_string()))?;
+        rustix::fs::syncfs(&dir).map_err(|e| StoreError::Io(e.to_string()))
+    }
+
+    /// SHA-256 over every key and value, in order: equal digests mean equal contents.
+    pub fn digest(&self) -> Result<String, StoreError> {
+        let mut h = Sha256::new();
+        for item in self.tree.iter() {
+            let (k, v) = item?;
+            h.update((k.len() as u64).to_be_bytes());
+            h.update(&k);
+            h.update((v.len() as u64).to_be_bytes());
+            h.update(&v);
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+
+    /// Number of keys (for integrity checks and tests).
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+}
+
+fn group_commit_loop(db: sled::Db, dir: File, rx: mpsc::Receiver<Waiter>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        let result = db
+            .flush()
+            .map_err(StoreError::from)
+            .and_then(|_| rustix::fs::syncfs(&dir).map_err(|e| StoreError::Io(e.to_string())));
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "store flush failed");
+        }
+        for w in batch {
+            let _ = w.send(result.clone());
+        }
+    }
+}
