@@ -89,8 +89,21 @@ type Waiter = oneshot::Sender<Result<(), StoreError>>;
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
-    commits: mpsc::Sender<Waiter>,
+    commits: Option<mpsc::Sender<Waiter>>,
+    committer: Option<thread::JoinHandle<()>>,
     dir: PathBuf,
+}
+
+impl Drop for Store {
+    /// Stops the commit thread and waits for it, so that once a `Store` is dropped the
+    /// directory can be opened again at once (sled holds a lock on it).
+    fn drop(&mut self) {
+        self.commits.take();
+        if let Some(t) = self.committer.take() {
+            let _ = t.join();
+        }
+        let _ = self.db.flush();
+    }
 }
 
 impl Store {
@@ -112,14 +125,15 @@ impl Store {
         let dir_file = File::open(dir).map_err(|e| open_err(format!("cannot open: {e}")))?;
         let (commits, rx) = mpsc::channel::<Waiter>();
         let flusher = db.clone();
-        thread::Builder::new()
+        let committer = thread::Builder::new()
             .name("store-commit".into())
             .spawn(move || group_commit_loop(flusher, dir_file, rx))
             .map_err(|e| open_err(format!("cannot start the commit thread: {e}")))?;
         Ok(Store {
             db,
             tree,
-            commits,
+            commits: Some(commits),
+            committer: Some(committer),
             dir: dir.to_path_buf(),
         })
     }
@@ -207,7 +221,11 @@ impl Store {
     /// share one flush and one `syncfs`.
     pub async fn durable(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.commits.send(tx).map_err(|_| StoreError::Closed)?;
+        self.commits
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(tx)
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 

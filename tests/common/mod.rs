@@ -1,0 +1,265 @@
+//! Test harness: a real gateway on a free loopback port with a temp data dir, driven over
+//! real HTTP. The gateway runs in this process so that tests can read the store's digest
+//! (to prove that bad input changed nothing) and stop and restart it on the same data.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sp_gateway::config::{Config, EMBEDDED_DEFAULT};
+use sp_gateway::gateway::Gateway;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const GP: &str = "demo-gp-token"; // gp-pennine: P81001, P81002
+pub const GP2: &str = "demo-gp2-token"; // gp-colne: P81003
+pub const CRAFTS: &str = "demo-provider-crafts-token"; // pendle-crafts
+pub const MONEY: &str = "demo-provider-money-token"; // burnley-money-advice
+pub const HOUSING: &str = "demo-provider-housing-token";
+pub const HUB: &str = "demo-provider-hub-token";
+pub const AUDITOR: &str = "demo-auditor-token";
+pub const ADMIN: &str = "demo-admin-token";
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+pub fn fixture(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixtures().join(name)).expect("fixture");
+    serde_json::from_str(&text).expect("fixture JSON")
+}
+
+/// The demo config, with `edit` applied to its text.
+pub fn config_text(edit: impl Fn(String) -> String) -> String {
+    edit(EMBEDDED_DEFAULT.to_string())
+}
+
+pub struct TestGateway {
+    pub base: String,
+    pub dir: PathBuf,
+    pub gateway: Option<Arc<Gateway>>,
+    config: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    pub http: reqwest::Client,
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Resp {
+    pub fn etag(&self) -> String {
+        self.headers
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// The first issue's expression of an OperationOutcome body.
+    pub fn expression(&self) -> String {
+        self.body
+            .pointer("/issue/0/expression/0")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    pub fn entries(&self) -> Vec<Value> {
+        self.body
+            .get("entry")
+            .and_then(Value::as_array)
+            .map(|e| e.iter().map(|x| x["resource"].clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn next_link(&self) -> Option<String> {
+        self.body
+            .get("link")?
+            .as_array()?
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .and_then(|l| l["url"].as_str())
+            .map(str::to_string)
+    }
+}
+
+impl TestGateway {
+    pub async fn start(dir: &Path) -> TestGateway {
+        Self::start_with(dir, EMBEDDED_DEFAULT.to_string()).await
+    }
+
+    pub async fn start_with(dir: &Path, config: String) -> TestGateway {
+        let cfg = Config::parse(&config, "test.toml")
+            .expect("test config")
+            .with_overrides(
+                "test.toml",
+                Some("127.0.0.1:0".parse().expect("addr")),
+                Some(dir.to_path_buf()),
+            )
+            .expect("overrides");
+        let bound = sp_gateway::server::bind(cfg).await.expect("bind");
+        let addr = bound.local_addr().expect("addr");
+        let gateway = bound.gateway();
+        let (stop, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            bound
+                .run(async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("server run");
+        });
+        TestGateway {
+            base: format!("http://{addr}"),
+            dir: dir.to_path_buf(),
+            gateway: Some(gateway),
+            config,
+            stop: Some(stop),
+            task: Some(task),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Stops the server (in-flight requests finish) and closes the store.
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("server task");
+        }
+        self.gateway = None;
+        // A new client: the old one's pooled connections went with the server.
+        self.http = reqwest::Client::new();
+    }
+
+    /// Stops and starts again on the same data dir and config.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let fresh = TestGateway::start_with(&self.dir.clone(), self.config.clone()).await;
+        *self = fresh;
+    }
+
+    /// SHA-256 over every key and value in the store.
+    pub fn digest(&self) -> String {
+        self.gateway
+            .as_ref()
+            .expect("running")
+            .store()
+            .digest()
+            .expect("digest")
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
+        let url = if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        };
+        let mut rb = self.http.request(method, url);
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(ct) = content_type {
+            rb = rb.header("content-type", ct);
+        }
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        if let Some(b) = body {
+            rb = rb.body(b);
+        }
+        let resp = rb.send().await.expect("request");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.expect("body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                panic!("response is not JSON: {}", String::from_utf8_lossy(&bytes))
+            })
+        };
+        Resp { status, headers, body }
+    }
+
+    pub async fn get(&self, token: &str, path: &str) -> Resp {
+        self.request(Method::GET, path, Some(token), None, None, &[]).await
+    }
+
+    pub async fn post_json(&self, token: &str, path: &str, body: &Value) -> Resp {
+        let ct = if path == "/referrals" { "application/json" } else { "application/fhir+json" };
+        self.request(Method::POST, path, Some(token), Some(ct), Some(body.to_string().into_bytes()), &[])
+            .await
+    }
+
+    pub async fn put_task(&self, token: &str, task: &Value, if_match: Option<&str>) -> Resp {
+        let id = task["id"].as_str().expect("task id");
+        let mut headers = vec![];
+        if let Some(m) = if_match {
+            headers.push(("if-match", m));
+        }
+        self.request(
+            Method::PUT,
+            &format!("/fhir/Task/{id}"),
+            Some(token),
+            Some("application/fhir+json"),
+            Some(task.to_string().into_bytes()),
+            &headers,
+        )
+        .await
+    }
+
+    /// Reads a Task, applies `edit`, and PUTs it with the ETag just read.
+    pub async fn transition(&self, token: &str, task_id: &str, edit: impl Fn(&mut Value)) -> Resp {
+        let cur = self.get(token, &format!("/fhir/Task/{task_id}")).await;
+        assert_eq!(cur.status, 200, "read before transition: {}", cur.body);
+        let mut t = cur.body.clone();
+        edit(&mut t);
+        self.put_task(token, &t, Some(&cur.etag())).await
+    }
+
+    /// Submits a referral; returns (patient, service request, task) ids.
+    pub async fn refer(&self, token: &str, referral: &Value) -> (String, String, String) {
+        let r = self.post_json(token, "/referrals", referral).await;
+        assert!(r.status == 201 || r.status == 200, "referral: {} {}", r.status, r.body);
+        let e = r.entries();
+        let id = |i: usize| e[i]["id"].as_str().expect("id").to_string();
+        (id(0), id(1), id(2))
+    }
+}
+
+/// A referral fixture with another GP referral id (and optionally another NHS number).
+pub fn variant(base: &str, referral_id: &str, nhs: Option<&str>) -> Value {
+    let mut r = fixture(base);
+    r["referralId"] = json!(referral_id);
+    if let Some(n) = nhs {
+        r["patient"]["nhsNumber"] = json!(n);
+    }
+    r
+}
+
+pub fn status_to(status: &str) -> impl Fn(&mut Value) + '_ {
+    move |t: &mut Value| t["status"] = json!(status)
+}
+
+pub fn with_reason(status: &'static str, text: &'static str) -> impl Fn(&mut Value) {
+    move |t: &mut Value| {
+        t["status"] = json!(status);
+        t["statusReason"] = json!({ "text": text });
+    }
+}
