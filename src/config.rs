@@ -333,10 +333,7 @@ impl Config {
         if !provider_ids.contains(self.routing.fallback_provider.as_str()) {
             return Err(bad(
                 "routing.fallback_provider".into(),
-                format!(
-                    "`{}` is not a provider id",
-                    self.routing.fallback_provider
-                ),
+                format!("`{}` is not a provider id", self.routing.fallback_provider),
             ));
         }
         let mut route_names = HashSet::new();
@@ -538,7 +535,10 @@ mod tests {
     fn errors_name_file_and_key() {
         let text = EMBEDDED_DEFAULT.replacen("capacity = ", "capacity = 0 #", 1);
         let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
-        assert!(err.starts_with("x.toml: key `providers[0].capacity`"), "{err}");
+        assert!(
+            err.starts_with("x.toml: key `providers[0].capacity`"),
+            "{err}"
+        );
         let err = Config::parse("[server]\nlisten = 3", "y.toml")
             .unwrap_err()
             .to_string();

@@ -20,7 +20,11 @@ pub struct Issue {
 }
 
 impl Issue {
-    pub fn new(code: &'static str, expression: impl Into<String>, diagnostics: impl Into<String>) -> Self {
+    pub fn new(
+        code: &'static str,
+        expression: impl Into<String>,
+        diagnostics: impl Into<String>,
+    ) -> Self {
         Issue {
             code,
             diagnostics: diagnostics.into(),
@@ -80,7 +84,11 @@ fn first(issues: &[Issue]) -> String {
 }
 
 impl Error {
-    pub fn invalid(code: &'static str, expression: impl Into<String>, diagnostics: impl Into<String>) -> Self {
+    pub fn invalid(
+        code: &'static str,
+        expression: impl Into<String>,
+        diagnostics: impl Into<String>,
+    ) -> Self {
         Error::Invalid(vec![Issue::new(code, expression, diagnostics)])
     }
 

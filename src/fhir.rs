@@ -77,13 +77,13 @@ pub fn provider_ref(p: &Provider) -> Value {
 pub fn stamp(resource: &mut Value, id: &str, version: u64, last_updated: &str) {
     if let Some(obj) = resource.as_object_mut() {
         obj.insert("id".into(), Value::String(id.to_string()));
-        let profile = obj
-            .get("meta")
-            .and_then(|m| m.get("profile"))
-            .cloned();
+        let profile = obj.get("meta").and_then(|m| m.get("profile")).cloned();
         let mut meta = Map::new();
         meta.insert("versionId".into(), Value::String(version.to_string()));
-        meta.insert("lastUpdated".into(), Value::String(last_updated.to_string()));
+        meta.insert(
+            "lastUpdated".into(),
+            Value::String(last_updated.to_string()),
+        );
         if let Some(p) = profile {
             meta.insert("profile".into(), p);
         }
@@ -119,7 +119,11 @@ pub fn patient(c: &CheckedReferral, cfg: &Config) -> Value {
     let mut telecom = Vec::new();
     let preferred = p.preferred_contact.as_deref();
     if let Some(phone) = &p.phone {
-        let rank = if matches!(preferred, Some("phone" | "sms")) { 1 } else { 2 };
+        let rank = if matches!(preferred, Some("phone" | "sms")) {
+            1
+        } else {
+            2
+        };
         telecom.push(json!({ "system": "phone", "value": phone, "use": "home", "rank": rank }));
     }
     if let Some(email) = &p.email {
@@ -338,28 +342,40 @@ pub fn check_structure(resource: &Value, expected: &str) -> Result<()> {
     typed_parse(resource, expected)
 }
 
-/// Parses with fhir-sdk's R4B types (the same JSON as R4 for these resources).
+/// Parses with fhir-sdk's R4B types (the same JSON as R4 for these resources); an error
+/// names the element that failed.
 pub fn typed_parse(resource: &Value, rtype: &str) -> Result<()> {
     use fhir_sdk::r4b::resources as r;
+    fn parse<T: serde::de::DeserializeOwned>(
+        v: &Value,
+    ) -> std::result::Result<(), (String, String)> {
+        serde_path_to_error::deserialize::<_, T>(v.clone())
+            .map(drop)
+            .map_err(|e| (e.path().to_string(), e.inner().to_string()))
+    }
     let res = match rtype {
-        "Task" => serde_json::from_value::<r::Task>(resource.clone()).map(drop),
-        "Observation" => serde_json::from_value::<r::Observation>(resource.clone()).map(drop),
-        "ServiceRequest" => serde_json::from_value::<r::ServiceRequest>(resource.clone()).map(drop),
-        "Patient" => serde_json::from_value::<r::Patient>(resource.clone()).map(drop),
-        "Organization" => serde_json::from_value::<r::Organization>(resource.clone()).map(drop),
-        "Bundle" => serde_json::from_value::<r::Bundle>(resource.clone()).map(drop),
-        "OperationOutcome" => {
-            serde_json::from_value::<r::OperationOutcome>(resource.clone()).map(drop)
-        }
+        "Task" => parse::<r::Task>(resource),
+        "Observation" => parse::<r::Observation>(resource),
+        "ServiceRequest" => parse::<r::ServiceRequest>(resource),
+        "Patient" => parse::<r::Patient>(resource),
+        "Organization" => parse::<r::Organization>(resource),
+        "Bundle" => parse::<r::Bundle>(resource),
+        "OperationOutcome" => parse::<r::OperationOutcome>(resource),
+        "CapabilityStatement" => parse::<r::CapabilityStatement>(resource),
         other => {
             return Err(Error::Internal(format!("no typed parser for {other}")));
         }
     };
-    res.map_err(|e| {
+    res.map_err(|(path, msg)| {
+        let expression = if path.is_empty() || path == "." {
+            rtype.to_string()
+        } else {
+            format!("{rtype}.{path}")
+        };
         Error::invalid(
             "structure",
-            rtype,
-            format!("is not a valid FHIR {rtype}: {}", redact_serde(&e.to_string())),
+            expression,
+            format!("is not valid FHIR: {}", redact_serde(&msg)),
         )
     })
 }
@@ -454,9 +470,7 @@ pub fn check_feedback(obs: &Value, cfg: &Config) -> Result<(Feedback, String)> {
         .and_then(Value::as_array)
         .map(|cs| {
             cs.iter()
-                .filter_map(|c| {
-                    Some((c.get("system")?.as_str()?, c.get("code")?.as_str()?))
-                })
+                .filter_map(|c| Some((c.get("system")?.as_str()?, c.get("code")?.as_str()?)))
                 .collect()
         })
         .unwrap_or_default();
@@ -510,8 +524,18 @@ pub fn check_feedback(obs: &Value, cfg: &Config) -> Result<(Feedback, String)> {
             break;
         }
     }
-    if kind.is_none() && issues.iter().all(|i| i.expression.as_deref() == Some("Observation.status") || i.expression.as_deref() == Some("Observation.basedOn") || i.expression.as_deref() == Some("Observation.basedOn[0]")) {
-        let outcomes: Vec<String> = cfg.outcomes.iter().map(|o| format!("{SNOMED}|{}", o.code)).collect();
+    if kind.is_none()
+        && issues.iter().all(|i| {
+            i.expression.as_deref() == Some("Observation.status")
+                || i.expression.as_deref() == Some("Observation.basedOn")
+                || i.expression.as_deref() == Some("Observation.basedOn[0]")
+        })
+    {
+        let outcomes: Vec<String> = cfg
+            .outcomes
+            .iter()
+            .map(|o| format!("{SNOMED}|{}", o.code))
+            .collect();
         issues.push(Issue::new(
             "code-invalid",
             "Observation.code",
@@ -524,5 +548,45 @@ pub fn check_feedback(obs: &Value, cfg: &Config) -> Result<(Feedback, String)> {
     match (kind, sr_id) {
         (Some(k), Some(sr)) if issues.is_empty() => Ok((k, sr)),
         _ => Err(Error::Unprocessable(issues)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_code_systems_are_valid_and_match_the_code() {
+        for (text, url, code) in [
+            (
+                include_str!("../profiles/CodeSystem-task-status-reason.json"),
+                task_reason_system(),
+                PATIENT_DECLINED,
+            ),
+            (
+                include_str!("../profiles/CodeSystem-feedback.json"),
+                feedback_system(),
+                LINK_WORKER_FEEDBACK,
+            ),
+        ] {
+            let cs: Value = serde_json::from_str(text).unwrap();
+            assert!(schema::check_fhir("CodeSystem", &cs).unwrap().is_empty());
+            assert_eq!(cs["url"], url);
+            assert_eq!(cs["concept"][0]["code"], code);
+        }
+    }
+
+    #[test]
+    fn immutable_changes_are_named() {
+        let old = json!({ "resourceType": "Task", "status": "requested", "owner": { "reference": "Organization/a" } });
+        let mut new = old.clone();
+        new["status"] = json!("accepted");
+        new["note"] = json!([{ "text": "called" }]);
+        assert_eq!(task_immutable_change(&old, &new), None);
+        new["owner"] = json!({ "reference": "Organization/b" });
+        assert_eq!(
+            task_immutable_change(&old, &new).as_deref(),
+            Some("Task.owner")
+        );
     }
 }

@@ -86,7 +86,7 @@ pub struct Now {
 }
 
 impl Now {
-    pub fn now() -> Now {
+    pub fn current() -> Now {
         let t = OffsetDateTime::now_utc();
         let t = t
             .replace_nanosecond(t.nanosecond() / 1000 * 1000)
@@ -186,14 +186,23 @@ fn tx_add(tx: &Tx<'_>, key: &str, delta: i64) -> TxResult<()> {
 /// The index keys of one Task version.
 fn task_index_keys(task: &Value) -> Vec<String> {
     let id = task.get("id").and_then(Value::as_str).unwrap_or_default();
-    let status = task.get("status").and_then(Value::as_str).unwrap_or("unknown");
+    let status = task
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown");
     let ts = micros_of(fhir::last_updated_of(task));
     let suffix = keys::suffix(ts, id);
     let mut scopes = vec!["a".to_string()];
-    if let Some(o) = task.get("owner").and_then(|r| fhir::ref_id(r, "Organization")) {
+    if let Some(o) = task
+        .get("owner")
+        .and_then(|r| fhir::ref_id(r, "Organization"))
+    {
         scopes.push(format!("o/{o}"));
     }
-    if let Some(r) = task.get("requester").and_then(|r| fhir::ref_id(r, "Organization")) {
+    if let Some(r) = task
+        .get("requester")
+        .and_then(|r| fhir::ref_id(r, "Organization"))
+    {
         scopes.push(format!("r/{r}"));
     }
     let mut out = Vec::new();
@@ -262,7 +271,10 @@ impl Gateway {
 
     /// Whether `who` may see `resource` (of `rtype`, current version) at all.
     fn visible(&self, who: &Principal, rtype: &str, resource: &Value) -> Result<bool> {
-        let id = resource.get("id").and_then(Value::as_str).unwrap_or_default();
+        let id = resource
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let gp_owns = |org: Option<&str>| org.is_some_and(|o| who.practices.iter().any(|p| p == o));
         Ok(match (who.role, rtype) {
             (Role::Auditor, _) => true,
@@ -282,7 +294,11 @@ impl Gateway {
                 let sr_id = resource
                     .pointer("/basedOn/0")
                     .and_then(|r| fhir::ref_id(r, "ServiceRequest"));
-                match sr_id.map(|s| self.load("ServiceRequest", s)).transpose()?.flatten() {
+                match sr_id
+                    .map(|s| self.load("ServiceRequest", s))
+                    .transpose()?
+                    .flatten()
+                {
                     Some(sr) => self.visible(who, "ServiceRequest", &sr)?,
                     None => false,
                 }
@@ -296,7 +312,7 @@ impl Gateway {
         if who.role != Role::GpSystem {
             return Err(Error::Forbidden);
         }
-        let now = Now::now();
+        let now = Now::current();
         let checked = ingest::parse_referral(body, &self.cfg, now.time)?;
         let r = &checked.referral;
         let ods = r.practice.ods_code.as_str();
@@ -386,8 +402,14 @@ impl Gateway {
             }
             tx_add(tx, &keys::open_count(&provider.id), 1)?;
             tx.put(keys::sr_task(sr_id).as_bytes(), task_id.as_bytes())?;
-            tx.put(keys::access("Patient", &patient_id, &provider.id).as_bytes(), b"")?;
-            tx.put(keys::access("ServiceRequest", sr_id, &provider.id).as_bytes(), b"")?;
+            tx.put(
+                keys::access("Patient", &patient_id, &provider.id).as_bytes(),
+                b"",
+            )?;
+            tx.put(
+                keys::access("ServiceRequest", sr_id, &provider.id).as_bytes(),
+                b"",
+            )?;
             let rec = ReferralRecord {
                 patient: patient_id.clone(),
                 ..new_ids.clone()
@@ -469,7 +491,7 @@ impl Gateway {
             ));
         }
         let expected = parse_if_match(if_match)?;
-        let now = Now::now();
+        let now = Now::current();
         let cfg = &self.cfg;
         let (task, created_obs) = self.commit(|tx| {
             let current = match tx_json(tx, &keys::current("Task", id))? {
@@ -502,8 +524,14 @@ impl Gateway {
                 ));
             }
             workflow::check(&current, &proposed, who.role).or_else(fail)?;
-            let to = proposed.get("status").and_then(Value::as_str).unwrap_or_default();
-            let from = current.get("status").and_then(Value::as_str).unwrap_or_default();
+            let to = proposed
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let from = current
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             let sr_id = current
                 .get("focus")
                 .and_then(|r| fhir::ref_id(r, "ServiceRequest"))
@@ -586,14 +614,17 @@ impl Gateway {
 
     /// `POST /fhir/Observation`: a provider's feedback or outcome for a referral it serves.
     pub async fn create_observation(&self, who: &Principal, body: &[u8]) -> Result<Value> {
-        let Some(provider_id) = who.provider.as_deref().filter(|_| who.role == Role::Provider)
+        let Some(provider_id) = who
+            .provider
+            .as_deref()
+            .filter(|_| who.role == Role::Provider)
         else {
             return Err(Error::Forbidden);
         };
         let posted = crate::schema::parse_json(body)?;
         fhir::check_structure(&posted, "Observation")?;
         let (_kind, sr_id) = fhir::check_feedback(&posted, &self.cfg)?;
-        let now = Now::now();
+        let now = Now::current();
         let obs_id = uuid::Uuid::new_v4().to_string();
         let not_served = || {
             Error::rule(
@@ -659,7 +690,10 @@ impl Gateway {
             Role::Provider => {
                 let own = who.provider.clone().unwrap_or_default();
                 if owner_filter.as_deref().is_some_and(|o| o != own) {
-                    return Ok(Page { resources: vec![], next: None });
+                    return Ok(Page {
+                        resources: vec![],
+                        next: None,
+                    });
                 }
                 scopes.push(format!("o/{own}"));
                 owner_filter = None;
@@ -715,7 +749,12 @@ impl Gateway {
         };
         match self.load("ServiceRequest", sr_id)? {
             Some(sr) if self.visible(who, "ServiceRequest", &sr)? => {}
-            _ => return Ok(Page { resources: vec![], next: None }),
+            _ => {
+                return Ok(Page {
+                    resources: vec![],
+                    next: None,
+                })
+            }
         }
         self.page(&[keys::obs_prefix(sr_id)], q, "Observation", |_| true)
     }
@@ -850,14 +889,25 @@ impl Query {
             count: DEFAULT_COUNT,
             ..Query::default()
         };
-        let bad = |name: &str, msg: &str| Error::invalid("value", name.to_string(), msg.to_string());
+        let bad =
+            |name: &str, msg: &str| Error::invalid("value", name.to_string(), msg.to_string());
         for (name, value) in params {
             if name != "_cursor" {
                 q.echo.push((name.clone(), value.clone()));
             }
             match (rtype, name.as_str()) {
-                ("Task", "owner") => q.owner = Some(org_param(value).ok_or_else(|| bad(name, "must be Organization/{id} or {id}"))?),
-                ("Task", "requester") => q.requester = Some(org_param(value).ok_or_else(|| bad(name, "must be Organization/{id} or {id}"))?),
+                ("Task", "owner") => {
+                    q.owner = Some(
+                        org_param(value)
+                            .ok_or_else(|| bad(name, "must be Organization/{id} or {id}"))?,
+                    )
+                }
+                ("Task", "requester") => {
+                    q.requester = Some(
+                        org_param(value)
+                            .ok_or_else(|| bad(name, "must be Organization/{id} or {id}"))?,
+                    )
+                }
                 ("Task", "status") => {
                     for s in value.split(',') {
                         if !workflow::STATUSES.contains(&s) {
@@ -894,7 +944,12 @@ impl Query {
                         .parse::<usize>()
                         .ok()
                         .filter(|c| (1..=MAX_COUNT).contains(c))
-                        .ok_or_else(|| bad(name, &format!("must be a whole number from 1 to {MAX_COUNT}")))?;
+                        .ok_or_else(|| {
+                            bad(
+                                name,
+                                &format!("must be a whole number from 1 to {MAX_COUNT}"),
+                            )
+                        })?;
                 }
                 (_, "_cursor") => {
                     let ok = value.len() > 21
@@ -906,7 +961,11 @@ impl Query {
                     }
                     q.cursor = Some(value.clone());
                 }
-                (_, "_format") if matches!(value.as_str(), "json" | "application/fhir+json" | "application/json") => {}
+                (_, "_format")
+                    if matches!(
+                        value.as_str(),
+                        "json" | "application/fhir+json" | "application/json"
+                    ) => {}
                 _ => {
                     return Err(Error::invalid(
                         "not-supported",
@@ -946,9 +1005,13 @@ pub fn searchset(base: &str, rtype: &str, q: &Query, page: Page) -> Value {
         }
         s.finish()
     };
-    let mut links = vec![json!({ "relation": "self", "url": format!("{base}/{rtype}?{}", encode(q.cursor.as_deref())) })];
+    let mut links = vec![
+        json!({ "relation": "self", "url": format!("{base}/{rtype}?{}", encode(q.cursor.as_deref())) }),
+    ];
     if let Some(next) = &page.next {
-        links.push(json!({ "relation": "next", "url": format!("{base}/{rtype}?{}", encode(Some(next))) }));
+        links.push(
+            json!({ "relation": "next", "url": format!("{base}/{rtype}?{}", encode(Some(next))) }),
+        );
     }
     let entries: Vec<Value> = page
         .resources

@@ -95,21 +95,64 @@ fn status_of(e: &Error) -> StatusCode {
 pub fn operation_outcome(e: &Error) -> Value {
     let issues: Vec<Issue> = match e {
         Error::Invalid(i) | Error::Unprocessable(i) => i.clone(),
-        Error::NotFound(what) => vec![Issue { code: "not-found", diagnostics: format!("{what} is not known"), expression: None }],
-        Error::Unauthenticated => vec![Issue { code: "login", diagnostics: "authentication required: send Authorization: Bearer <token>".into(), expression: None }],
-        Error::Forbidden => vec![Issue { code: "forbidden", diagnostics: "this client may not do that".into(), expression: None }],
-        Error::Conflict(m) => vec![Issue { code: "duplicate", diagnostics: m.clone(), expression: None }],
-        Error::PreconditionFailed(m) => vec![Issue { code: "conflict", diagnostics: m.clone(), expression: Some("If-Match".into()) }],
-        Error::PreconditionRequired(m) => vec![Issue { code: "required", diagnostics: m.clone(), expression: Some("If-Match".into()) }],
-        Error::PayloadTooLarge(n) => vec![Issue { code: "too-costly", diagnostics: format!("the request body is larger than the limit of {n} bytes"), expression: None }],
-        Error::UnsupportedMediaType(m) => vec![Issue { code: "not-supported", diagnostics: m.clone(), expression: Some("Content-Type".into()) }],
-        Error::MethodNotAllowed => vec![Issue { code: "not-supported", diagnostics: "this method is not supported on this endpoint".into(), expression: None }],
-        Error::Store(_) | Error::Internal(_) => vec![Issue { code: "exception", diagnostics: "the gateway failed to process the request; nothing was changed; try again later".into(), expression: None }],
+        Error::NotFound(what) => vec![Issue {
+            code: "not-found",
+            diagnostics: format!("{what} is not known"),
+            expression: None,
+        }],
+        Error::Unauthenticated => vec![Issue {
+            code: "login",
+            diagnostics: "authentication required: send Authorization: Bearer <token>".into(),
+            expression: None,
+        }],
+        Error::Forbidden => vec![Issue {
+            code: "forbidden",
+            diagnostics: "this client may not do that".into(),
+            expression: None,
+        }],
+        Error::Conflict(m) => vec![Issue {
+            code: "duplicate",
+            diagnostics: m.clone(),
+            expression: None,
+        }],
+        Error::PreconditionFailed(m) => vec![Issue {
+            code: "conflict",
+            diagnostics: m.clone(),
+            expression: Some("If-Match".into()),
+        }],
+        Error::PreconditionRequired(m) => vec![Issue {
+            code: "required",
+            diagnostics: m.clone(),
+            expression: Some("If-Match".into()),
+        }],
+        Error::PayloadTooLarge(n) => vec![Issue {
+            code: "too-costly",
+            diagnostics: format!("the request body is larger than the limit of {n} bytes"),
+            expression: None,
+        }],
+        Error::UnsupportedMediaType(m) => vec![Issue {
+            code: "not-supported",
+            diagnostics: m.clone(),
+            expression: Some("Content-Type".into()),
+        }],
+        Error::MethodNotAllowed => vec![Issue {
+            code: "not-supported",
+            diagnostics: "this method is not supported on this endpoint".into(),
+            expression: None,
+        }],
+        Error::Store(_) | Error::Internal(_) => vec![Issue {
+            code: "exception",
+            diagnostics:
+                "the gateway failed to process the request; nothing was changed; try again later"
+                    .into(),
+            expression: None,
+        }],
     };
     let issue: Vec<Value> = issues
         .iter()
         .map(|i| {
-            let mut v = json!({ "severity": "error", "code": i.code, "diagnostics": i.diagnostics });
+            let mut v =
+                json!({ "severity": "error", "code": i.code, "diagnostics": i.diagnostics });
             if let Some(e) = i.expression.as_deref().filter(|e| !e.is_empty()) {
                 v["expression"] = json!([e]);
             }
@@ -216,11 +259,20 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     if mime != "application/fhir+json" && mime != "application/json" {
         return Err(ApiError(Error::UnsupportedMediaType(format!(
             "the body must be application/fhir+json or application/json{}",
-            if ct.is_empty() { " (no Content-Type was sent)".to_string() } else { String::new() }
+            if ct.is_empty() {
+                " (no Content-Type was sent)".to_string()
+            } else {
+                String::new()
+            }
         ))));
     }
     let limit = state.gateway.config().server.max_body_bytes;
@@ -236,7 +288,11 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
         if e.to_string().contains("length limit") {
             ApiError(Error::PayloadTooLarge(limit))
         } else {
-            ApiError(Error::invalid("structure", "", "the request body could not be read"))
+            ApiError(Error::invalid(
+                "structure",
+                "",
+                "the request body could not be read",
+            ))
         }
     })
 }
@@ -250,7 +306,10 @@ async fn readyz(State(st): State<AppState>) -> Response {
         Ok(_) => fhir_response(StatusCode::OK, &json!({ "status": "ready" })),
         Err(e) => {
             tracing::error!(error = %e, "store not readable");
-            fhir_response(StatusCode::SERVICE_UNAVAILABLE, &json!({ "status": "store unavailable" }))
+            fhir_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({ "status": "store unavailable" }),
+            )
         }
     }
 }
@@ -261,7 +320,8 @@ async fn metadata() -> Response {
 
 /// The CapabilityStatement: what this server implements, and nothing more.
 pub fn capability_statement() -> Value {
-    let read_hist = json!([{ "code": "read" }, { "code": "vread" }, { "code": "history-instance" }]);
+    let read_hist =
+        json!([{ "code": "read" }, { "code": "vread" }, { "code": "history-instance" }]);
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -313,20 +373,34 @@ async fn post_referral(
     let bytes = read_body(&st, &headers, body).await?;
     let s = st.gateway.submit_referral(&who, &bytes).await?;
     let base = base_url(&headers);
-    let sr_id = s.service_request.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+    let sr_id = s
+        .service_request
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     let sr_version = crate::fhir::version_of(&s.service_request);
     let entries: Vec<Value> = [&s.patient, &s.service_request, &s.task]
         .into_iter()
         .map(|r| {
-            let t = r.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+            let t = r
+                .get("resourceType")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             let id = r.get("id").and_then(Value::as_str).unwrap_or_default();
             json!({ "fullUrl": format!("{base}/{t}/{id}"), "resource": r })
         })
         .collect();
     let bundle = json!({ "resourceType": "Bundle", "type": "collection", "entry": entries });
-    let status = if s.created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if s.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     let mut resp = fhir_response(status, &bundle);
-    if let Ok(v) = HeaderValue::from_str(&format!("{base}/ServiceRequest/{sr_id}/_history/{sr_version}")) {
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{base}/ServiceRequest/{sr_id}/_history/{sr_version}"
+    )) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     Ok(resp)

@@ -143,12 +143,21 @@ pub fn parse_referral(body: &[u8], cfg: &Config, now: OffsetDateTime) -> Result<
     }
     let referral: Referral = serde_json::from_value(value.clone()).map_err(|e| {
         // The schema and the struct disagree: a bug, but still the client's input.
-        Error::invalid("structure", "", format!("referral does not match its schema: {e}"))
+        Error::invalid(
+            "structure",
+            "",
+            format!("referral does not match its schema: {e}"),
+        )
     })?;
     check_rules(referral, value, cfg, now)
 }
 
-fn check_rules(r: Referral, canonical: Value, cfg: &Config, now: OffsetDateTime) -> Result<CheckedReferral> {
+fn check_rules(
+    r: Referral,
+    canonical: Value,
+    cfg: &Config,
+    now: OffsetDateTime,
+) -> Result<CheckedReferral> {
     let mut issues = Vec::new();
     if !nhs_number_valid(&r.patient.nhs_number) {
         issues.push(Issue::new(
@@ -160,7 +169,11 @@ fn check_rules(r: Referral, canonical: Value, cfg: &Config, now: OffsetDateTime)
     let postcode = normalise_postcode(&r.patient.postcode);
     let district = postcode.split(' ').next().unwrap_or_default().to_string();
     if !crate::config::is_postcode_district(&district) {
-        issues.push(Issue::new("value", "patient.postcode", "is not a UK postcode"));
+        issues.push(Issue::new(
+            "value",
+            "patient.postcode",
+            "is not a UK postcode",
+        ));
     }
     let today = now.date();
     let mut age = 0;
@@ -170,20 +183,19 @@ fn check_rules(r: Referral, canonical: Value, cfg: &Config, now: OffsetDateTime)
             "patient.birthDate",
             "is not a calendar date (YYYY-MM-DD)",
         )),
-        Some(d) if d > today => issues.push(Issue::new(
-            "value",
-            "patient.birthDate",
-            "is in the future",
-        )),
-        Some(d) if d.year() < 1890 => issues.push(Issue::new(
-            "value",
-            "patient.birthDate",
-            "is before 1890",
-        )),
+        Some(d) if d > today => {
+            issues.push(Issue::new("value", "patient.birthDate", "is in the future"))
+        }
+        Some(d) if d.year() < 1890 => {
+            issues.push(Issue::new("value", "patient.birthDate", "is before 1890"))
+        }
         Some(d) => age = age_on(d, today),
     }
     let skew = time::Duration::minutes(5);
-    for (path, v) in [("sentAt", &r.sent_at), ("consent.recordedAt", &r.consent.recorded_at)] {
+    for (path, v) in [
+        ("sentAt", &r.sent_at),
+        ("consent.recordedAt", &r.consent.recorded_at),
+    ] {
         match parse_instant(v) {
             None => issues.push(Issue::new("value", path, "is not a valid date-time")),
             Some(t) if t > now + skew => issues.push(Issue::new("value", path, "is in the future")),
@@ -192,7 +204,11 @@ fn check_rules(r: Referral, canonical: Value, cfg: &Config, now: OffsetDateTime)
     }
     if let Some(l) = &r.patient.interpreter_language {
         if l.len() > 35 {
-            issues.push(Issue::new("value", "patient.interpreterLanguage", "is too long"));
+            issues.push(Issue::new(
+                "value",
+                "patient.interpreterLanguage",
+                "is too long",
+            ));
         }
     }
     for (i, n) in r.needs.iter().enumerate() {
@@ -201,7 +217,10 @@ fn check_rules(r: Referral, canonical: Value, cfg: &Config, now: OffsetDateTime)
             issues.push(Issue::new(
                 "code-invalid",
                 format!("needs[{i}]"),
-                format!("`{n}` is not a need category this gateway knows; known: {}", known.join(", ")),
+                format!(
+                    "`{n}` is not a need category this gateway knows; known: {}",
+                    known.join(", ")
+                ),
             ));
         }
     }
@@ -246,7 +265,11 @@ pub fn nhs_number_valid(s: &str) -> bool {
 
 /// Upper-cases and puts exactly one space before the inward code ("bb97sr" → "BB9 7SR").
 pub fn normalise_postcode(s: &str) -> String {
-    let compact: String = s.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_uppercase();
+    let compact: String = s
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_uppercase();
     if compact.len() < 5 {
         return compact;
     }

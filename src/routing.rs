@@ -40,7 +40,10 @@ pub fn route<E>(
         let Some(why) = matches(rule, facts) else {
             continue;
         };
-        let capacity = cfg.provider(&rule.provider).map(|p| p.capacity).unwrap_or(0);
+        let capacity = cfg
+            .provider(&rule.provider)
+            .map(|p| p.capacity)
+            .unwrap_or(0);
         let open = open_tasks(&rule.provider)?;
         if open < capacity {
             return Ok(Decision {
@@ -109,7 +112,13 @@ mod tests {
     }
 
     fn facts<'a>(needs: &'a [String], district: &'a str, age: u32) -> Facts<'a> {
-        Facts { needs, codes: vec![], district, practice: "P81001", age }
+        Facts {
+            needs,
+            codes: vec![],
+            district,
+            practice: "P81001",
+            age,
+        }
     }
 
     #[test]

@@ -57,11 +57,18 @@ pub fn check(validator: &jsonschema::Validator, value: &Value, root: &str) -> Ve
         let (code, expression, diagnostics) = match err.kind() {
             ValidationErrorKind::Required { property } => {
                 let name = property.as_str().unwrap_or_default();
-                ("required", join(&base, name), "is required but missing".to_string())
+                (
+                    "required",
+                    join(&base, name),
+                    "is required but missing".to_string(),
+                )
             }
             ValidationErrorKind::AdditionalProperties { unexpected } => (
                 "structure",
-                join(&base, unexpected.first().map(String::as_str).unwrap_or_default()),
+                join(
+                    &base,
+                    unexpected.first().map(String::as_str).unwrap_or_default(),
+                ),
                 format!(
                     "is not an element allowed here{}",
                     if unexpected.len() > 1 {
@@ -174,18 +181,29 @@ mod tests {
 
     #[test]
     fn pointers() {
-        assert_eq!(pointer_to_path("", "/patient/nhsNumber"), "patient.nhsNumber");
+        assert_eq!(
+            pointer_to_path("", "/patient/nhsNumber"),
+            "patient.nhsNumber"
+        );
         assert_eq!(pointer_to_path("", "/needs/0"), "needs[0]");
-        assert_eq!(pointer_to_path("Task", "/output/1/valueReference"), "Task.output[1].valueReference");
+        assert_eq!(
+            pointer_to_path("Task", "/output/1/valueReference"),
+            "Task.output[1].valueReference"
+        );
         assert_eq!(pointer_to_path("Task", ""), "Task");
     }
 
     #[test]
     fn fhir_schema_per_type() {
-        let ok = serde_json::json!({"resourceType": "Task", "status": "requested", "intent": "order"});
+        let ok =
+            serde_json::json!({"resourceType": "Task", "status": "requested", "intent": "order"});
         assert!(check_fhir("Task", &ok).unwrap().is_empty());
         let bad = serde_json::json!({"resourceType": "Task", "status": 7, "intent": "order"});
         let issues = check_fhir("Task", &bad).unwrap();
-        assert_eq!(issues[0].expression.as_deref(), Some("Task.status"), "{issues:?}");
+        assert_eq!(
+            issues[0].expression.as_deref(),
+            Some("Task.status"),
+            "{issues:?}"
+        );
     }
 }

@@ -83,6 +83,9 @@ impl Tx<'_> {
     }
 }
 
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
 
 /// The store handle; cheap to share behind an `Arc`.
@@ -119,9 +122,7 @@ impl Store {
             .cache_capacity(256 * 1024 * 1024)
             .open()
             .map_err(|e| open_err(e.to_string()))?;
-        let tree = db
-            .open_tree("fhir")
-            .map_err(|e| open_err(e.to_string()))?;
+        let tree = db.open_tree("fhir").map_err(|e| open_err(e.to_string()))?;
         let dir_file = File::open(dir).map_err(|e| open_err(format!("cannot open: {e}")))?;
         let (commits, rx) = mpsc::channel::<Waiter>();
         let flusher = db.clone();
@@ -153,7 +154,7 @@ impl Store {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
         let iter = match after {
             Some(a) if a >= prefix => {
@@ -180,7 +181,7 @@ impl Store {
         prefix: &[u8],
         before: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
         let iter = match before {
             Some(b) => self.tree.range(prefix.to_vec()..b.to_vec()),

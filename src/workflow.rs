@@ -65,7 +65,10 @@ pub fn output_observations(task: &Value) -> Vec<String> {
 
 /// Checks the change from `old` to `new` by a client of `role`.
 pub fn check(old: &Value, new: &Value, role: Role) -> Result<()> {
-    let from = old.get("status").and_then(Value::as_str).unwrap_or_default();
+    let from = old
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let to = match new.get("status").and_then(Value::as_str) {
         Some(s) if STATUSES.contains(&s) => s,
         Some(_) => {
@@ -100,8 +103,14 @@ pub fn check(old: &Value, new: &Value, role: Role) -> Result<()> {
                         | ("accepted", "in-progress")
                         | ("in-progress", "on-hold")
                         | ("on-hold", "in-progress")
-                        | ("accepted" | "in-progress" | "on-hold", "completed" | "failed")
-                        | ("requested" | "accepted" | "in-progress" | "on-hold", "cancelled")
+                        | (
+                            "accepted" | "in-progress" | "on-hold",
+                            "completed" | "failed"
+                        )
+                        | (
+                            "requested" | "accepted" | "in-progress" | "on-hold",
+                            "cancelled"
+                        )
                 );
             if !legal {
                 return Err(Error::rule(
@@ -112,8 +121,8 @@ pub fn check(old: &Value, new: &Value, role: Role) -> Result<()> {
         }
         Role::Auditor | Role::Admin => return Err(Error::Forbidden),
     }
-    let needs_reason = matches!(to, "rejected" | "cancelled" | "failed")
-        || (to == "on-hold" && from != "on-hold");
+    let needs_reason =
+        matches!(to, "rejected" | "cancelled" | "failed") || (to == "on-hold" && from != "on-hold");
     if needs_reason && !has_reason(new) {
         return Err(Error::rule(
             "Task.statusReason",
@@ -144,7 +153,8 @@ mod tests {
         assert!(check(&t("requested"), &t("accepted"), Role::Provider).is_ok());
         assert!(check(&t("requested"), &t("in-progress"), Role::Provider).is_err());
         assert!(check(&t("requested"), &t("rejected"), Role::Provider).is_err());
-        let rejected = json!({ "status": "rejected", "statusReason": { "text": "patient declined" } });
+        let rejected =
+            json!({ "status": "rejected", "statusReason": { "text": "patient declined" } });
         assert!(check(&t("requested"), &rejected, Role::Provider).is_ok());
         assert!(check(&t("accepted"), &t("completed"), Role::Provider).is_err());
         let done = json!({ "status": "completed", "output": [{ "type": { "text": "outcome" }, "valueReference": { "reference": "Observation/abc" } }] });

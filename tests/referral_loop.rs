@@ -37,24 +37,38 @@ async fn whole_loop_referral_to_outcome_back_at_the_gp() {
     let gw = TestGateway::start(dir.path()).await;
 
     // 1. The GP refers Ada (loneliness, BB9): routed to the Pendle crafting group.
-    let r = gw.post_json(GP, "/referrals", &fixture("referral-ada.json")).await;
+    let r = gw
+        .post_json(GP, "/referrals", &fixture("referral-ada.json"))
+        .await;
     assert_eq!(r.status, 201, "{}", r.body);
     let loc = r.headers["location"].to_str().unwrap().to_string();
     let entries = r.entries();
     assert_eq!(entries.len(), 3);
     let (patient, sr, task) = (&entries[0], &entries[1], &entries[2]);
     assert_eq!(patient["resourceType"], "Patient");
-    assert_eq!(patient["identifier"][0]["system"], "https://fhir.nhs.uk/Id/nhs-number");
+    assert_eq!(
+        patient["identifier"][0]["system"],
+        "https://fhir.nhs.uk/Id/nhs-number"
+    );
     assert_eq!(sr["code"]["coding"][0]["code"], "871731000000106");
     assert_eq!(sr["category"][0]["coding"][0]["code"], "3457005");
     assert_eq!(sr["requester"]["identifier"]["value"], "P81001");
-    assert!(loc.contains(&format!("/ServiceRequest/{}", sr["id"].as_str().unwrap())), "{loc}");
+    assert!(
+        loc.contains(&format!("/ServiceRequest/{}", sr["id"].as_str().unwrap())),
+        "{loc}"
+    );
     assert_eq!(task["status"], "requested");
     assert_eq!(task["owner"]["reference"], "Organization/pendle-crafts");
-    assert_eq!(task["focus"]["reference"], format!("ServiceRequest/{}", sr["id"].as_str().unwrap()));
+    assert_eq!(
+        task["focus"]["reference"],
+        format!("ServiceRequest/{}", sr["id"].as_str().unwrap())
+    );
     let routing = &task["extension"][0]["extension"];
     assert_eq!(routing[0]["valueString"], "loneliness-pendle");
-    assert!(routing[1]["valueString"].as_str().unwrap().contains("has capacity"));
+    assert!(routing[1]["valueString"]
+        .as_str()
+        .unwrap()
+        .contains("has capacity"));
     let (pid, sid, tid) = (
         patient["id"].as_str().unwrap().to_string(),
         sr["id"].as_str().unwrap().to_string(),
@@ -62,13 +76,30 @@ async fn whole_loop_referral_to_outcome_back_at_the_gp() {
     );
 
     // 2. The provider polls its queue and sees the Task, and can read the referral and patient.
-    let poll = gw.get(CRAFTS, "/fhir/Task?owner=Organization/pendle-crafts&status=requested&_count=50").await;
+    let poll = gw
+        .get(
+            CRAFTS,
+            "/fhir/Task?owner=Organization/pendle-crafts&status=requested&_count=50",
+        )
+        .await;
     assert_eq!(poll.status, 200, "{}", poll.body);
     assert_eq!(poll.body["type"], "searchset");
-    let ids: Vec<String> = poll.entries().iter().map(|t| t["id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = poll
+        .entries()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids, vec![tid.clone()]);
-    assert_eq!(gw.get(CRAFTS, &format!("/fhir/ServiceRequest/{sid}")).await.status, 200);
-    assert_eq!(gw.get(CRAFTS, &format!("/fhir/Patient/{pid}")).await.status, 200);
+    assert_eq!(
+        gw.get(CRAFTS, &format!("/fhir/ServiceRequest/{sid}"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        gw.get(CRAFTS, &format!("/fhir/Patient/{pid}")).await.status,
+        200
+    );
 
     // 3. Accept, start.
     let r = gw.transition(CRAFTS, &tid, status_to("accepted")).await;
@@ -78,15 +109,34 @@ async fn whole_loop_referral_to_outcome_back_at_the_gp() {
     assert_eq!(r.status, 200, "{}", r.body);
 
     // 4. Outcome measure and free-text feedback.
-    let o1 = gw.post_json(CRAFTS, "/fhir/Observation", &swemwbs(&sid, &pid, "pendle-crafts", 24)).await;
+    let o1 = gw
+        .post_json(
+            CRAFTS,
+            "/fhir/Observation",
+            &swemwbs(&sid, &pid, "pendle-crafts", 24),
+        )
+        .await;
     assert_eq!(o1.status, 201, "{}", o1.body);
-    assert!(o1.headers["location"].to_str().unwrap().contains("/Observation/"));
+    assert!(o1.headers["location"]
+        .to_str()
+        .unwrap()
+        .contains("/Observation/"));
     let o2 = gw
-        .post_json(CRAFTS, "/fhir/Observation", &feedback(&sid, &pid, "pendle-crafts", "Came to three sessions."))
+        .post_json(
+            CRAFTS,
+            "/fhir/Observation",
+            &feedback(&sid, &pid, "pendle-crafts", "Came to three sessions."),
+        )
         .await;
     assert_eq!(o2.status, 201, "{}", o2.body);
     // Out of range: refused.
-    let bad = gw.post_json(CRAFTS, "/fhir/Observation", &swemwbs(&sid, &pid, "pendle-crafts", 36)).await;
+    let bad = gw
+        .post_json(
+            CRAFTS,
+            "/fhir/Observation",
+            &swemwbs(&sid, &pid, "pendle-crafts", 36),
+        )
+        .await;
     assert_eq!(bad.status, 422);
     assert_eq!(bad.expression(), "Observation.valueInteger");
 
@@ -102,26 +152,59 @@ async fn whole_loop_referral_to_outcome_back_at_the_gp() {
     assert_eq!(r.body["status"], "completed");
 
     // 6. The GP pulls what happened.
-    let obs = gw.get(GP, &format!("/fhir/Observation?based-on=ServiceRequest/{sid}")).await;
+    let obs = gw
+        .get(
+            GP,
+            &format!("/fhir/Observation?based-on=ServiceRequest/{sid}"),
+        )
+        .await;
     assert_eq!(obs.status, 200, "{}", obs.body);
-    let codes: Vec<Value> = obs.entries().iter().map(|o| o["code"]["coding"][0]["code"].clone()).collect();
-    assert_eq!(codes, vec![json!("718466001"), json!("link-worker-feedback")]);
-    let tasks = gw.get(GP, "/fhir/Task?requester=Organization/P81001&_lastUpdated=gt2026-01-01T00:00:00Z").await;
+    let codes: Vec<Value> = obs
+        .entries()
+        .iter()
+        .map(|o| o["code"]["coding"][0]["code"].clone())
+        .collect();
+    assert_eq!(
+        codes,
+        vec![json!("718466001"), json!("link-worker-feedback")]
+    );
+    let tasks = gw
+        .get(
+            GP,
+            "/fhir/Task?requester=Organization/P81001&_lastUpdated=gt2026-01-01T00:00:00Z",
+        )
+        .await;
     assert_eq!(tasks.status, 200);
     assert_eq!(tasks.entries()[0]["status"], "completed");
     // Nothing left in the provider's requested queue.
-    let poll = gw.get(CRAFTS, "/fhir/Task?owner=pendle-crafts&status=requested").await;
+    let poll = gw
+        .get(CRAFTS, "/fhir/Task?owner=pendle-crafts&status=requested")
+        .await;
     assert!(poll.entries().is_empty());
 
     // History: four versions of the Task, newest first; vread of the first.
     let h = gw.get(GP, &format!("/fhir/Task/{tid}/_history")).await;
     assert_eq!(h.status, 200);
     let statuses: Vec<Value> = h.entries().iter().map(|t| t["status"].clone()).collect();
-    assert_eq!(statuses, vec![json!("completed"), json!("in-progress"), json!("accepted"), json!("requested")]);
+    assert_eq!(
+        statuses,
+        vec![
+            json!("completed"),
+            json!("in-progress"),
+            json!("accepted"),
+            json!("requested")
+        ]
+    );
     let v1 = gw.get(GP, &format!("/fhir/Task/{tid}/_history/1")).await;
     assert_eq!(v1.body["status"], "requested");
     // Final: no more feedback, no more changes.
-    let late = gw.post_json(CRAFTS, "/fhir/Observation", &swemwbs(&sid, &pid, "pendle-crafts", 30)).await;
+    let late = gw
+        .post_json(
+            CRAFTS,
+            "/fhir/Observation",
+            &swemwbs(&sid, &pid, "pendle-crafts", 30),
+        )
+        .await;
     assert_eq!(late.status, 422);
     let r = gw.transition(CRAFTS, &tid, status_to("in-progress")).await;
     assert_eq!(r.status, 422);
@@ -140,23 +223,55 @@ async fn decline_writes_the_declined_code_back() {
         })
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let obs = gw.get(GP, &format!("/fhir/Observation?based-on=ServiceRequest/{sid}")).await;
+    let obs = gw
+        .get(
+            GP,
+            &format!("/fhir/Observation?based-on=ServiceRequest/{sid}"),
+        )
+        .await;
     let e = obs.entries();
     assert_eq!(e.len(), 1, "{}", obs.body);
     assert_eq!(e[0]["code"]["coding"][0]["code"], CODE_SP_DECLINED);
     assert_eq!(e[0]["status"], "final");
-    assert_eq!(e[0]["performer"][0]["reference"], "Organization/pendle-crafts");
+    assert_eq!(
+        e[0]["performer"][0]["reference"],
+        "Organization/pendle-crafts"
+    );
 
     // Declined by text; and a rejection for another reason writes no Observation.
-    let (_, sid2, tid2) = gw.refer(GP, &variant("referral-ada.json", "EMIS-DECLINE-2", Some("9990000034"))).await;
-    let r = gw.transition(CRAFTS, &tid2, with_reason("rejected", "Patient declined")).await;
+    let (_, sid2, tid2) = gw
+        .refer(
+            GP,
+            &variant("referral-ada.json", "EMIS-DECLINE-2", Some("9990000034")),
+        )
+        .await;
+    let r = gw
+        .transition(CRAFTS, &tid2, with_reason("rejected", "Patient declined"))
+        .await;
     assert_eq!(r.status, 200);
-    let obs = gw.get(GP, &format!("/fhir/Observation?based-on=ServiceRequest/{sid2}")).await;
+    let obs = gw
+        .get(
+            GP,
+            &format!("/fhir/Observation?based-on=ServiceRequest/{sid2}"),
+        )
+        .await;
     assert_eq!(obs.entries().len(), 1);
-    let (_, sid3, tid3) = gw.refer(GP, &variant("referral-ada.json", "EMIS-DECLINE-3", Some("9990000042"))).await;
-    let r = gw.transition(CRAFTS, &tid3, with_reason("rejected", "group is full")).await;
+    let (_, sid3, tid3) = gw
+        .refer(
+            GP,
+            &variant("referral-ada.json", "EMIS-DECLINE-3", Some("9990000042")),
+        )
+        .await;
+    let r = gw
+        .transition(CRAFTS, &tid3, with_reason("rejected", "group is full"))
+        .await;
     assert_eq!(r.status, 200);
-    let obs = gw.get(GP, &format!("/fhir/Observation?based-on=ServiceRequest/{sid3}")).await;
+    let obs = gw
+        .get(
+            GP,
+            &format!("/fhir/Observation?based-on=ServiceRequest/{sid3}"),
+        )
+        .await;
     assert!(obs.entries().is_empty());
 }
 
@@ -165,7 +280,12 @@ async fn gp_cancels_its_referral() {
     let dir = tempfile::tempdir().unwrap();
     let gw = TestGateway::start(dir.path()).await;
     let (_, _, tid) = gw.refer(GP, &fixture("referral-ada.json")).await;
-    assert_eq!(gw.transition(CRAFTS, &tid, status_to("accepted")).await.status, 200);
+    assert_eq!(
+        gw.transition(CRAFTS, &tid, status_to("accepted"))
+            .await
+            .status,
+        200
+    );
     // Without a reason: refused.
     let r = gw.transition(GP, &tid, status_to("cancelled")).await;
     assert_eq!(r.status, 422);
@@ -173,7 +293,9 @@ async fn gp_cancels_its_referral() {
     // A GP may not do the provider's work.
     let r = gw.transition(GP, &tid, status_to("in-progress")).await;
     assert_eq!(r.status, 422);
-    let r = gw.transition(GP, &tid, with_reason("cancelled", "patient moved away")).await;
+    let r = gw
+        .transition(GP, &tid, with_reason("cancelled", "patient moved away"))
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     // Cancelled is final.
     let r = gw.transition(CRAFTS, &tid, status_to("in-progress")).await;
@@ -187,7 +309,8 @@ async fn every_illegal_transition_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let gw = TestGateway::start(dir.path()).await;
     let (_, _, tid) = gw.refer(GP, &fixture("referral-ada.json")).await;
-    let obs_out = json!([{ "type": { "text": "x" }, "valueReference": { "reference": "Observation/nope" } }]);
+    let obs_out =
+        json!([{ "type": { "text": "x" }, "valueReference": { "reference": "Observation/nope" } }]);
     // (from-path of legal steps to reach `from`, then the illegal change and the element named)
     let reach: &[(&str, &[&str])] = &[
         ("requested", &[]),
@@ -242,7 +365,12 @@ async fn every_illegal_transition_is_refused_and_changes_nothing() {
                     }
                 })
                 .await;
-            assert!(r.status == 422 || r.status == 400, "{f} → {to}: {} {}", r.status, r.body);
+            assert!(
+                r.status == 422 || r.status == 400,
+                "{f} → {to}: {} {}",
+                r.status,
+                r.body
+            );
             assert_eq!(r.body["resourceType"], "OperationOutcome");
             assert_eq!(r.expression(), *expr, "{f} → {to}: {}", r.body);
             assert_eq!(gw.digest(), before, "{f} → {to} changed the store");
@@ -297,21 +425,46 @@ async fn nothing_is_lost_across_restarts() {
     let mut gw = TestGateway::start(dir.path()).await;
     let (pid, sid, tid) = gw.refer(GP, &fixture("referral-ada.json")).await;
     gw.restart().await;
-    let poll = gw.get(CRAFTS, "/fhir/Task?owner=pendle-crafts&status=requested").await;
+    let poll = gw
+        .get(CRAFTS, "/fhir/Task?owner=pendle-crafts&status=requested")
+        .await;
     assert_eq!(poll.entries().len(), 1);
-    assert_eq!(gw.transition(CRAFTS, &tid, status_to("accepted")).await.status, 200);
+    assert_eq!(
+        gw.transition(CRAFTS, &tid, status_to("accepted"))
+            .await
+            .status,
+        200
+    );
     gw.restart().await;
-    assert_eq!(gw.transition(CRAFTS, &tid, status_to("in-progress")).await.status, 200);
-    let o = gw.post_json(CRAFTS, "/fhir/Observation", &swemwbs(&sid, &pid, "pendle-crafts", 20)).await;
+    assert_eq!(
+        gw.transition(CRAFTS, &tid, status_to("in-progress"))
+            .await
+            .status,
+        200
+    );
+    let o = gw
+        .post_json(
+            CRAFTS,
+            "/fhir/Observation",
+            &swemwbs(&sid, &pid, "pendle-crafts", 20),
+        )
+        .await;
     assert_eq!(o.status, 201);
     gw.restart().await;
     let t = gw.get(GP, &format!("/fhir/Task/{tid}")).await;
     assert_eq!(t.body["status"], "in-progress");
     assert_eq!(t.etag(), "W/\"3\"");
-    let obs = gw.get(GP, &format!("/fhir/Observation?based-on=ServiceRequest/{sid}")).await;
+    let obs = gw
+        .get(
+            GP,
+            &format!("/fhir/Observation?based-on=ServiceRequest/{sid}"),
+        )
+        .await;
     assert_eq!(obs.entries().len(), 1);
     // Idempotency survives a restart too.
-    let again = gw.post_json(GP, "/referrals", &fixture("referral-ada.json")).await;
+    let again = gw
+        .post_json(GP, "/referrals", &fixture("referral-ada.json"))
+        .await;
     assert_eq!(again.status, 200);
     assert_eq!(again.entries()[2]["id"], json!(tid));
 }
@@ -320,12 +473,21 @@ async fn nothing_is_lost_across_restarts() {
 async fn resubmission_is_idempotent_and_changed_content_conflicts() {
     let dir = tempfile::tempdir().unwrap();
     let gw = TestGateway::start(dir.path()).await;
-    let first = gw.post_json(GP, "/referrals", &fixture("referral-ada.json")).await;
+    let first = gw
+        .post_json(GP, "/referrals", &fixture("referral-ada.json"))
+        .await;
     assert_eq!(first.status, 201);
     let before = gw.digest();
-    let again = gw.post_json(GP, "/referrals", &fixture("referral-ada.json")).await;
+    let again = gw
+        .post_json(GP, "/referrals", &fixture("referral-ada.json"))
+        .await;
     assert_eq!(again.status, 200, "{}", again.body);
-    let ids = |r: &Resp| r.entries().iter().map(|e| e["id"].clone()).collect::<Vec<_>>();
+    let ids = |r: &Resp| {
+        r.entries()
+            .iter()
+            .map(|e| e["id"].clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(ids(&again), ids(&first));
     assert_eq!(gw.digest(), before, "a resubmission wrote something");
     let mut changed = fixture("referral-ada.json");
@@ -348,7 +510,8 @@ async fn concurrent_identical_submissions_create_one_referral() {
     for _ in 0..8 {
         let gw = gw.clone();
         handles.push(tokio::spawn(async move {
-            gw.post_json(GP, "/referrals", &fixture("referral-ada.json")).await
+            gw.post_json(GP, "/referrals", &fixture("referral-ada.json"))
+                .await
         }));
     }
     let mut created = 0;
@@ -372,30 +535,69 @@ async fn routing_follows_rules_capacity_and_fallback() {
     let nhs = ["9990000026", "9990000034", "9990000042"];
     let mut owners = Vec::new();
     for (i, n) in nhs.iter().enumerate() {
-        let r = gw.post_json(GP, "/referrals", &variant("referral-ada.json", &format!("CAP-{i}"), Some(n))).await;
+        let r = gw
+            .post_json(
+                GP,
+                "/referrals",
+                &variant("referral-ada.json", &format!("CAP-{i}"), Some(n)),
+            )
+            .await;
         assert_eq!(r.status, 201);
         let t = &r.entries()[2];
         owners.push((
             t["owner"]["reference"].as_str().unwrap().to_string(),
-            t["extension"][0]["extension"][0]["valueString"].as_str().unwrap().to_string(),
+            t["extension"][0]["extension"][0]["valueString"]
+                .as_str()
+                .unwrap()
+                .to_string(),
         ));
     }
     assert_eq!(owners[0].0, "Organization/pendle-crafts");
     assert_eq!(owners[1].0, "Organization/pendle-crafts");
-    assert_eq!(owners[2], ("Organization/pendle-cvs-hub".to_string(), "fallback".to_string()));
+    assert_eq!(
+        owners[2],
+        (
+            "Organization/pendle-cvs-hub".to_string(),
+            "fallback".to_string()
+        )
+    );
     // Bob: debt, BB11 → Burnley money advice; Cara: housing → housing help.
-    let r = gw.post_json(GP, "/referrals", &fixture("referral-bob.json")).await;
-    assert_eq!(r.entries()[2]["owner"]["reference"], "Organization/burnley-money-advice");
-    let r = gw.post_json(GP2, "/referrals", &fixture("referral-cara.json")).await;
+    let r = gw
+        .post_json(GP, "/referrals", &fixture("referral-bob.json"))
+        .await;
+    assert_eq!(
+        r.entries()[2]["owner"]["reference"],
+        "Organization/burnley-money-advice"
+    );
+    let r = gw
+        .post_json(GP2, "/referrals", &fixture("referral-cara.json"))
+        .await;
     assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(r.entries()[2]["owner"]["reference"], "Organization/east-lancs-housing");
+    assert_eq!(
+        r.entries()[2]["owner"]["reference"],
+        "Organization/east-lancs-housing"
+    );
     assert_eq!(r.entries()[0]["address"][0]["postalCode"], "BB8 9ZZ");
     // Closing a Task frees capacity.
     let poll = gw.get(CRAFTS, "/fhir/Task?status=requested").await;
     let first = poll.entries()[0]["id"].as_str().unwrap().to_string();
-    assert_eq!(gw.transition(CRAFTS, &first, with_reason("rejected", "not suitable")).await.status, 200);
-    let r = gw.post_json(GP, "/referrals", &variant("referral-ada.json", "CAP-9", Some("9990000050"))).await;
-    assert_eq!(r.entries()[2]["owner"]["reference"], "Organization/pendle-crafts");
+    assert_eq!(
+        gw.transition(CRAFTS, &first, with_reason("rejected", "not suitable"))
+            .await
+            .status,
+        200
+    );
+    let r = gw
+        .post_json(
+            GP,
+            "/referrals",
+            &variant("referral-ada.json", "CAP-9", Some("9990000050")),
+        )
+        .await;
+    assert_eq!(
+        r.entries()[2]["owner"]["reference"],
+        "Organization/pendle-crafts"
+    );
 }
 
 #[tokio::test]
@@ -406,7 +608,12 @@ async fn polling_pages_through_the_queue_in_order() {
     let nhs: Vec<&str> = nhs.lines().filter(|l| !l.starts_with('#')).collect();
     let mut made = Vec::new();
     for (i, n) in nhs.iter().take(7).enumerate() {
-        let (_, _, t) = gw.refer(GP, &variant("referral-ada.json", &format!("PAGE-{i}"), Some(n))).await;
+        let (_, _, t) = gw
+            .refer(
+                GP,
+                &variant("referral-ada.json", &format!("PAGE-{i}"), Some(n)),
+            )
+            .await;
         made.push(t);
     }
     let mut seen = Vec::new();
@@ -416,26 +623,52 @@ async fn polling_pages_through_the_queue_in_order() {
         let r = gw.get(CRAFTS, &url).await;
         assert_eq!(r.status, 200, "{}", r.body);
         pages += 1;
-        seen.extend(r.entries().iter().map(|t| t["id"].as_str().unwrap().to_string()));
+        seen.extend(
+            r.entries()
+                .iter()
+                .map(|t| t["id"].as_str().unwrap().to_string()),
+        );
         match r.next_link() {
             Some(n) => url = n,
             None => break,
         }
         // A write between pages does not disturb the walk.
         if pages == 1 {
-            gw.refer(GP, &variant("referral-ada.json", "PAGE-late", Some(nhs[8]))).await;
+            gw.refer(GP, &variant("referral-ada.json", "PAGE-late", Some(nhs[8])))
+                .await;
         }
     }
     assert_eq!(pages, 3);
-    assert_eq!(&seen[..7], &made[..], "oldest first, none skipped or repeated");
+    assert_eq!(
+        &seen[..7],
+        &made[..],
+        "oldest first, none skipped or repeated"
+    );
     // Incremental polling: only what changed after the last seen instant.
-    let all = gw.get(CRAFTS, "/fhir/Task?owner=pendle-crafts").await.entries();
-    let last = all.last().unwrap()["meta"]["lastUpdated"].as_str().unwrap().to_string();
-    let r = gw.get(CRAFTS, &format!("/fhir/Task?owner=pendle-crafts&_lastUpdated=gt{}", last.replace('+', "%2B"))).await;
+    let all = gw
+        .get(CRAFTS, "/fhir/Task?owner=pendle-crafts")
+        .await
+        .entries();
+    let last = all.last().unwrap()["meta"]["lastUpdated"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = gw
+        .get(
+            CRAFTS,
+            &format!(
+                "/fhir/Task?owner=pendle-crafts&_lastUpdated=gt{}",
+                last.replace('+', "%2B")
+            ),
+        )
+        .await;
     assert!(r.entries().is_empty(), "{}", r.body);
     // Bad parameters are refused, not ignored.
     assert_eq!(gw.get(CRAFTS, "/fhir/Task?colour=red").await.status, 400);
     assert_eq!(gw.get(CRAFTS, "/fhir/Task?_count=0").await.status, 400);
     assert_eq!(gw.get(CRAFTS, "/fhir/Task?status=nope").await.status, 400);
-    assert_eq!(gw.get(CRAFTS, "/fhir/Task?_cursor=../../etc").await.status, 400);
+    assert_eq!(
+        gw.get(CRAFTS, "/fhir/Task?_cursor=../../etc").await.status,
+        400
+    );
 }

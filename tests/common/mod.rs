@@ -134,7 +134,22 @@ impl TestGateway {
         if let Some(t) = self.task.take() {
             t.await.expect("server task");
         }
-        self.gateway = None;
+        // Connection tasks may still be dropping their handles on the gateway: wait until
+        // ours is the last, so that dropping it closes the store (and its lock) now.
+        if let Some(mut g) = self.gateway.take() {
+            for _ in 0..500 {
+                match Arc::try_unwrap(g) {
+                    Ok(only) => {
+                        drop(only);
+                        break;
+                    }
+                    Err(shared) => {
+                        g = shared;
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        }
         // A new client: the old one's pooled connections went with the server.
         self.http = reqwest::Client::new();
     }
@@ -194,17 +209,33 @@ impl TestGateway {
                 panic!("response is not JSON: {}", String::from_utf8_lossy(&bytes))
             })
         };
-        Resp { status, headers, body }
+        Resp {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub async fn get(&self, token: &str, path: &str) -> Resp {
-        self.request(Method::GET, path, Some(token), None, None, &[]).await
+        self.request(Method::GET, path, Some(token), None, None, &[])
+            .await
     }
 
     pub async fn post_json(&self, token: &str, path: &str, body: &Value) -> Resp {
-        let ct = if path == "/referrals" { "application/json" } else { "application/fhir+json" };
-        self.request(Method::POST, path, Some(token), Some(ct), Some(body.to_string().into_bytes()), &[])
-            .await
+        let ct = if path == "/referrals" {
+            "application/json"
+        } else {
+            "application/fhir+json"
+        };
+        self.request(
+            Method::POST,
+            path,
+            Some(token),
+            Some(ct),
+            Some(body.to_string().into_bytes()),
+            &[],
+        )
+        .await
     }
 
     pub async fn put_task(&self, token: &str, task: &Value, if_match: Option<&str>) -> Resp {
@@ -236,7 +267,12 @@ impl TestGateway {
     /// Submits a referral; returns (patient, service request, task) ids.
     pub async fn refer(&self, token: &str, referral: &Value) -> (String, String, String) {
         let r = self.post_json(token, "/referrals", referral).await;
-        assert!(r.status == 201 || r.status == 200, "referral: {} {}", r.status, r.body);
+        assert!(
+            r.status == 201 || r.status == 200,
+            "referral: {} {}",
+            r.status,
+            r.body
+        );
         let e = r.entries();
         let id = |i: usize| e[i]["id"].as_str().expect("id").to_string();
         (id(0), id(1), id(2))
