@@ -1,5 +1,6 @@
 //! The `sp-gateway` command line (DESIGN §9).
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -126,6 +126,15 @@ fn fhir_root() -> &'static Value {
     })
 }
 
+/// Compiles the schemas the request paths use, so that a broken embedded schema stops
+/// start-up instead of a request.
+pub fn init() -> Result<()> {
+    for t in ["Task", "Observation"] {
+        fhir_validator(t)?;
+    }
+    Ok(())
+}
+
 /// The official FHIR R4 JSON Schema, compiled for one resource type (`#/definitions/Task`).
 pub fn fhir_validator(resource_type: &str) -> Result<Arc<jsonschema::Validator>> {
     static CACHE: OnceLock<Mutex<HashMap<String, Arc<jsonschema::Validator>>>> = OnceLock::new();

@@ -26,6 +26,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("embedded schema: {0}")]
+    Schema(String),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -61,6 +63,7 @@ impl Bound {
 pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
     let store = Store::open(&cfg.server.data_dir)?;
     crate::ingest::init();
+    crate::schema::init().map_err(|e| ServeError::Schema(e.to_string()))?;
     let addr = cfg.server.listen;
     let listener = TcpListener::bind(addr)
         .await

@@ -139,3 +139,17 @@ fn check_config_names_file_and_key() {
         );
     }
 }
+
+#[test]
+fn production_example_config_is_valid() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+        .args(["check-config", "--config", "config/production.example.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
