@@ -79,13 +79,14 @@ fn main() -> ExitCode {
         } => {
             let filter =
                 EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+            // Logs go to stderr; stdout carries only the "listening on" line.
+            let fmt = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr);
             if log_json {
-                tracing_subscriber::fmt()
-                    .json()
-                    .with_env_filter(filter)
-                    .init();
+                fmt.json().init();
             } else {
-                tracing_subscriber::fmt().with_env_filter(filter).init();
+                fmt.with_ansi(std::io::stderr().is_terminal()).init();
             }
             let cfg = match load(&common, listen) {
                 Ok(c) => c,
