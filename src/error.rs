@@ -65,6 +65,9 @@ pub enum Error {
     UnsupportedMediaType(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The client asked for a format the server does not produce (406).
+    #[error("not acceptable: {0}")]
+    NotAcceptable(String),
     /// The store failed (500): never caused by client input.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -60,7 +60,7 @@ pub fn org_ref(id: &str, display: &str) -> Value {
     json!({ "reference": format!("Organization/{id}"), "display": display })
 }
 
-fn practice_ref(cfg: &Config, ods: &str) -> Value {
+pub fn practice_ref(cfg: &Config, ods: &str) -> Value {
     let name = cfg.practice(ods).map(|p| p.name.as_str()).unwrap_or(ods);
     json!({
         "reference": format!("Organization/{ods}"),
@@ -218,39 +218,52 @@ pub fn service_request(
     out
 }
 
+/// What a new Task is made from, whichever format the referral came in.
+pub struct TaskSpec<'a> {
+    /// The referral's identifier (copied from the ServiceRequest).
+    pub identifier: Option<Value>,
+    pub priority: Option<&'a str>,
+    pub practice_ods: &'a str,
+    pub patient_id: &'a str,
+    pub sr_id: &'a str,
+    pub provider: &'a Provider,
+    pub decision: &'a Decision,
+    pub now: &'a str,
+}
+
 /// The Task that carries the referral to its provider, recording the routing decision.
-pub fn task(
-    c: &CheckedReferral,
-    cfg: &Config,
-    ids: (&str, &str),
-    provider: &Provider,
-    decision: &Decision,
-    now: &str,
-) -> Value {
-    let (patient_id, sr_id) = ids;
-    let r = &c.referral;
-    json!({
+pub fn task(s: &TaskSpec<'_>, cfg: &Config) -> Value {
+    let mut t = json!({
         "resourceType": "Task",
         "meta": { "profile": [PROFILE_TASK] },
         "extension": [{
             "url": routing_extension_url(),
             "extension": [
-                { "url": "rule", "valueString": decision.rule },
-                { "url": "reason", "valueString": decision.reason }
+                { "url": "rule", "valueString": s.decision.rule },
+                { "url": "reason", "valueString": s.decision.reason }
             ]
         }],
-        "identifier": [{ "system": referral_id_system(&r.practice.ods_code), "value": r.referral_id }],
         "status": "requested",
         "intent": "order",
-        "priority": r.urgency.as_str(),
         "code": { "coding": [{ "system": TASK_CODE_SYSTEM, "code": "fulfill", "display": "Fulfill the focal request" }] },
-        "focus": { "reference": format!("ServiceRequest/{sr_id}") },
-        "for": { "reference": format!("Patient/{patient_id}") },
-        "authoredOn": now,
-        "lastModified": now,
-        "requester": practice_ref(cfg, &r.practice.ods_code),
-        "owner": provider_ref(provider)
-    })
+        "focus": { "reference": format!("ServiceRequest/{}", s.sr_id) },
+        "for": { "reference": format!("Patient/{}", s.patient_id) },
+        "authoredOn": s.now,
+        "lastModified": s.now,
+        "requester": practice_ref(cfg, s.practice_ods),
+        "owner": provider_ref(s.provider)
+    });
+    if let Some(id) = &s.identifier {
+        let mut id = id.clone();
+        if let Some(o) = id.as_object_mut() {
+            o.remove("assigner");
+        }
+        t["identifier"] = json!([id]);
+    }
+    if let Some(p) = s.priority {
+        t["priority"] = json!(p);
+    }
+    t
 }
 
 /// The Observation the gateway writes when a patient declines (SNOMED 871711000000103).
@@ -291,6 +304,192 @@ pub fn organization(cfg: &Config, id: &str) -> Option<Value> {
             "name": p.name
         })
     })
+}
+
+/// The ODS code of a ServiceRequest's requester: its identifier (ODS system), or a literal
+/// `Organization/{ODS code}` reference.
+pub fn requester_ods(sr: &Value) -> Option<String> {
+    let r = sr.get("requester")?;
+    if r.pointer("/identifier/system").and_then(Value::as_str) == Some(ODS_SYSTEM) {
+        return r
+            .pointer("/identifier/value")
+            .and_then(Value::as_str)
+            .filter(|v| crate::config::is_ods_code(v))
+            .map(str::to_string);
+    }
+    ref_id(r, "Organization")
+        .filter(|v| crate::config::is_ods_code(v))
+        .map(str::to_string)
+}
+
+fn has_coding(concept: Option<&Value>, system: &str, code: &str) -> bool {
+    concept
+        .and_then(|c| c.get("coding"))
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("system").and_then(Value::as_str) == Some(system)
+                    && c.get("code").and_then(Value::as_str) == Some(code)
+            })
+        })
+}
+
+/// The gateway's rules for a social prescribing ServiceRequest (beyond the R4 schema): what
+/// a new referral must carry for the loop to work.
+pub fn service_request_rules(sr: &Value) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    if sr.get("status").and_then(Value::as_str) != Some("active") {
+        issues.push(Issue::new(
+            "value",
+            "ServiceRequest.status",
+            "must be `active` for a new referral",
+        ));
+    }
+    if sr.get("intent").and_then(Value::as_str) != Some("order") {
+        issues.push(Issue::new(
+            "value",
+            "ServiceRequest.intent",
+            "must be `order`",
+        ));
+    }
+    if !has_coding(sr.get("code"), SNOMED, CODE_SP_REFERRAL) {
+        issues.push(Issue::new(
+            "code-invalid",
+            "ServiceRequest.code",
+            format!("must include {SNOMED}|{CODE_SP_REFERRAL} (Referral to social prescribing service): this gateway carries social prescribing referrals only"),
+        ));
+    }
+    if sr
+        .pointer("/subject/reference")
+        .and_then(Value::as_str)
+        .is_none()
+    {
+        issues.push(Issue::new(
+            "required",
+            "ServiceRequest.subject",
+            "must reference the Patient",
+        ));
+    }
+    if requester_ods(sr).is_none() {
+        issues.push(Issue::new(
+            "required",
+            "ServiceRequest.requester",
+            format!("must identify the GP practice by ODS code (identifier system {ODS_SYSTEM}, or reference Organization/{{ODS code}})"),
+        ));
+    }
+    let has_id = sr
+        .get("identifier")
+        .and_then(Value::as_array)
+        .is_some_and(|ids| {
+            ids.iter().any(|i| {
+                i.get("system")
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| !s.is_empty())
+                    && i.get("value")
+                        .and_then(Value::as_str)
+                        .is_some_and(|v| !v.is_empty())
+            })
+        });
+    if !has_id {
+        issues.push(Issue::new(
+            "required",
+            "ServiceRequest.identifier",
+            "must hold the GP system's referral identifier (system and value): it makes resubmission safe",
+        ));
+    }
+    issues
+}
+
+/// `$validate`: the R4 schema, fhir-sdk's typed parse, and the gateway's UK Core rules for
+/// `rtype`. Returns every issue found (empty: valid).
+pub fn validate(resource: &Value, rtype: &str, cfg: &Config) -> Result<Vec<Issue>> {
+    match check_structure(resource, rtype) {
+        Ok(()) => {}
+        Err(Error::Invalid(issues)) | Err(Error::Unprocessable(issues)) => return Ok(issues),
+        Err(e) => return Err(e),
+    }
+    let mut issues = Vec::new();
+    match rtype {
+        "ServiceRequest" => issues.extend(service_request_rules(resource)),
+        "Patient" => {
+            if let Err(Error::Unprocessable(i)) = crate::gateway::check_patient(resource) {
+                issues.extend(i);
+            }
+        }
+        "Task" => {
+            let status = resource
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if !crate::workflow::STATUSES.contains(&status) {
+                issues.push(Issue::new(
+                    "code-invalid",
+                    "Task.status",
+                    "is not a FHIR Task status",
+                ));
+            }
+            if !matches!(
+                resource.get("intent").and_then(Value::as_str),
+                Some(
+                    "order"
+                        | "original-order"
+                        | "plan"
+                        | "proposal"
+                        | "reflex-order"
+                        | "filler-order"
+                        | "instance-order"
+                        | "option"
+                        | "unknown"
+                )
+            ) {
+                issues.push(Issue::new(
+                    "code-invalid",
+                    "Task.intent",
+                    "is not a FHIR Task intent",
+                ));
+            }
+            if resource
+                .get("focus")
+                .and_then(|f| ref_id(f, "ServiceRequest"))
+                .is_none()
+            {
+                issues.push(Issue::new(
+                    "required",
+                    "Task.focus",
+                    "must reference the ServiceRequest the Task fulfils (ServiceRequest/{id})",
+                ));
+            }
+            if resource
+                .get("for")
+                .and_then(|f| ref_id(f, "Patient"))
+                .is_none()
+            {
+                issues.push(Issue::new(
+                    "required",
+                    "Task.for",
+                    "must reference the Patient (Patient/{id})",
+                ));
+            }
+        }
+        "Observation" => {
+            if let Err(Error::Unprocessable(i)) = check_feedback(resource, cfg) {
+                issues.extend(i);
+            }
+            if resource
+                .get("subject")
+                .and_then(|f| ref_id(f, "Patient"))
+                .is_none()
+            {
+                issues.push(Issue::new(
+                    "required",
+                    "Observation.subject",
+                    "must reference the Patient (Patient/{id})",
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(issues)
 }
 
 /// Whether a Task rejection says the patient declined: the gateway's `patient-declined`

@@ -18,12 +18,13 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::auth::{Authenticator, Principal};
+use crate::capability::Interaction;
 use crate::error::{Error, Issue};
 use crate::gateway::{self, Gateway, Query};
 
@@ -36,19 +37,25 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
 }
 
-/// The router with every route of DESIGN §4 that is implemented.
+/// The router. What each `/fhir/{type}` route does for a type is decided by the
+/// `capability` table, the same table the CapabilityStatement is generated from.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/fhir/metadata", get(metadata))
-        .route("/referrals", axum::routing::post(post_referral))
+        .route("/referrals", post(post_referral))
+        .route("/fhir", post(transaction))
         .route("/fhir/{rtype}", get(search).post(create))
-        .route("/fhir/{rtype}/{id}", get(read).put(update))
+        .route(
+            "/fhir/{rtype}/{id}",
+            get(read).put(update).patch(patch).post(operation),
+        )
         .route("/fhir/{rtype}/{id}/_history", get(history))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(vread))
         .fallback(|| async { ApiError(Error::not_found("no such endpoint")) })
         .method_not_allowed_fallback(|| async { ApiError(Error::MethodNotAllowed) })
+        .layer(middleware::from_fn(negotiate))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
@@ -87,6 +94,7 @@ fn status_of(e: &Error) -> StatusCode {
         Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
         Error::Store(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -139,6 +147,11 @@ pub fn operation_outcome(e: &Error) -> Value {
             code: "not-supported",
             diagnostics: "this method is not supported on this endpoint".into(),
             expression: None,
+        }],
+        Error::NotAcceptable(m) => vec![Issue {
+            code: "not-supported",
+            diagnostics: m.clone(),
+            expression: Some("Accept".into()),
         }],
         Error::Store(_) | Error::Internal(_) => vec![Issue {
             code: "exception",
@@ -315,53 +328,99 @@ async fn readyz(State(st): State<AppState>) -> Response {
 }
 
 async fn metadata() -> Response {
-    fhir_response(StatusCode::OK, &capability_statement())
+    fhir_response(StatusCode::OK, &crate::capability::capability_statement())
 }
 
-/// The CapabilityStatement: what this server implements, and nothing more.
-pub fn capability_statement() -> Value {
-    let read_hist =
-        json!([{ "code": "read" }, { "code": "vread" }, { "code": "history-instance" }]);
-    json!({
-        "resourceType": "CapabilityStatement",
-        "status": "active",
-        "date": "2026-11-21",
-        "kind": "instance",
-        "software": { "name": "sp-gateway", "version": env!("CARGO_PKG_VERSION") },
-        "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json"],
-        "rest": [{
-            "mode": "server",
-            "security": { "description": "Authorization: Bearer <token>; scoped by client role (gp-system, provider, auditor)" },
-            "resource": [
-                { "type": "Patient", "interaction": read_hist },
-                { "type": "ServiceRequest", "interaction": read_hist },
-                {
-                    "type": "Task",
-                    "interaction": [{ "code": "read" }, { "code": "vread" }, { "code": "history-instance" }, { "code": "update" }, { "code": "search-type" }],
-                    "versioning": "versioned-update",
-                    "updateCreate": false,
-                    "searchParam": [
-                        { "name": "owner", "type": "reference" },
-                        { "name": "requester", "type": "reference" },
-                        { "name": "status", "type": "token" },
-                        { "name": "_lastUpdated", "type": "date" },
-                        { "name": "_count", "type": "number" }
-                    ]
-                },
-                {
-                    "type": "Observation",
-                    "interaction": [{ "code": "read" }, { "code": "vread" }, { "code": "history-instance" }, { "code": "create" }, { "code": "search-type" }],
-                    "searchParam": [
-                        { "name": "based-on", "type": "reference" },
-                        { "name": "_lastUpdated", "type": "date" },
-                        { "name": "_count", "type": "number" }
-                    ]
-                },
-                { "type": "Organization", "interaction": [{ "code": "read" }] }
-            ]
-        }]
-    })
+fn query_pairs(raw: Option<&str>) -> Vec<(String, String)> {
+    raw.map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+/// The `Prefer` header's `return` and `handling` preferences.
+struct Prefer {
+    ret: Option<String>,
+    lenient: bool,
+}
+
+fn prefer(headers: &HeaderMap) -> Prefer {
+    let mut p = Prefer {
+        ret: None,
+        lenient: false,
+    };
+    for v in headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        for part in v.split([',', ';']) {
+            match part.trim().split_once('=') {
+                Some(("return", r)) => p.ret = Some(r.trim_matches('"').to_string()),
+                Some(("handling", h)) => p.lenient = h.trim_matches('"') == "lenient",
+                _ => {}
+            }
+        }
+    }
+    p
+}
+
+/// The response to a create or update, shaped by `Prefer: return=`.
+fn written(
+    headers: &HeaderMap,
+    status: StatusCode,
+    resource: &Value,
+    location: Option<String>,
+) -> Response {
+    let mut resp = resource_response(status, resource, location);
+    match prefer(headers).ret.as_deref() {
+        Some("minimal") => {
+            *resp.body_mut() = Body::empty();
+            resp.headers_mut().remove(header::CONTENT_TYPE);
+        }
+        Some("OperationOutcome") => {
+            let t = resource
+                .get("resourceType")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let id = resource
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let v = crate::fhir::version_of(resource);
+            let oo = json!({
+                "resourceType": "OperationOutcome",
+                "issue": [{ "severity": "information", "code": "informational",
+                            "diagnostics": format!("{t}/{id} version {v} written") }]
+            });
+            if let Ok(bytes) = serde_json::to_vec(&oo) {
+                *resp.body_mut() = Body::from(bytes);
+            }
+        }
+        _ => {}
+    }
+    resp
+}
+
+fn version_location(headers: &HeaderMap, resource: &Value) -> String {
+    let t = resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let id = resource
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let v = crate::fhir::version_of(resource);
+    format!("{}/{t}/{id}/_history/{v}", base_url(headers))
+}
+
+fn require(rtype: &str, i: Interaction) -> Result<(), ApiError> {
+    if crate::capability::resource(rtype).is_none() {
+        return Err(ApiError(Error::not_found(format!("resource type {rtype}"))));
+    }
+    if !crate::capability::supports(rtype, i) {
+        return Err(ApiError(Error::MethodNotAllowed));
+    }
+    Ok(())
 }
 
 async fn post_referral(
@@ -373,13 +432,6 @@ async fn post_referral(
     let bytes = read_body(&st, &headers, body).await?;
     let s = st.gateway.submit_referral(&who, &bytes).await?;
     let base = base_url(&headers);
-    let sr_id = s
-        .service_request
-        .get("id")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let sr_version = crate::fhir::version_of(&s.service_request);
     let entries: Vec<Value> = [&s.patient, &s.service_request, &s.task]
         .into_iter()
         .map(|r| {
@@ -398,17 +450,58 @@ async fn post_referral(
         StatusCode::OK
     };
     let mut resp = fhir_response(status, &bundle);
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "{base}/ServiceRequest/{sr_id}/_history/{sr_version}"
-    )) {
+    if let Ok(v) = HeaderValue::from_str(&version_location(&headers, &s.service_request)) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     Ok(resp)
 }
 
-fn query_pairs(raw: Option<String>) -> Vec<(String, String)> {
-    raw.map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default()
+/// `POST /fhir`: a transaction Bundle with a Patient and a ServiceRequest.
+async fn transaction(
+    State(st): State<AppState>,
+    who: Principal,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let bytes = read_body(&st, &headers, body).await?;
+    let s = st.gateway.submit_transaction(&who, &bytes).await?;
+    let minimal = prefer(&headers).ret.as_deref() == Some("minimal");
+    let entry = |r: &Value, written: bool| {
+        let t = r
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let id = r.get("id").and_then(Value::as_str).unwrap_or_default();
+        let v = crate::fhir::version_of(r);
+        let status = if written { "201 Created" } else { "200 OK" };
+        let mut e = json!({
+            "fullUrl": format!("{}/{t}/{id}", base_url(&headers)),
+            "response": {
+                "status": status,
+                "location": format!("{t}/{id}/_history/{v}"),
+                "etag": format!("W/\"{v}\""),
+                "lastModified": crate::fhir::last_updated_of(r)
+            }
+        });
+        if !minimal {
+            e["resource"] = r.clone();
+        }
+        e
+    };
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "transaction-response",
+        "entry": [entry(&s.patient, s.patient_written), entry(&s.service_request, s.created)]
+    });
+    // A transaction answers 200; each entry says what happened to it.
+    let mut resp = fhir_response(StatusCode::OK, &bundle);
+    if let Some(task_id) = s.task.get("id").and_then(Value::as_str) {
+        // Where the routed Task is: the transaction-response lists only what was sent.
+        if let Ok(v) = HeaderValue::from_str(&format!("{}/Task/{task_id}", base_url(&headers))) {
+            resp.headers_mut().insert("x-sp-gateway-task", v);
+        }
+    }
+    Ok(resp)
 }
 
 async fn search(
@@ -418,20 +511,11 @@ async fn search(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> ApiResult {
-    let params = query_pairs(raw);
-    let q = Query::parse(&rtype, &params)?;
-    let page = match rtype.as_str() {
-        "Task" => st.gateway.search_tasks(&who, &q)?,
-        "Observation" => st.gateway.search_observations(&who, &q)?,
-        _ => {
-            return Err(ApiError(Error::invalid(
-                "not-supported",
-                rtype.clone(),
-                "search is supported on Task and Observation",
-            )))
-        }
-    };
-    let bundle = gateway::searchset(&base_url(&headers), &rtype, &q, page);
+    require(&rtype, Interaction::SearchType)?;
+    let params = query_pairs(raw.as_deref());
+    let q = Query::parse(&rtype, &params, !prefer(&headers).lenient)?;
+    let result = st.gateway.search(&who, &q)?;
+    let bundle = gateway::searchset(&base_url(&headers), &q, result);
     Ok(fhir_response(StatusCode::OK, &bundle))
 }
 
@@ -442,22 +526,154 @@ async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    if rtype != "Observation" {
+    require(&rtype, Interaction::Create)?;
+    let bytes = read_body(&st, &headers, body).await?;
+    match rtype.as_str() {
+        "Observation" => {
+            let obs = st.gateway.create_observation(&who, &bytes).await?;
+            let loc = version_location(&headers, &obs);
+            Ok(written(&headers, StatusCode::CREATED, &obs, Some(loc)))
+        }
+        "ServiceRequest" => {
+            let cond = headers.get("if-none-exist").and_then(|v| v.to_str().ok());
+            let s = st
+                .gateway
+                .create_service_request(&who, &bytes, cond)
+                .await?;
+            let status = if s.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let loc = version_location(&headers, &s.service_request);
+            Ok(written(&headers, status, &s.service_request, Some(loc)))
+        }
+        _ => Err(ApiError(Error::MethodNotAllowed)),
+    }
+}
+
+/// `POST /fhir/{type}/$validate`.
+async fn operation(
+    State(st): State<AppState>,
+    Path((rtype, op)): Path<(String, String)>,
+    _who: Principal,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    if op != "$validate" {
         return Err(ApiError(Error::MethodNotAllowed));
     }
+    let validates = crate::capability::resource(&rtype).is_some_and(|r| r.validate);
+    if !validates {
+        return Err(ApiError(Error::invalid(
+            "not-supported",
+            rtype.clone(),
+            "$validate is supported on ServiceRequest, Task, Observation and Patient",
+        )));
+    }
     let bytes = read_body(&st, &headers, body).await?;
-    let obs = st.gateway.create_observation(&who, &bytes).await?;
-    let id = obs.get("id").and_then(Value::as_str).unwrap_or_default();
-    let loc = format!("{}/Observation/{id}/_history/1", base_url(&headers));
-    Ok(resource_response(StatusCode::CREATED, &obs, Some(loc)))
+    let mut resource = crate::schema::parse_json(&bytes)?;
+    // Either the resource itself or Parameters with a `resource` parameter.
+    if resource.get("resourceType").and_then(Value::as_str) == Some("Parameters") {
+        resource = resource
+            .get("parameter")
+            .and_then(Value::as_array)
+            .and_then(|ps| {
+                ps.iter()
+                    .find(|p| p.get("name").and_then(Value::as_str) == Some("resource"))
+            })
+            .and_then(|p| p.get("resource"))
+            .cloned()
+            .ok_or_else(|| {
+                ApiError(Error::invalid(
+                    "required",
+                    "Parameters.parameter",
+                    "needs a parameter named `resource`",
+                ))
+            })?;
+    }
+    let issues = crate::fhir::validate(&resource, &rtype, st.gateway.config())?;
+    let issue: Vec<Value> = if issues.is_empty() {
+        vec![
+            json!({ "severity": "information", "code": "informational", "diagnostics": format!("valid {rtype}: R4 schema, typed parse and sp-gateway rules passed") }),
+        ]
+    } else {
+        issues
+            .iter()
+            .map(|i| {
+                let mut v =
+                    json!({ "severity": "error", "code": i.code, "diagnostics": i.diagnostics });
+                if let Some(e) = i.expression.as_deref().filter(|e| !e.is_empty()) {
+                    v["expression"] = json!([e]);
+                }
+                v
+            })
+            .collect()
+    };
+    Ok(fhir_response(
+        StatusCode::OK,
+        &json!({ "resourceType": "OperationOutcome", "issue": issue }),
+    ))
+}
+
+/// Answers 304 when the client's copy is current (`If-None-Match`, `If-Modified-Since`).
+fn conditional_read(headers: &HeaderMap, resource: &Value) -> Option<Response> {
+    let version = crate::fhir::version_of(resource);
+    let etag = format!("W/\"{version}\"");
+    let not_modified = if let Some(inm) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
+        inm.split(',').any(|t| {
+            let t = t.trim();
+            t == "*" || t == etag || t.strip_prefix("W/").unwrap_or(t) == format!("\"{version}\"")
+        })
+    } else if let Some(ims) = headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+    {
+        let fmt = time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        );
+        let since = time::PrimitiveDateTime::parse(ims, &fmt)
+            .ok()
+            .map(|t| t.assume_utc());
+        let updated = crate::ingest::parse_instant(crate::fhir::last_updated_of(resource));
+        matches!((since, updated), (Some(s), Some(u)) if u.unix_timestamp() <= s.unix_timestamp())
+    } else {
+        false
+    };
+    not_modified.then(|| {
+        let mut resp = resource_response(StatusCode::NOT_MODIFIED, resource, None);
+        *resp.body_mut() = Body::empty();
+        resp.headers_mut().remove(header::CONTENT_TYPE);
+        resp
+    })
 }
 
 async fn read(
     State(st): State<AppState>,
     Path((rtype, id)): Path<(String, String)>,
     who: Principal,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
 ) -> ApiResult {
+    if id == "_history" {
+        require(&rtype, Interaction::HistoryType)?;
+        let count = query_pairs(raw.as_deref())
+            .iter()
+            .find(|(k, _)| k == "_count")
+            .and_then(|(_, v)| v.parse().ok())
+            .filter(|c: &usize| (1..=200).contains(c))
+            .unwrap_or(50);
+        let versions = st.gateway.type_history(&who, &rtype, count)?;
+        return Ok(history_bundle(&headers, versions));
+    }
+    require(&rtype, Interaction::Read)?;
     let r = st.gateway.read(&who, &rtype, &id)?;
+    if let Some(resp) = conditional_read(&headers, &r) {
+        return Ok(resp);
+    }
     Ok(resource_response(StatusCode::OK, &r, None))
 }
 
@@ -466,8 +682,33 @@ async fn vread(
     Path((rtype, id, vid)): Path<(String, String, String)>,
     who: Principal,
 ) -> ApiResult {
+    require(&rtype, Interaction::Vread)?;
     let r = st.gateway.vread(&who, &rtype, &id, &vid)?;
     Ok(resource_response(StatusCode::OK, &r, None))
+}
+
+fn history_bundle(headers: &HeaderMap, versions: Vec<Value>) -> Response {
+    let base = base_url(headers);
+    let entries: Vec<Value> = versions
+        .into_iter()
+        .map(|r| {
+            let t = r.get("resourceType").and_then(Value::as_str).unwrap_or_default().to_string();
+            let id = r.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+            let v = crate::fhir::version_of(&r);
+            let lu = crate::fhir::last_updated_of(&r).to_string();
+            json!({
+                "fullUrl": format!("{base}/{t}/{id}"),
+                "resource": r,
+                "request": { "method": if v == 1 { "POST" } else { "PUT" }, "url": if v == 1 { t.clone() } else { format!("{t}/{id}") } },
+                "response": { "status": if v == 1 { "201" } else { "200" }, "etag": format!("W/\"{v}\""), "lastModified": lu }
+            })
+        })
+        .collect();
+    let mut bundle = json!({ "resourceType": "Bundle", "type": "history", "total": entries.len() });
+    if !entries.is_empty() {
+        bundle["entry"] = json!(entries);
+    }
+    fhir_response(StatusCode::OK, &bundle)
 }
 
 async fn history(
@@ -476,22 +717,9 @@ async fn history(
     who: Principal,
     headers: HeaderMap,
 ) -> ApiResult {
+    require(&rtype, Interaction::HistoryInstance)?;
     let versions = st.gateway.history(&who, &rtype, &id)?;
-    let base = base_url(&headers);
-    let entries: Vec<Value> = versions
-        .into_iter()
-        .map(|r| {
-            let v = crate::fhir::version_of(&r);
-            json!({
-                "fullUrl": format!("{base}/{rtype}/{id}"),
-                "resource": r,
-                "request": { "method": if v == 1 { "POST" } else { "PUT" }, "url": if v == 1 { rtype.clone() } else { format!("{rtype}/{id}") } },
-                "response": { "status": if v == 1 { "201" } else { "200" }, "etag": format!("W/\"{v}\"") }
-            })
-        })
-        .collect();
-    let bundle = json!({ "resourceType": "Bundle", "type": "history", "total": entries.len(), "entry": entries });
-    Ok(fhir_response(StatusCode::OK, &bundle))
+    Ok(history_bundle(&headers, versions))
 }
 
 async fn update(
@@ -501,13 +729,73 @@ async fn update(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    if rtype != "Task" {
-        return Err(ApiError(Error::MethodNotAllowed));
-    }
+    require(&rtype, Interaction::Update)?;
     let bytes = read_body(&st, &headers, body).await?;
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
     let task = st.gateway.update_task(&who, &id, if_match, &bytes).await?;
-    Ok(resource_response(StatusCode::OK, &task, None))
+    Ok(written(&headers, StatusCode::OK, &task, None))
+}
+
+async fn patch(
+    State(st): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    who: Principal,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    require(&rtype, Interaction::Patch)?;
+    let bytes = read_body(&st, &headers, body).await?;
+    let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
+    let task = st.gateway.patch_task(&who, &id, if_match, &bytes).await?;
+    Ok(written(&headers, StatusCode::OK, &task, None))
+}
+
+/// Refuses, before anything else runs, a request for a format other than JSON (406): an
+/// `Accept` that admits no JSON type, or `_format` naming XML or another format.
+async fn negotiate(req: Request, next: Next) -> Response {
+    let format = query_pairs(req.uri().query())
+        .into_iter()
+        .find(|(k, _)| k == "_format")
+        .map(|(_, v)| v);
+    if let Some(f) = format {
+        let ok = matches!(
+            f.as_str(),
+            "json" | "application/json" | "application/fhir+json"
+        ) || f.starts_with("application/fhir+json;")
+            || f.starts_with("application/json;");
+        if !ok {
+            return ApiError(Error::NotAcceptable(format!(
+                "_format={f} is not supported: this server speaks FHIR JSON only (_format=json)"
+            )))
+            .into_response();
+        }
+    }
+    if let Some(accept) = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+    {
+        let takes_json = accept.split(',').any(|m| {
+            let m = m
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            m.is_empty()
+                || matches!(
+                    m.as_str(),
+                    "*/*" | "application/*" | "application/json" | "application/fhir+json" | "json"
+                )
+        });
+        if !takes_json {
+            return ApiError(Error::NotAcceptable(
+                "this server produces application/fhir+json only; XML is not supported".into(),
+            ))
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// Logs one line per request: method, route template, status, time, client. Never the URL

@@ -4,6 +4,7 @@
 //! way: `http` → `gateway` → (`ingest`, `fhir`, `routing`, `workflow`) → `store`.
 
 pub mod auth;
+pub mod capability;
 pub mod config;
 pub mod error;
 pub mod fhir;

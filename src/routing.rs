@@ -16,7 +16,8 @@ pub struct Facts<'a> {
     pub codes: Vec<&'a str>,
     pub district: &'a str,
     pub practice: &'a str,
-    pub age: u32,
+    /// Age in whole years, when the birth date is known.
+    pub age: Option<u32>,
 }
 
 /// Where a referral went and why; recorded on the Task.
@@ -90,7 +91,10 @@ fn matches(rule: &Route, f: &Facts<'_>) -> Option<String> {
         rule.practices.iter().find(|p| *p == f.practice)?;
         why.push(format!("practice {}", f.practice));
     }
-    if rule.min_age.is_some_and(|lo| f.age < lo) || rule.max_age.is_some_and(|hi| f.age > hi) {
+    // An age band needs a known age.
+    if rule.min_age.is_some_and(|lo| f.age.is_none_or(|a| a < lo))
+        || rule.max_age.is_some_and(|hi| f.age.is_none_or(|a| a > hi))
+    {
         return None;
     }
     if rule.min_age.is_some() || rule.max_age.is_some() {
@@ -117,7 +121,7 @@ mod tests {
             codes: vec![],
             district,
             practice: "P81001",
-            age,
+            age: Some(age),
         }
     }
 

@@ -1,0 +1,231 @@
+//! What the FHIR API implements: one table, read by the HTTP dispatcher (to answer 404/405
+//! for anything not in it), by search parsing (to refuse or ignore unknown parameters), and
+//! by `GET /fhir/metadata` (the CapabilityStatement), so the three cannot drift apart.
+//!
+//! It must not contain behaviour: adding a row here without a handler is caught by the
+//! conformance tests, which exercise every row.
+
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interaction {
+    Read,
+    Vread,
+    HistoryInstance,
+    HistoryType,
+    Create,
+    Update,
+    Patch,
+    SearchType,
+}
+
+impl Interaction {
+    pub fn code(self) -> &'static str {
+        match self {
+            Interaction::Read => "read",
+            Interaction::Vread => "vread",
+            Interaction::HistoryInstance => "history-instance",
+            Interaction::HistoryType => "history-type",
+            Interaction::Create => "create",
+            Interaction::Update => "update",
+            Interaction::Patch => "patch",
+            Interaction::SearchType => "search-type",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SearchParam {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub doc: &'static str,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Resource {
+    pub rtype: &'static str,
+    pub profile: &'static str,
+    pub interactions: &'static [Interaction],
+    pub search: &'static [SearchParam],
+    pub includes: &'static [&'static str],
+    pub conditional_create: bool,
+    pub validate: bool,
+}
+
+const fn p(name: &'static str, kind: &'static str, doc: &'static str) -> SearchParam {
+    SearchParam { name, kind, doc }
+}
+
+/// Parameters every search takes.
+pub const COMMON_SEARCH: &[SearchParam] = &[
+    p(
+        "_lastUpdated",
+        "date",
+        "gt, ge, lt, le with an instant or a date",
+    ),
+    p("_count", "number", "page size, 1 to 200 (default 50)"),
+    p(
+        "_sort",
+        "string",
+        "_lastUpdated (the default) or -_lastUpdated",
+    ),
+    p("_summary", "token", "count: only the total"),
+];
+
+use Interaction::*;
+
+pub const RESOURCES: &[Resource] = &[
+    Resource {
+        rtype: "Patient",
+        profile: crate::fhir::PROFILE_PATIENT,
+        interactions: &[Read, Vread, HistoryInstance, SearchType],
+        search: &[p(
+            "identifier",
+            "token",
+            "NHS number: https://fhir.nhs.uk/Id/nhs-number|{nhs}",
+        )],
+        includes: &[],
+        conditional_create: false,
+        validate: false,
+    },
+    Resource {
+        rtype: "ServiceRequest",
+        profile: crate::fhir::PROFILE_SERVICE_REQUEST,
+        interactions: &[Read, Vread, HistoryInstance, Create, SearchType],
+        search: &[
+            p(
+                "identifier",
+                "token",
+                "system|value of the referral identifier",
+            ),
+            p("subject", "reference", "Patient/{id}"),
+            p("requester", "reference", "Organization/{ODS code}"),
+            p("status", "token", "request status"),
+        ],
+        includes: &[],
+        conditional_create: true,
+        validate: true,
+    },
+    Resource {
+        rtype: "Task",
+        profile: crate::fhir::PROFILE_TASK,
+        interactions: &[Read, Vread, HistoryInstance, Update, Patch, SearchType],
+        search: &[
+            p("owner", "reference", "Organization/{provider id}"),
+            p("requester", "reference", "Organization/{ODS code}"),
+            p(
+                "status",
+                "token",
+                "Task status; comma-separated for any of several",
+            ),
+            p("patient", "reference", "Patient/{id}"),
+            p("focus", "reference", "ServiceRequest/{id}"),
+        ],
+        includes: &["Task:focus", "Task:patient"],
+        conditional_create: false,
+        validate: true,
+    },
+    Resource {
+        rtype: "Observation",
+        profile: crate::fhir::PROFILE_OBSERVATION,
+        interactions: &[Read, Vread, HistoryInstance, Create, SearchType],
+        search: &[
+            p("based-on", "reference", "ServiceRequest/{id}"),
+            p("subject", "reference", "Patient/{id}"),
+            p("code", "token", "system|code"),
+        ],
+        includes: &[],
+        conditional_create: false,
+        validate: true,
+    },
+    Resource {
+        rtype: "Organization",
+        profile: crate::fhir::PROFILE_ORGANIZATION,
+        interactions: &[Read],
+        search: &[],
+        includes: &[],
+        conditional_create: false,
+        validate: false,
+    },
+];
+
+pub fn resource(rtype: &str) -> Option<&'static Resource> {
+    RESOURCES.iter().find(|r| r.rtype == rtype)
+}
+
+pub fn supports(rtype: &str, i: Interaction) -> bool {
+    resource(rtype).is_some_and(|r| r.interactions.contains(&i))
+}
+
+/// Whether `name` is a search parameter of `rtype` (or common to all searches).
+pub fn search_param(rtype: &str, name: &str) -> bool {
+    let own = resource(rtype).is_some_and(|r| r.search.iter().any(|s| s.name == name));
+    own || COMMON_SEARCH.iter().any(|s| s.name == name)
+        || (name == "_include" && resource(rtype).is_some_and(|r| !r.includes.is_empty()))
+}
+
+/// The CapabilityStatement, generated from [`RESOURCES`].
+pub fn capability_statement() -> Value {
+    let resources: Vec<Value> = RESOURCES
+        .iter()
+        .map(|r| {
+            let mut v = json!({
+                "type": r.rtype,
+                "supportedProfile": [r.profile],
+                "interaction": r.interactions.iter().map(|i| json!({ "code": i.code() })).collect::<Vec<_>>(),
+            });
+            if r.interactions.contains(&Update) || r.interactions.contains(&Patch) {
+                v["versioning"] = json!("versioned-update");
+                v["readHistory"] = json!(true);
+                v["updateCreate"] = json!(false);
+            } else {
+                v["versioning"] = json!("versioned");
+                v["readHistory"] = json!(r.interactions.contains(&Vread));
+            }
+            v["conditionalRead"] = json!("full-support");
+            if r.conditional_create {
+                v["conditionalCreate"] = json!(true);
+            }
+            if r.interactions.contains(&SearchType) {
+                let params: Vec<Value> = r
+                    .search
+                    .iter()
+                    .chain(COMMON_SEARCH.iter())
+                    .map(|s| json!({ "name": s.name, "type": s.kind, "documentation": s.doc }))
+                    .collect();
+                v["searchParam"] = json!(params);
+            }
+            if !r.includes.is_empty() {
+                v["searchInclude"] = json!(r.includes);
+            }
+            if r.validate {
+                v["operation"] = json!([{
+                    "name": "validate",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"
+                }]);
+            }
+            v
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-21",
+        "publisher": "sp-gateway",
+        "kind": "instance",
+        "software": { "name": "sp-gateway", "version": env!("CARGO_PKG_VERSION") },
+        "implementation": { "description": "sp-gateway: FHIR R4 gateway for NHS social prescribing" },
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [{
+            "mode": "server",
+            "security": {
+                "cors": false,
+                "description": "Authorization: Bearer <token>. Every client has a role (gp-system, provider, auditor, admin) and sees only its own practices' or provider's resources; anything else is answered 404."
+            },
+            "resource": resources,
+            "interaction": [{ "code": "transaction", "documentation": "Patient + ServiceRequest (UK Core): the gateway creates and routes the Task" }]
+        }]
+    })
+}

@@ -1,0 +1,422 @@
+//! The gateway's use cases: what each API call does, from checked input to durable write.
+//!
+//! Data flows one way: `http` hands a [`Principal`] and the raw request here; this module
+//! calls `ingest`/`fhir` to check and map, `routing` to choose a provider, `workflow` to
+//! judge a status change, and `store` to write everything for one call in one atomic
+//! transaction, then waits for [`Store::durable`] before returning (a 2xx means on disk).
+//!
+//! It also owns the key scheme ([`keys`]) and the scoping rules of DESIGN §3 (what each
+//! principal may see: outside its scope a resource does not exist). It must not know HTTP
+//! (status codes, headers) beyond returning typed [`Error`]s.
+//!
+//! - `referral`: creating referrals (EMIS-style JSON, FHIR transaction, conditional create)
+//! - `task`: Task updates (PUT, PATCH) under the state machine
+//! - `observation`: provider feedback
+//! - `search`: search parameters, index-backed paging, Bundles
+
+mod observation;
+mod referral;
+pub mod search;
+mod task;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::auth::Principal;
+use crate::config::{Config, Role};
+use crate::error::{Error, Result};
+use crate::fhir;
+use crate::ingest;
+use crate::store::{Abort, Store, Tx, TxError};
+
+pub use referral::{check_patient, Submitted};
+pub use search::{searchset, Query, SearchResult};
+
+/// The store's key scheme. Every key is ASCII; ids are FHIR ids (`[A-Za-z0-9.-]`), so `/`
+/// separates fields unambiguously, and timestamps are fixed-width so keys sort by time.
+pub mod keys {
+    /// Current version of a resource.
+    pub fn current(rtype: &str, id: &str) -> String {
+        format!("r/{rtype}/{id}")
+    }
+    /// One version of a resource.
+    pub fn version(rtype: &str, id: &str, v: u64) -> String {
+        format!("h/{rtype}/{id}/{v:010}")
+    }
+    pub fn history(rtype: &str, id: &str) -> String {
+        format!("h/{rtype}/{id}/")
+    }
+    /// Idempotency record of a referral: EMIS (practice, GP referral id), or a FHIR
+    /// ServiceRequest identifier (by the SHA-256 of `system|value`).
+    pub fn referral(ods: &str, referral_id: &str) -> String {
+        format!("k/ref/{ods}/{referral_id}")
+    }
+    pub fn sr_identifier(hash: &str) -> String {
+        format!("k/sri/{hash}")
+    }
+    /// The Patient a practice's referrals use for an NHS number.
+    pub fn patient(ods: &str, nhs: &str) -> String {
+        format!("k/pat/{ods}/{nhs}")
+    }
+    /// The Task that serves a ServiceRequest.
+    pub fn sr_task(sr: &str) -> String {
+        format!("k/srtask/{sr}")
+    }
+    /// A provider's number of open Tasks.
+    pub fn open_count(provider: &str) -> String {
+        format!("c/open/{provider}")
+    }
+    /// A scope (`o/{provider}` or `r/{ODS code}`) may read this Patient or ServiceRequest:
+    /// the provider owns a Task for it, or the practice referred it.
+    pub fn access(rtype: &str, id: &str, scope: &str) -> String {
+        format!("x/acc/{rtype}/{id}/{scope}")
+    }
+    /// Time-ordered index of a type: scope is `a` (all), `o/{provider}` or `r/{ODS code}`;
+    /// status `~` means any.
+    pub fn time_prefix(rtype: &str, scope: &str, status: &str) -> String {
+        format!("x/{rtype}/{scope}/{status}/")
+    }
+    /// Resources that refer to a Patient (`Task` by `for`, `ServiceRequest` and
+    /// `Observation` by `subject`), time-ordered.
+    pub fn by_patient(rtype: &str, patient: &str) -> String {
+        format!("p/{rtype}/{patient}/")
+    }
+    /// Observations by the ServiceRequest they are based on.
+    pub fn obs_by_sr(sr: &str) -> String {
+        format!("b/{sr}/")
+    }
+    /// Patients by NHS number (one per practice).
+    pub fn patient_by_nhs(nhs: &str) -> String {
+        format!("n/{nhs}/")
+    }
+    /// Every version of a type, time-ordered, by scope (type-level history).
+    pub fn type_history(rtype: &str, scope: &str) -> String {
+        format!("y/{rtype}/{scope}/")
+    }
+    /// The time-and-id suffix of an index key.
+    pub fn suffix(ts: i64, id: &str) -> String {
+        format!("{ts:020}/{id}")
+    }
+}
+
+/// Resource types the store holds.
+pub const STORED_TYPES: [&str; 4] = ["Patient", "ServiceRequest", "Task", "Observation"];
+
+/// The gateway's clock reading for one request: the FHIR instant and its microseconds.
+#[derive(Clone)]
+pub struct Now {
+    pub instant: String,
+    pub micros: i64,
+    pub time: OffsetDateTime,
+}
+
+impl Now {
+    pub fn current() -> Now {
+        let t = OffsetDateTime::now_utc();
+        let t = t
+            .replace_nanosecond(t.nanosecond() / 1000 * 1000)
+            .unwrap_or(t);
+        Now::at(t)
+    }
+
+    pub fn at(t: OffsetDateTime) -> Now {
+        let instant = t
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        Now {
+            instant,
+            micros: (t.unix_timestamp_nanos() / 1000) as i64,
+            time: t,
+        }
+    }
+}
+
+pub(crate) fn micros_of(instant: &str) -> i64 {
+    ingest::parse_instant(instant)
+        .map(|t| (t.unix_timestamp_nanos() / 1000) as i64)
+        .unwrap_or(0)
+}
+
+pub struct Gateway {
+    cfg: Arc<Config>,
+    store: Store,
+}
+
+pub(crate) type TxResult<T> = std::result::Result<T, Abort<Error>>;
+
+pub(crate) fn fail<T>(e: Error) -> TxResult<T> {
+    Err(Abort::Caller(e))
+}
+
+pub(crate) fn tx_json(tx: &Tx<'_>, key: &str) -> TxResult<Option<Value>> {
+    match tx.get(key.as_bytes())? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .or_else(|e| fail(Error::Internal(format!("stored {key} unreadable: {e}")))),
+    }
+}
+
+pub(crate) fn tx_put_json(tx: &Tx<'_>, key: &str, v: &impl Serialize) -> TxResult<()> {
+    let bytes = serde_json::to_vec(v).or_else(|e| fail(Error::Internal(e.to_string())))?;
+    tx.put(key.as_bytes(), &bytes)?;
+    Ok(())
+}
+
+pub(crate) fn tx_count(tx: &Tx<'_>, key: &str) -> TxResult<u64> {
+    Ok(tx
+        .get(key.as_bytes())?
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0))
+}
+
+pub(crate) fn tx_add(tx: &Tx<'_>, key: &str, delta: i64) -> TxResult<()> {
+    let n = tx_count(tx, key)? as i64 + delta;
+    tx.put(key.as_bytes(), n.max(0).to_string().as_bytes())?;
+    Ok(())
+}
+
+/// The scopes a resource version is indexed under: everyone (`a`), its provider
+/// (`o/{id}`) and its practice (`r/{ods}`).
+pub(crate) fn scopes(provider: Option<&str>, practice: Option<&str>) -> Vec<String> {
+    let mut out = vec!["a".to_string()];
+    if let Some(p) = provider {
+        out.push(format!("o/{p}"));
+    }
+    if let Some(r) = practice {
+        out.push(format!("r/{r}"));
+    }
+    out
+}
+
+/// The index keys of one resource version: time-ordered by scope (with and without its
+/// status) and by the patient it refers to.
+pub(crate) fn index_keys(rtype: &str, resource: &Value, scopes: &[String]) -> Vec<String> {
+    let id = resource
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let status = resource
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown");
+    let suffix = keys::suffix(micros_of(fhir::last_updated_of(resource)), id);
+    let mut out = Vec::new();
+    for s in scopes {
+        out.push(format!("{}{suffix}", keys::time_prefix(rtype, s, "~")));
+        out.push(format!("{}{suffix}", keys::time_prefix(rtype, s, status)));
+    }
+    let patient_element = if rtype == "Task" { "for" } else { "subject" };
+    if let Some(p) = resource
+        .get(patient_element)
+        .and_then(|r| fhir::ref_id(r, "Patient"))
+    {
+        out.push(format!("{}{suffix}", keys::by_patient(rtype, p)));
+    }
+    out
+}
+
+/// Writes a stamped resource: current version, history, time indexes (replacing those of
+/// `previous`, when given) and the type-history index.
+pub(crate) fn tx_put_resource(
+    tx: &Tx<'_>,
+    rtype: &str,
+    resource: &Value,
+    previous: Option<&Value>,
+    scopes: &[String],
+) -> TxResult<()> {
+    let id = resource
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let v = fhir::version_of(resource);
+    if let Some(prev) = previous {
+        for k in index_keys(rtype, prev, scopes) {
+            tx.remove(k.as_bytes())?;
+        }
+    }
+    for k in index_keys(rtype, resource, scopes) {
+        tx.put(k.as_bytes(), b"")?;
+    }
+    let ts = micros_of(fhir::last_updated_of(resource));
+    for s in scopes {
+        let k = format!(
+            "{}{}/{v:010}",
+            keys::type_history(rtype, s),
+            keys::suffix(ts, id)
+        );
+        tx.put(k.as_bytes(), b"")?;
+    }
+    tx_put_json(tx, &keys::current(rtype, id), resource)?;
+    tx_put_json(tx, &keys::version(rtype, id, v), resource)
+}
+
+pub(crate) fn org_of<'a>(resource: &'a Value, element: &str) -> Option<&'a str> {
+    resource
+        .get(element)
+        .and_then(|r| fhir::ref_id(r, "Organization"))
+}
+
+impl Gateway {
+    pub fn new(cfg: Arc<Config>, store: Store) -> Gateway {
+        Gateway { cfg, store }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub(crate) fn commit<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T> {
+        self.store.transact(f).map_err(|e| match e {
+            TxError::Caller(e) => e,
+            TxError::Store(e) => Error::Store(e),
+        })
+    }
+
+    pub(crate) fn load(&self, rtype: &str, id: &str) -> Result<Option<Value>> {
+        if !crate::config::is_fhir_id(id) {
+            return Ok(None);
+        }
+        match self.store.get(keys::current(rtype, id).as_bytes())? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| Error::Internal(format!("stored {rtype}/{id} unreadable: {e}"))),
+        }
+    }
+
+    fn has_key(&self, key: &str) -> Result<bool> {
+        Ok(self.store.get(key.as_bytes())?.is_some())
+    }
+
+    /// Whether `who` may see `resource` (of `rtype`, current version) at all.
+    pub(crate) fn visible(&self, who: &Principal, rtype: &str, resource: &Value) -> Result<bool> {
+        let id = resource
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let gp_owns = |org: Option<&str>| org.is_some_and(|o| who.practices.iter().any(|p| p == o));
+        Ok(match (who.role, rtype) {
+            (Role::Auditor, _) => true,
+            (Role::Admin, _) => false,
+            (Role::GpSystem, "Task" | "ServiceRequest") => gp_owns(org_of(resource, "requester")),
+            (Role::GpSystem, "Patient") => {
+                let mut any = false;
+                for ods in &who.practices {
+                    any = any || self.has_key(&keys::access(rtype, id, &format!("r/{ods}")))?;
+                }
+                any
+            }
+            (Role::Provider, "Task") => org_of(resource, "owner") == who.provider.as_deref(),
+            (Role::Provider, "Patient" | "ServiceRequest") => match &who.provider {
+                Some(p) => self.has_key(&keys::access(rtype, id, &format!("o/{p}")))?,
+                None => false,
+            },
+            (_, "Observation") => {
+                let sr_id = resource
+                    .pointer("/basedOn/0")
+                    .and_then(|r| fhir::ref_id(r, "ServiceRequest"));
+                match sr_id
+                    .map(|s| self.load("ServiceRequest", s))
+                    .transpose()?
+                    .flatten()
+                {
+                    Some(sr) => self.visible(who, "ServiceRequest", &sr)?,
+                    None => false,
+                }
+            }
+            _ => false,
+        })
+    }
+
+    /// `GET /fhir/{type}/{id}`: the current version, if `who` may see it.
+    pub fn read(&self, who: &Principal, rtype: &str, id: &str) -> Result<Value> {
+        if rtype == "Organization" {
+            return fhir::organization(&self.cfg, id)
+                .filter(|_| who.role != Role::Admin)
+                .ok_or_else(|| Error::not_found(format!("Organization/{id}")));
+        }
+        if !STORED_TYPES.contains(&rtype) {
+            return Err(Error::not_found(format!("resource type {rtype}")));
+        }
+        match self.load(rtype, id)? {
+            Some(r) if self.visible(who, rtype, &r)? => Ok(r),
+            _ => Err(Error::not_found(format!("{rtype}/{id}"))),
+        }
+    }
+
+    /// `GET /fhir/{type}/{id}/_history/{vid}`.
+    pub fn vread(&self, who: &Principal, rtype: &str, id: &str, vid: &str) -> Result<Value> {
+        self.read(who, rtype, id)?;
+        let v: u64 = vid
+            .parse()
+            .map_err(|_| Error::not_found(format!("{rtype}/{id}/_history/{vid}")))?;
+        self.load_version(rtype, id, v)?
+            .ok_or_else(|| Error::not_found(format!("{rtype}/{id}/_history/{vid}")))
+    }
+
+    fn load_version(&self, rtype: &str, id: &str, v: u64) -> Result<Option<Value>> {
+        match self.store.get(keys::version(rtype, id, v).as_bytes())? {
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| Error::Internal(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    /// `GET /fhir/{type}/{id}/_history`: every version, newest first.
+    pub fn history(&self, who: &Principal, rtype: &str, id: &str) -> Result<Vec<Value>> {
+        self.read(who, rtype, id)?;
+        self.store
+            .scan_rev(keys::history(rtype, id).as_bytes(), None, 1000)?
+            .into_iter()
+            .map(|(_, b)| serde_json::from_slice(&b).map_err(|e| Error::Internal(e.to_string())))
+            .collect()
+    }
+
+    /// `GET /fhir/{type}/_history`: the newest `count` versions of resources of `rtype` that
+    /// `who` may see, read from the type-history index of the caller's scopes.
+    pub fn type_history(&self, who: &Principal, rtype: &str, count: usize) -> Result<Vec<Value>> {
+        let scopes: Vec<String> = match who.role {
+            Role::Admin => return Err(Error::Forbidden),
+            Role::Auditor => vec!["a".into()],
+            Role::Provider => who.provider.iter().map(|p| format!("o/{p}")).collect(),
+            Role::GpSystem => who.practices.iter().map(|p| format!("r/{p}")).collect(),
+        };
+        let mut rows = Vec::new();
+        for s in &scopes {
+            let prefix = keys::type_history(rtype, s);
+            for (k, _) in self.store.scan_rev(prefix.as_bytes(), None, count)? {
+                rows.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+            }
+        }
+        rows.sort();
+        rows.dedup();
+        rows.reverse();
+        let mut out = Vec::new();
+        for row in rows.into_iter().take(count) {
+            // {time}/{id}/{version}
+            let mut parts = row.split('/').skip(1);
+            let (Some(id), Some(v)) = (parts.next(), parts.next().and_then(|v| v.parse().ok()))
+            else {
+                continue;
+            };
+            match self.load(rtype, id)? {
+                Some(cur) if self.visible(who, rtype, &cur)? => {}
+                _ => continue,
+            }
+            if let Some(r) = self.load_version(rtype, id, v)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+}

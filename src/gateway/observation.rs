@@ -1,0 +1,105 @@
+//! Provider feedback: `POST /fhir/Observation` for a referral the provider serves, and the
+//! shared write of an Observation with its indexes.
+
+use serde_json::Value;
+
+use super::{fail, keys, org_of, scopes, tx_json, tx_put_resource, Gateway, Now, TxResult};
+use crate::auth::Principal;
+use crate::config::Role;
+use crate::error::{Error, Result};
+use crate::fhir;
+use crate::store::Tx;
+use crate::workflow;
+
+impl Gateway {
+    /// Writes a stamped Observation: resource, history, scope and patient indexes, and the
+    /// index by the ServiceRequest it is based on.
+    pub(crate) fn tx_put_observation(
+        &self,
+        tx: &Tx<'_>,
+        obs: &Value,
+        sr_id: &str,
+        provider: Option<&str>,
+        practice: Option<&str>,
+    ) -> TxResult<()> {
+        tx_put_resource(tx, "Observation", obs, None, &scopes(provider, practice))?;
+        let id = obs.get("id").and_then(Value::as_str).unwrap_or_default();
+        let ts = super::micros_of(fhir::last_updated_of(obs));
+        let key = format!("{}{}", keys::obs_by_sr(sr_id), keys::suffix(ts, id));
+        tx.put(key.as_bytes(), b"")?;
+        Ok(())
+    }
+
+    /// `POST /fhir/Observation`: a provider's feedback or outcome for a referral it serves.
+    pub async fn create_observation(&self, who: &Principal, body: &[u8]) -> Result<Value> {
+        let Some(provider_id) = who
+            .provider
+            .as_deref()
+            .filter(|_| who.role == Role::Provider)
+        else {
+            return Err(Error::Forbidden);
+        };
+        let posted = crate::schema::parse_json(body)?;
+        fhir::check_structure(&posted, "Observation")?;
+        let (_kind, sr_id) = fhir::check_feedback(&posted, &self.cfg)?;
+        let now = Now::current();
+        let obs_id = uuid::Uuid::new_v4().to_string();
+        let not_served = || {
+            Error::rule(
+                "Observation.basedOn[0]",
+                format!("ServiceRequest/{sr_id} is not a referral this provider serves"),
+            )
+        };
+        let obs = self.commit(|tx| {
+            let task_id = match tx.get(keys::sr_task(&sr_id).as_bytes())? {
+                Some(t) => String::from_utf8_lossy(&t).into_owned(),
+                None => return fail(not_served()),
+            };
+            let Some(task) = tx_json(tx, &keys::current("Task", &task_id))? else {
+                return fail(not_served());
+            };
+            if org_of(&task, "owner") != Some(provider_id) {
+                return fail(not_served());
+            }
+            let status = task.get("status").and_then(Value::as_str).unwrap_or_default();
+            if workflow::is_final(status) {
+                return fail(Error::rule(
+                    "Observation.basedOn[0]",
+                    format!("the referral's Task is {status}: it takes no more feedback"),
+                ));
+            }
+            let subject = posted.pointer("/subject/reference").and_then(Value::as_str);
+            let expected_subject = task.pointer("/for/reference").and_then(Value::as_str);
+            if subject != expected_subject {
+                return fail(Error::rule(
+                    "Observation.subject",
+                    format!(
+                        "must be {{\"reference\": \"{}\"}}, the referral's patient",
+                        expected_subject.unwrap_or_default()
+                    ),
+                ));
+            }
+            let performs = posted
+                .get("performer")
+                .and_then(Value::as_array)
+                .is_some_and(|ps| {
+                    ps.iter()
+                        .any(|p| fhir::ref_id(p, "Organization") == Some(provider_id))
+                });
+            if !performs {
+                return fail(Error::rule(
+                    "Observation.performer",
+                    format!(
+                        "must include {{\"reference\": \"Organization/{provider_id}\"}}, this provider"
+                    ),
+                ));
+            }
+            let mut obs = posted.clone();
+            fhir::stamp(&mut obs, &obs_id, 1, &now.instant);
+            self.tx_put_observation(tx, &obs, &sr_id, Some(provider_id), org_of(&task, "requester"))?;
+            Ok(obs)
+        })?;
+        self.store.durable().await?;
+        Ok(obs)
+    }
+}

@@ -1,0 +1,642 @@
+//! Creating referrals, whichever way they arrive: EMIS-style JSON (`POST /referrals`), a
+//! FHIR transaction Bundle (`POST /fhir`), or a lone ServiceRequest (`POST
+//! /fhir/ServiceRequest`, optionally conditional). All three end in [`Gateway::create`]:
+//! one transaction that reuses or versions the Patient, routes, writes the ServiceRequest
+//! and Task with their indexes, and records the idempotency keys.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::{
+    fail, keys, scopes, tx_add, tx_count, tx_json, tx_put_json, tx_put_resource, Gateway, Now,
+};
+use crate::auth::Principal;
+use crate::config::{Config, Provider, Role};
+use crate::error::{Error, Issue, Result};
+use crate::fhir;
+use crate::ingest;
+use crate::routing;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct ReferralRecord {
+    hash: String,
+    patient: String,
+    service_request: String,
+    task: String,
+}
+
+/// What a referral submission produced.
+pub struct Submitted {
+    /// False when the same referral had been submitted before (nothing new written).
+    pub created: bool,
+    /// Whether the Patient was written (created or a new version) by this submission.
+    pub patient_written: bool,
+    pub patient: Value,
+    pub service_request: Value,
+    pub task: Value,
+}
+
+/// The Patient side of a new referral.
+enum PatientPlan {
+    /// Reuse the practice's Patient for this NHS number, versioned if `body` differs.
+    Upsert { body: Value, nhs: String },
+    /// An existing Patient the caller referenced.
+    Existing(String),
+}
+
+/// Builds the ServiceRequest for a Patient id and the chosen provider.
+type MakeSr<'a> = Box<dyn Fn(&str, &Provider) -> Value + Send + Sync + 'a>;
+
+/// Everything a new referral is made of, before ids exist.
+struct Plan<'a> {
+    practice: String,
+    /// Idempotency keys: the first is the referral's own; a hit on any other with another
+    /// referral behind it is a conflict.
+    idem_keys: Vec<String>,
+    hash: String,
+    patient: PatientPlan,
+    /// Builds the ServiceRequest for a Patient id and the chosen provider.
+    make_sr: MakeSr<'a>,
+    identifier: Option<Value>,
+    priority: Option<String>,
+    needs: Vec<String>,
+    codes: Vec<String>,
+    district: String,
+    age: Option<u32>,
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+fn hash_json(v: &Value) -> String {
+    // serde_json's Map is ordered by key, so equal JSON gives equal bytes.
+    sha256_hex(&v.to_string())
+}
+
+fn without_server_fields(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("id");
+        o.remove("meta");
+    }
+    v
+}
+
+/// The idempotency key of a ServiceRequest identifier within a practice.
+pub(crate) fn identifier_key(ods: &str, system: &str, value: &str) -> String {
+    keys::sr_identifier(&format!(
+        "{ods}/{}",
+        sha256_hex(&format!("{system}|{value}"))
+    ))
+}
+
+/// Need categories whose SNOMED codes appear in `codes`.
+fn needs_for_codes(cfg: &Config, codes: &[String]) -> Vec<String> {
+    cfg.needs
+        .iter()
+        .filter(|n| n.snomed.iter().any(|c| codes.contains(c)))
+        .map(|n| n.name.clone())
+        .collect()
+}
+
+fn age_of(birth_date: Option<&str>, now: &Now) -> Option<u32> {
+    let d = ingest::parse_date(birth_date?)?;
+    let today = now.time.date();
+    let mut years = today.year() - d.year();
+    if (today.month() as u8, today.day()) < (d.month() as u8, d.day()) {
+        years -= 1;
+    }
+    u32::try_from(years).ok()
+}
+
+fn district_of(patient: &Value) -> String {
+    let pc = patient
+        .pointer("/address/0/postalCode")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let pc = ingest::normalise_postcode(pc);
+    pc.split(' ').next().unwrap_or_default().to_string()
+}
+
+impl Gateway {
+    /// `POST /referrals`: check, map, route and store an EMIS-style referral.
+    pub async fn submit_referral(&self, who: &Principal, body: &[u8]) -> Result<Submitted> {
+        if who.role != Role::GpSystem {
+            return Err(Error::Forbidden);
+        }
+        let now = Now::current();
+        let checked = ingest::parse_referral(body, &self.cfg, now.time)?;
+        let r = &checked.referral;
+        let ods = r.practice.ods_code.clone();
+        if !who.practices.contains(&ods) {
+            return Err(Error::rule(
+                "practice.odsCode",
+                "is not a practice this client may refer for",
+            ));
+        }
+        let cfg = &self.cfg;
+        let mut codes: Vec<String> = r
+            .needs
+            .iter()
+            .filter_map(|n| cfg.need(n))
+            .flat_map(|n| n.snomed.iter().cloned())
+            .collect();
+        codes.extend(r.reasons.iter().map(|c| c.code.clone()));
+        let system = fhir::referral_id_system(&ods);
+        let plan = Plan {
+            idem_keys: vec![
+                keys::referral(&ods, &r.referral_id),
+                identifier_key(&ods, &system, &r.referral_id),
+            ],
+            hash: hash_json(&checked.canonical),
+            patient: PatientPlan::Upsert {
+                body: fhir::patient(&checked, cfg),
+                nhs: r.patient.nhs_number.clone(),
+            },
+            make_sr: Box::new(|patient_id, provider| {
+                fhir::service_request(&checked, cfg, patient_id, provider)
+            }),
+            identifier: Some(json!({ "system": system, "value": r.referral_id })),
+            priority: Some(r.urgency.as_str().to_string()),
+            needs: r.needs.clone(),
+            codes,
+            district: checked.district.clone(),
+            age: Some(checked.age),
+            practice: ods,
+        };
+        self.create(plan, &now).await
+    }
+
+    /// `POST /fhir` (transaction): a UK Core Patient and ServiceRequest, all or nothing.
+    pub async fn submit_transaction(&self, who: &Principal, body: &[u8]) -> Result<Submitted> {
+        if who.role != Role::GpSystem {
+            return Err(Error::Forbidden);
+        }
+        let bundle = crate::schema::parse_json(body)?;
+        let (patient, sr, patient_url) = split_transaction(&bundle)?;
+        let now = Now::current();
+        let ods = check_service_request(&sr, who, &self.cfg)?;
+        // The ServiceRequest must name the Patient of this transaction.
+        let subject = sr.pointer("/subject/reference").and_then(Value::as_str);
+        if subject != Some(patient_url.as_str()) {
+            return Err(Error::rule(
+                "Bundle.entry[1].resource.subject",
+                format!("must reference the Patient entry of this transaction ({patient_url})"),
+            ));
+        }
+        let nhs = check_patient(&patient)
+            .map_err(|e| reroot(e, "Patient", "Bundle.entry[0].resource"))?;
+        self.fhir_plan(
+            who,
+            ods,
+            sr,
+            PatientPlan::Upsert { body: patient, nhs },
+            &now,
+        )
+        .await
+    }
+
+    /// `POST /fhir/ServiceRequest`: a referral for an existing Patient. With
+    /// `If-None-Exist: identifier=system|value`, an existing match is returned instead.
+    pub async fn create_service_request(
+        &self,
+        who: &Principal,
+        body: &[u8],
+        if_none_exist: Option<&str>,
+    ) -> Result<Submitted> {
+        if who.role != Role::GpSystem {
+            return Err(Error::Forbidden);
+        }
+        let sr = crate::schema::parse_json(body)?;
+        let now = Now::current();
+        let ods = check_service_request(&sr, who, &self.cfg)?;
+        if let Some(cond) = if_none_exist {
+            let (system, value) = parse_if_none_exist(cond)?;
+            if let Some(rec) = self
+                .store
+                .get(identifier_key(&ods, &system, &value).as_bytes())?
+            {
+                let rec: ReferralRecord = serde_json::from_slice(&rec)
+                    .map_err(|e| Error::Internal(format!("referral record: {e}")))?;
+                return self.existing(&rec);
+            }
+        }
+        let patient_id = sr
+            .get("subject")
+            .and_then(|s| fhir::ref_id(s, "Patient"))
+            .map(str::to_string);
+        let visible = match &patient_id {
+            Some(id) => self.load("Patient", id)?.is_some_and(|_| {
+                self.store
+                    .get(keys::access("Patient", id, &format!("r/{ods}")).as_bytes())
+                    .ok()
+                    .flatten()
+                    .is_some()
+            }),
+            None => false,
+        };
+        let Some(patient_id) = patient_id.filter(|_| visible) else {
+            return Err(Error::rule(
+                "ServiceRequest.subject",
+                format!("must reference an existing Patient/{{id}} of practice {ods} (create one with a transaction Bundle)"),
+            ));
+        };
+        self.fhir_plan(who, ods, sr, PatientPlan::Existing(patient_id), &now)
+            .await
+    }
+
+    async fn fhir_plan(
+        &self,
+        _who: &Principal,
+        ods: String,
+        sr: Value,
+        patient: PatientPlan,
+        now: &Now,
+    ) -> Result<Submitted> {
+        let identifiers: Vec<(String, String)> = sr
+            .get("identifier")
+            .and_then(Value::as_array)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|i| {
+                        Some((
+                            i.get("system")?.as_str()?.to_string(),
+                            i.get("value")?.as_str()?.to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let codes: Vec<String> = sr
+            .get("reasonCode")
+            .and_then(Value::as_array)
+            .map(|rc| {
+                rc.iter()
+                    .filter_map(|c| c.get("coding").and_then(Value::as_array))
+                    .flatten()
+                    .filter(|c| c.get("system").and_then(Value::as_str) == Some(fhir::SNOMED))
+                    .filter_map(|c| c.get("code").and_then(Value::as_str).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (district, age) = match &patient {
+            PatientPlan::Upsert { body, .. } => (
+                district_of(body),
+                age_of(body.get("birthDate").and_then(Value::as_str), now),
+            ),
+            PatientPlan::Existing(id) => {
+                let p = self.load("Patient", id)?.unwrap_or(Value::Null);
+                (
+                    district_of(&p),
+                    age_of(p.get("birthDate").and_then(Value::as_str), now),
+                )
+            }
+        };
+        let hash_input = json!({
+            "patient": match &patient { PatientPlan::Upsert { body, .. } => body.clone(), PatientPlan::Existing(id) => json!(id) },
+            "serviceRequest": sr,
+        });
+        let sr_template = sr.clone();
+        let plan = Plan {
+            idem_keys: identifiers
+                .iter()
+                .map(|(s, v)| identifier_key(&ods, s, v))
+                .collect(),
+            hash: hash_json(&hash_input),
+            patient,
+            make_sr: Box::new(move |patient_id, _provider| {
+                let mut s = sr_template.clone();
+                s["subject"] = json!({ "reference": format!("Patient/{patient_id}") });
+                s
+            }),
+            identifier: sr.pointer("/identifier/0").cloned(),
+            priority: sr
+                .get("priority")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            needs: needs_for_codes(&self.cfg, &codes),
+            codes,
+            district,
+            age,
+            practice: ods,
+        };
+        self.create(plan, now).await
+    }
+
+    fn existing(&self, rec: &ReferralRecord) -> Result<Submitted> {
+        let get = |t: &str, id: &str| {
+            self.load(t, id)?
+                .ok_or_else(|| Error::Internal(format!("{t}/{id} missing after write")))
+        };
+        Ok(Submitted {
+            created: false,
+            patient_written: false,
+            patient: get("Patient", &rec.patient)?,
+            service_request: get("ServiceRequest", &rec.service_request)?,
+            task: get("Task", &rec.task)?,
+        })
+    }
+
+    /// Writes a new referral in one transaction, or finds the same one already written.
+    async fn create(&self, plan: Plan<'_>, now: &Now) -> Result<Submitted> {
+        let cfg = &self.cfg;
+        let new_patient = uuid::Uuid::new_v4().to_string();
+        let sr_id = uuid::Uuid::new_v4().to_string();
+        let task_id = uuid::Uuid::new_v4().to_string();
+        let ods = plan.practice.as_str();
+        let facts = routing::Facts {
+            needs: &plan.needs,
+            codes: plan.codes.iter().map(String::as_str).collect(),
+            district: &plan.district,
+            practice: ods,
+            age: plan.age,
+        };
+        let Some(own_key) = plan.idem_keys.first() else {
+            return Err(Error::rule(
+                "ServiceRequest.identifier",
+                "at least one identifier (system and value) is required: it makes resubmission safe",
+            ));
+        };
+        let (created, patient_written, rec) = self.commit(|tx| {
+            if let Some(rec) = tx_json(tx, own_key)? {
+                let rec: ReferralRecord = serde_json::from_value(rec)
+                    .or_else(|e| fail(Error::Internal(format!("referral record: {e}"))))?;
+                if rec.hash != plan.hash {
+                    return fail(Error::Conflict(
+                        "this referral was already received with different content; \
+                         send a new referral id (identifier) for a new referral"
+                            .into(),
+                    ));
+                }
+                return Ok((false, false, rec));
+            }
+            for k in &plan.idem_keys[1..] {
+                if tx.get(k.as_bytes())?.is_some() {
+                    return fail(Error::Conflict(
+                        "an identifier of this referral already belongs to another referral".into(),
+                    ));
+                }
+            }
+            let practice_scope = format!("r/{ods}");
+            let (patient_id, patient_written) = match &plan.patient {
+                PatientPlan::Existing(id) => (id.clone(), false),
+                PatientPlan::Upsert { body, nhs } => {
+                    let pat_key = keys::patient(ods, nhs);
+                    let patient_id = match tx.get(pat_key.as_bytes())? {
+                        Some(id) => String::from_utf8_lossy(&id).into_owned(),
+                        None => new_patient.clone(),
+                    };
+                    let current = tx_json(tx, &keys::current("Patient", &patient_id))?;
+                    let changed = current
+                        .as_ref()
+                        .is_none_or(|cur| without_server_fields(cur) != *body);
+                    if changed {
+                        let version = current.as_ref().map(fhir::version_of).unwrap_or(0) + 1;
+                        let mut p = body.clone();
+                        fhir::stamp(&mut p, &patient_id, version, &now.instant);
+                        tx_put_resource(
+                            tx,
+                            "Patient",
+                            &p,
+                            current.as_ref(),
+                            &scopes(None, Some(ods)),
+                        )?;
+                        tx.put(pat_key.as_bytes(), patient_id.as_bytes())?;
+                        tx.put(
+                            format!("{}{patient_id}", keys::patient_by_nhs(nhs)).as_bytes(),
+                            b"",
+                        )?;
+                        tx.put(
+                            keys::access("Patient", &patient_id, &practice_scope).as_bytes(),
+                            b"",
+                        )?;
+                    }
+                    (patient_id, changed)
+                }
+            };
+            let decision = routing::route(cfg, &facts, |p| tx_count(tx, &keys::open_count(p)))?;
+            let Some(provider) = cfg.provider(&decision.provider) else {
+                return fail(Error::Internal("routed to an unknown provider".into()));
+            };
+            let mut sr = (plan.make_sr)(&patient_id, provider);
+            fhir::stamp(&mut sr, &sr_id, 1, &now.instant);
+            let mut task = fhir::task(
+                &fhir::TaskSpec {
+                    identifier: plan.identifier.clone(),
+                    priority: plan.priority.as_deref(),
+                    practice_ods: ods,
+                    patient_id: &patient_id,
+                    sr_id: &sr_id,
+                    provider,
+                    decision: &decision,
+                    now: &now.instant,
+                },
+                cfg,
+            );
+            fhir::stamp(&mut task, &task_id, 1, &now.instant);
+            let both = scopes(Some(&provider.id), Some(ods));
+            tx_put_resource(tx, "ServiceRequest", &sr, None, &both)?;
+            tx_put_resource(tx, "Task", &task, None, &both)?;
+            tx_add(tx, &keys::open_count(&provider.id), 1)?;
+            tx.put(keys::sr_task(&sr_id).as_bytes(), task_id.as_bytes())?;
+            let provider_scope = format!("o/{}", provider.id);
+            for (t, id) in [("Patient", &patient_id), ("ServiceRequest", &sr_id)] {
+                tx.put(keys::access(t, id, &provider_scope).as_bytes(), b"")?;
+                tx.put(keys::access(t, id, &practice_scope).as_bytes(), b"")?;
+            }
+            let rec = ReferralRecord {
+                hash: plan.hash.clone(),
+                patient: patient_id.clone(),
+                service_request: sr_id.clone(),
+                task: task_id.clone(),
+            };
+            for k in &plan.idem_keys {
+                tx_put_json(tx, k, &rec)?;
+            }
+            Ok((true, patient_written, rec))
+        })?;
+        if created {
+            self.store.durable().await?;
+        }
+        let mut out = self.existing(&rec)?;
+        out.created = created;
+        out.patient_written = patient_written;
+        Ok(out)
+    }
+}
+
+/// Moves issue expressions from `from` (a resource type) to `to` (its place in a Bundle).
+fn reroot(e: Error, from: &str, to: &str) -> Error {
+    let fix = |issues: Vec<Issue>| {
+        issues
+            .into_iter()
+            .map(|mut i| {
+                if let Some(x) = &i.expression {
+                    if let Some(rest) = x.strip_prefix(from) {
+                        i.expression = Some(format!("{to}{rest}"));
+                    }
+                }
+                i
+            })
+            .collect()
+    };
+    match e {
+        Error::Invalid(i) => Error::Invalid(fix(i)),
+        Error::Unprocessable(i) => Error::Unprocessable(fix(i)),
+        other => other,
+    }
+}
+
+/// The Patient, the ServiceRequest and the Patient's fullUrl of a transaction Bundle.
+fn split_transaction(bundle: &Value) -> Result<(Value, Value, String)> {
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(Error::invalid(
+            "structure",
+            "resourceType",
+            "must be Bundle",
+        ));
+    }
+    if bundle.get("type").and_then(Value::as_str) != Some("transaction") {
+        return Err(Error::invalid(
+            "value",
+            "Bundle.type",
+            "must be `transaction` (this endpoint takes a Patient and a ServiceRequest, all or nothing)",
+        ));
+    }
+    let empty = Vec::new();
+    let entries = bundle
+        .get("entry")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
+    let mut patient = None;
+    let mut sr = None;
+    for (i, e) in entries.iter().enumerate() {
+        let at = format!("Bundle.entry[{i}]");
+        let resource = e.get("resource").cloned().unwrap_or(Value::Null);
+        let rtype = resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let method = e.pointer("/request/method").and_then(Value::as_str);
+        let url = e.pointer("/request/url").and_then(Value::as_str);
+        if method != Some("POST") || url != Some(rtype.as_str()) {
+            return Err(Error::invalid(
+                "value",
+                format!("{at}.request"),
+                format!("must be {{\"method\": \"POST\", \"url\": \"{rtype}\"}}: the transaction creates its resources"),
+            ));
+        }
+        if !matches!(rtype.as_str(), "Patient" | "ServiceRequest") {
+            return Err(Error::invalid(
+                "not-supported",
+                format!("{at}.resource.resourceType"),
+                "a transaction here holds one Patient and one ServiceRequest",
+            ));
+        }
+        fhir::check_structure(&resource, &rtype)
+            .map_err(|err| reroot(err, &rtype, &format!("{at}.resource")))?;
+        let full_url = e
+            .get("fullUrl")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        match rtype.as_str() {
+            "Patient" if patient.is_none() => patient = Some((resource, full_url)),
+            "ServiceRequest" if sr.is_none() => sr = Some(resource),
+            _ => {
+                return Err(Error::invalid(
+                    "not-supported",
+                    format!("{at}.resource"),
+                    "a transaction here holds exactly one Patient and one ServiceRequest",
+                ))
+            }
+        }
+    }
+    match (patient, sr) {
+        (Some((p, url)), Some(s)) if url.starts_with("urn:uuid:") => Ok((p, s, url)),
+        (Some(_), Some(_)) => Err(Error::invalid(
+            "value",
+            "Bundle.entry[0].fullUrl",
+            "the Patient's fullUrl must be a urn:uuid: that the ServiceRequest's subject references",
+        )),
+        _ => Err(Error::invalid(
+            "required",
+            "Bundle.entry",
+            "a transaction here holds exactly one Patient and one ServiceRequest",
+        )),
+    }
+}
+
+/// UK Core Patient rules for ingest: an NHS number with the right system and check digit.
+/// Returns the NHS number.
+pub fn check_patient(p: &Value) -> Result<String> {
+    let ids = p.get("identifier").and_then(Value::as_array);
+    let nhs = ids.and_then(|ids| {
+        ids.iter()
+            .enumerate()
+            .find(|(_, i)| i.get("system").and_then(Value::as_str) == Some(fhir::NHS_NUMBER_SYSTEM))
+    });
+    match nhs {
+        None => Err(Error::rule(
+            "Patient.identifier",
+            format!(
+                "must include an NHS number (system {})",
+                fhir::NHS_NUMBER_SYSTEM
+            ),
+        )),
+        Some((i, id)) => {
+            let v = id.get("value").and_then(Value::as_str).unwrap_or_default();
+            if ingest::nhs_number_valid(v) {
+                Ok(v.to_string())
+            } else {
+                Err(Error::rule(
+                    format!("Patient.identifier[{i}].value"),
+                    "is not a valid NHS number: 10 digits whose last is the Modulus 11 check digit",
+                ))
+            }
+        }
+    }
+}
+
+/// The gateway's rules for an inbound ServiceRequest; returns the practice's ODS code.
+pub(crate) fn check_service_request(sr: &Value, who: &Principal, cfg: &Config) -> Result<String> {
+    fhir::check_structure(sr, "ServiceRequest")?;
+    let issues = fhir::service_request_rules(sr);
+    if !issues.is_empty() {
+        return Err(Error::Unprocessable(issues));
+    }
+    let ods = fhir::requester_ods(sr).unwrap_or_default();
+    if cfg.practice(&ods).is_none() || !who.practices.contains(&ods) {
+        return Err(Error::rule(
+            "ServiceRequest.requester",
+            "must be a practice this client may refer for: {\"identifier\": {\"system\": \
+             \"https://fhir.nhs.uk/Id/ods-organization-code\", \"value\": \"<ODS code>\"}}",
+        ));
+    }
+    Ok(ods)
+}
+
+fn parse_if_none_exist(cond: &str) -> Result<(String, String)> {
+    let pairs: Vec<(String, String)> =
+        form_urlencoded::parse(cond.trim_start_matches('?').as_bytes())
+            .into_owned()
+            .collect();
+    match pairs.as_slice() {
+        [(k, v)] if k == "identifier" => match v.split_once('|') {
+            Some((s, v)) if !s.is_empty() && !v.is_empty() => Ok((s.to_string(), v.to_string())),
+            _ => Err(Error::invalid(
+                "value",
+                "If-None-Exist",
+                "identifier must be system|value",
+            )),
+        },
+        _ => Err(Error::invalid(
+            "not-supported",
+            "If-None-Exist",
+            "only identifier=system|value is supported",
+        )),
+    }
+}

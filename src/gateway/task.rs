@@ -1,0 +1,205 @@
+//! Task updates: `PUT` (a whole Task) and `PATCH` (JSON Patch), both guarded by `If-Match`
+//! and judged by `workflow`; a rejection because the patient declined also writes the
+//! declined Observation, in the same transaction.
+
+use serde_json::Value;
+
+use super::{fail, keys, org_of, scopes, tx_add, tx_json, tx_put_resource, Gateway, Now};
+use crate::auth::Principal;
+use crate::config::Role;
+use crate::error::{Error, Result};
+use crate::fhir;
+use crate::workflow;
+
+/// The version an `If-Match` header names (`W/"3"` or `"3"`).
+pub(crate) fn parse_if_match(h: Option<&str>) -> Result<u64> {
+    let Some(h) = h else {
+        return Err(Error::PreconditionRequired(
+            "If-Match is required: send the ETag of the version you read, e.g. If-Match: W/\"1\""
+                .into(),
+        ));
+    };
+    let v = h.trim();
+    let v = v.strip_prefix("W/").unwrap_or(v);
+    v.trim_matches('"').parse().map_err(|_| {
+        Error::invalid(
+            "value",
+            "If-Match",
+            "must be an ETag such as W/\"3\" (the version you read)",
+        )
+    })
+}
+
+fn task_in_scope(who: &Principal, task: &Value) -> bool {
+    match who.role {
+        Role::Provider => org_of(task, "owner") == who.provider.as_deref(),
+        Role::GpSystem => {
+            org_of(task, "requester").is_some_and(|o| who.practices.iter().any(|p| p == o))
+        }
+        _ => false,
+    }
+}
+
+impl Gateway {
+    /// `PUT /fhir/Task/{id}`: a status change under the state machine, guarded by `If-Match`.
+    pub async fn update_task(
+        &self,
+        who: &Principal,
+        id: &str,
+        if_match: Option<&str>,
+        body: &[u8],
+    ) -> Result<Value> {
+        if !matches!(who.role, Role::Provider | Role::GpSystem) {
+            return Err(Error::Forbidden);
+        }
+        let proposed = crate::schema::parse_json(body)?;
+        let expected = parse_if_match(if_match)?;
+        self.apply_task(who, id, expected, proposed).await
+    }
+
+    /// `PATCH /fhir/Task/{id}` with a JSON Patch document: applied to the version `If-Match`
+    /// names, then judged exactly like a PUT of the result.
+    pub async fn patch_task(
+        &self,
+        who: &Principal,
+        id: &str,
+        if_match: Option<&str>,
+        body: &[u8],
+    ) -> Result<Value> {
+        if !matches!(who.role, Role::Provider | Role::GpSystem) {
+            return Err(Error::Forbidden);
+        }
+        let doc = crate::schema::parse_json(body)?;
+        let patch: json_patch::Patch = serde_json::from_value(doc).map_err(|e| {
+            Error::invalid(
+                "structure",
+                "",
+                format!("the body is not a JSON Patch document (RFC 6902): {e}"),
+            )
+        })?;
+        let expected = parse_if_match(if_match)?;
+        let current = match self.load("Task", id)? {
+            Some(t) if task_in_scope(who, &t) => t,
+            _ => return Err(Error::not_found(format!("Task/{id}"))),
+        };
+        let version = fhir::version_of(&current);
+        if version != expected {
+            return Err(stale(id, expected, version));
+        }
+        let mut proposed = current;
+        json_patch::patch(&mut proposed, &patch).map_err(|e| {
+            Error::rule(
+                "",
+                format!("the JSON Patch cannot be applied to Task/{id}: {e}"),
+            )
+        })?;
+        self.apply_task(who, id, expected, proposed).await
+    }
+
+    async fn apply_task(
+        &self,
+        who: &Principal,
+        id: &str,
+        expected: u64,
+        proposed: Value,
+    ) -> Result<Value> {
+        fhir::check_structure(&proposed, "Task")?;
+        if proposed.get("id").and_then(Value::as_str) != Some(id) {
+            return Err(Error::invalid(
+                "invariant",
+                "Task.id",
+                format!("must be present and equal the id in the URL ({id})"),
+            ));
+        }
+        let now = Now::current();
+        let cfg = &self.cfg;
+        let (task, declined) = self.commit(|tx| {
+            let current = match tx_json(tx, &keys::current("Task", id))? {
+                Some(t) if task_in_scope(who, &t) => t,
+                _ => return fail(Error::not_found(format!("Task/{id}"))),
+            };
+            let version = fhir::version_of(&current);
+            if version != expected {
+                return fail(stale(id, expected, version));
+            }
+            if let Some(path) = fhir::task_immutable_change(&current, &proposed) {
+                return fail(Error::rule(
+                    path,
+                    format!(
+                        "may not be changed; only {} may change",
+                        fhir::TASK_MUTABLE.join(", ")
+                    ),
+                ));
+            }
+            workflow::check(&current, &proposed, who.role).or_else(fail)?;
+            let to = proposed
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let from = current
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let sr_id = current
+                .get("focus")
+                .and_then(|r| fhir::ref_id(r, "ServiceRequest"))
+                .unwrap_or_default()
+                .to_string();
+            if to == "completed" {
+                for (i, obs_id) in workflow::output_observations(&proposed).iter().enumerate() {
+                    let obs = tx_json(tx, &keys::current("Observation", obs_id))?;
+                    let based_on = obs
+                        .as_ref()
+                        .and_then(|o| o.pointer("/basedOn/0"))
+                        .and_then(|r| fhir::ref_id(r, "ServiceRequest"));
+                    if based_on != Some(sr_id.as_str()) {
+                        return fail(Error::rule(
+                            format!("Task.output[{i}].valueReference"),
+                            format!(
+                                "Observation/{obs_id} is not an Observation posted for this \
+                                 referral (basedOn ServiceRequest/{sr_id})"
+                            ),
+                        ));
+                    }
+                }
+            }
+            let mut task = proposed.clone();
+            task["lastModified"] = Value::String(now.instant.clone());
+            if let Some(obj) = task.as_object_mut() {
+                obj.remove("text");
+            }
+            fhir::stamp(&mut task, id, version + 1, &now.instant);
+            let owner = org_of(&current, "owner");
+            let practice = org_of(&current, "requester");
+            tx_put_resource(tx, "Task", &task, Some(&current), &scopes(owner, practice))?;
+            if let Some(owner) = owner {
+                let delta = workflow::is_open(to) as i64 - workflow::is_open(from) as i64;
+                if delta != 0 {
+                    tx_add(tx, &keys::open_count(owner), delta)?;
+                }
+            }
+            let mut declined = false;
+            if to == "rejected" && fhir::is_patient_declined(&task) {
+                if let Some(provider) = owner.and_then(|o| cfg.provider(o)) {
+                    let mut obs = fhir::declined_observation(&task, provider, &now.instant);
+                    fhir::stamp(&mut obs, &uuid::Uuid::new_v4().to_string(), 1, &now.instant);
+                    self.tx_put_observation(tx, &obs, &sr_id, owner, practice)?;
+                    declined = true;
+                }
+            }
+            Ok((task, declined))
+        })?;
+        self.store.durable().await?;
+        if declined {
+            tracing::info!("patient declined: declined Observation written");
+        }
+        Ok(task)
+    }
+}
+
+fn stale(id: &str, expected: u64, version: u64) -> Error {
+    Error::PreconditionFailed(format!(
+        "If-Match names version {expected}, but Task/{id} is at version {version}: \
+         read it again and re-apply the change"
+    ))
+}
