@@ -465,7 +465,12 @@ impl Config {
                 Role::Auditor | Role::Admin => {}
             }
         }
-        if self.clients.iter().any(|c| c.demo) && !self.server.listen.ip().is_loopback() {
+        let published = published_demo_hashes();
+        let demo = self
+            .clients
+            .iter()
+            .any(|c| c.demo || published.contains(&c.token_sha256));
+        if demo && !self.server.listen.ip().is_loopback() {
             return Err(bad(
                 "server.listen".into(),
                 format!(
@@ -477,6 +482,22 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Hashes of the demo tokens published in README (the embedded config's `demo` clients):
+/// refused off loopback even if a copied config drops the `demo` flag.
+fn published_demo_hashes() -> HashSet<String> {
+    let Ok(v) = EMBEDDED_DEFAULT.parse::<toml::Table>() else {
+        return HashSet::new();
+    };
+    v.get("clients")
+        .and_then(|c| c.as_array())
+        .map(|cs| {
+            cs.iter()
+                .filter_map(|c| c.get("token_sha256")?.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn read(p: &Path) -> Result<String, ConfigError> {

@@ -73,19 +73,36 @@ pub fn provider_ref(p: &Provider) -> Value {
     org_ref(&p.id, &p.name)
 }
 
-/// Sets the server-owned elements: `id` and `meta` (versionId, lastUpdated, profile kept).
+/// The profile the gateway claims for a resource type it stores.
+pub fn profile_for(rtype: &str) -> Option<&'static str> {
+    Some(match rtype {
+        "Patient" => PROFILE_PATIENT,
+        "ServiceRequest" => PROFILE_SERVICE_REQUEST,
+        "Task" => PROFILE_TASK,
+        "Observation" => PROFILE_OBSERVATION,
+        "Organization" => PROFILE_ORGANIZATION,
+        _ => return None,
+    })
+}
+
+/// Sets the server-owned elements: `id` and `meta` (versionId, lastUpdated, and the
+/// gateway's profile for the type). Whatever `meta` the client sent is replaced.
 pub fn stamp(resource: &mut Value, id: &str, version: u64, last_updated: &str) {
+    let rtype = resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     if let Some(obj) = resource.as_object_mut() {
         obj.insert("id".into(), Value::String(id.to_string()));
-        let profile = obj.get("meta").and_then(|m| m.get("profile")).cloned();
         let mut meta = Map::new();
         meta.insert("versionId".into(), Value::String(version.to_string()));
         meta.insert(
             "lastUpdated".into(),
             Value::String(last_updated.to_string()),
         );
-        if let Some(p) = profile {
-            meta.insert("profile".into(), p);
+        if let Some(p) = profile_for(&rtype) {
+            meta.insert("profile".into(), json!([p]));
         }
         obj.insert("meta".into(), Value::Object(meta));
     }

@@ -22,6 +22,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::auth::{Authenticator, Principal};
 use crate::capability::Interaction;
@@ -56,8 +57,16 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError(Error::not_found("no such endpoint")) })
         .method_not_allowed_fallback(|| async { ApiError(Error::MethodNotAllowed) })
         .layer(middleware::from_fn(negotiate))
+        .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// A panic in a handler is a bug; the client gets a 500 OperationOutcome, never a dropped
+/// connection, and the panic's message (which could quote input) is not echoed.
+fn panic_response(_payload: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("request handler panicked");
+    ApiError(Error::Internal("handler panicked".into())).into_response()
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then finishes in-flight

@@ -189,7 +189,11 @@ fn check_rules(
         Some(d) if d.year() < 1890 => {
             issues.push(Issue::new("value", "patient.birthDate", "is before 1890"))
         }
-        Some(d) => age = age_on(d, today),
+        // Age on the day the referral was sent, so the same referral always routes the same.
+        Some(d) => {
+            let on = parse_instant(&r.sent_at).map(|t| t.date()).unwrap_or(today);
+            age = age_on(d, on.max(d));
+        }
     }
     let skew = time::Duration::minutes(5);
     for (path, v) in [

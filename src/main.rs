@@ -54,6 +54,14 @@ fn load(common: &Common, listen: Option<SocketAddr>) -> Result<Config, String> {
 }
 
 fn main() -> ExitCode {
+    // A panic message can quote the input that caused it; log where, never what.
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("panic at {at} (message withheld: it may quote patient data)");
+    }));
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { common } => match load(&common, None) {

@@ -94,6 +94,15 @@ pub fn check(old: &Value, new: &Value, role: Role) -> Result<()> {
                     "a GP system may only cancel a referral (status `cancelled`)",
                 ));
             }
+            // The provider's elements stay the provider's.
+            for element in ["businessStatus", "output"] {
+                if old.get(element) != new.get(element) {
+                    return Err(Error::rule(
+                        format!("Task.{element}"),
+                        "a GP system cancelling a referral may change only status, statusReason and note",
+                    ));
+                }
+            }
         }
         Role::Provider => {
             let legal = from == to

@@ -157,3 +157,66 @@ async fn authentication_is_required() {
     assert_eq!(r.status, 405);
     assert_eq!(r.body["resourceType"], "OperationOutcome");
 }
+
+#[tokio::test]
+async fn streamed_oversized_body_and_odd_query_values_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start(dir.path()).await;
+    let before = gw.digest();
+    // No Content-Length: the body arrives in chunks and is cut off at the limit.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..40).map(|_| Ok(vec![b' '; 16 * 1024])).collect();
+    let body = reqwest::Body::wrap_stream(futures_stream(chunks));
+    let r = gw
+        .http
+        .post(format!("{}/referrals", gw.base))
+        .bearer_auth(GP)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let oo: Value = r.json().await.unwrap();
+    assert_eq!(oo["resourceType"], "OperationOutcome");
+    // Multi-byte characters where a prefix is expected; junk everywhere else.
+    for q in [
+        "/fhir/Task?_lastUpdated=a%C3%A9",
+        "/fhir/Task?_lastUpdated=%C3%A9%C3%A9",
+        "/fhir/Task?_lastUpdated=gt%F0%9F%98%80",
+        "/fhir/Task?owner=%E2%80%AE",
+        "/fhir/Task?_count=%C3%A9",
+        "/fhir/Task?_cursor=%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9",
+        "/fhir/Task?status=%00",
+        "/fhir/Observation?based-on=ServiceRequest/%2E%2E%2F%2E%2E",
+    ] {
+        let r = gw.get(CRAFTS, q).await;
+        assert_eq!(r.status, 400, "{q}: {}", r.body);
+        assert_eq!(r.body["resourceType"], "OperationOutcome");
+    }
+    for path in [
+        "/fhir/Task/%C3%A9",
+        "/fhir/Task/..%2F..%2Fetc",
+        "/fhir/Patient/%00",
+    ] {
+        assert_eq!(gw.get(CRAFTS, path).await.status, 404, "{path}");
+    }
+    assert_eq!(gw.digest(), before);
+}
+
+/// A stream of chunks for a request body of unknown length.
+fn futures_stream(
+    chunks: Vec<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    struct Chunks(std::collections::VecDeque<Result<Vec<u8>, std::io::Error>>);
+    impl futures_core::Stream for Chunks {
+        type Item = Result<Vec<u8>, std::io::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready(self.0.pop_front())
+        }
+    }
+    Chunks(chunks.into())
+}

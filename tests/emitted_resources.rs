@@ -19,6 +19,13 @@ fn check(resource: &Value, seen: &mut Vec<String>) {
     if let Err(e) = sp_gateway::fhir::typed_parse(resource, &rtype) {
         panic!("{rtype} does not parse with fhir-sdk: {e:?}\n{resource:#}");
     }
+    if let Some(profile) = sp_gateway::fhir::profile_for(&rtype) {
+        assert_eq!(
+            resource["meta"]["profile"],
+            json!([profile]),
+            "{rtype} does not carry the gateway's profile"
+        );
+    }
     seen.push(rtype.clone());
     if rtype == "Bundle" {
         for e in resource["entry"].as_array().into_iter().flatten() {
@@ -140,4 +147,49 @@ async fn everything_emitted_is_valid_r4() {
         declined,
         "the declined Observation was not among the checked resources"
     );
+}
+
+#[tokio::test]
+async fn the_server_owns_meta() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start(dir.path()).await;
+    let (pid, sid, tid) = gw.refer(GP, &fixture("referral-ada.json")).await;
+    // A PUT without meta, then a PUT claiming another profile and version.
+    let mut t = gw.get(CRAFTS, &format!("/fhir/Task/{tid}")).await.body;
+    t["status"] = json!("accepted");
+    t.as_object_mut().unwrap().remove("meta");
+    let r = gw.put_task(CRAFTS, &t, Some("W/\"1\"")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["meta"]["profile"],
+        json!([sp_gateway::fhir::PROFILE_TASK])
+    );
+    let mut t = r.body.clone();
+    t["status"] = json!("in-progress");
+    t["meta"] = json!({ "profile": ["http://evil.example/x"], "versionId": "99" });
+    let r = gw.put_task(CRAFTS, &t, Some("W/\"2\"")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["meta"]["profile"],
+        json!([sp_gateway::fhir::PROFILE_TASK])
+    );
+    assert_eq!(r.body["meta"]["versionId"], "3");
+    let obs = json!({
+        "resourceType": "Observation", "status": "final",
+        "meta": { "profile": ["http://evil.example/x"], "lastUpdated": "1999-01-01T00:00:00Z" },
+        "id": "chosen-by-client",
+        "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "718466001" }] },
+        "subject": { "reference": format!("Patient/{pid}") },
+        "basedOn": [{ "reference": format!("ServiceRequest/{sid}") }],
+        "performer": [{ "reference": "Organization/pendle-crafts" }],
+        "valueInteger": 20
+    });
+    let o = gw.post_json(CRAFTS, "/fhir/Observation", &obs).await;
+    assert_eq!(o.status, 201, "{}", o.body);
+    assert_eq!(
+        o.body["meta"]["profile"],
+        json!([sp_gateway::fhir::PROFILE_OBSERVATION])
+    );
+    assert_ne!(o.body["id"], "chosen-by-client");
+    assert_ne!(o.body["meta"]["lastUpdated"], "1999-01-01T00:00:00Z");
 }

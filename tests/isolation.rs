@@ -102,6 +102,15 @@ async fn providers_and_gps_see_only_their_own() {
     // ... nor read Ada's Observations; the GP of another practice neither.
     let mut mine = obs.clone();
     mine["performer"] = json!([{ "reference": "Organization/pendle-crafts" }]);
+    // Not before the Task is accepted.
+    let r = gw.post_json(CRAFTS, "/fhir/Observation", &mine).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(
+        gw.transition(CRAFTS, &ada_t, status_to("accepted"))
+            .await
+            .status,
+        200
+    );
     let posted = gw.post_json(CRAFTS, "/fhir/Observation", &mine).await;
     assert_eq!(posted.status, 201, "{}", posted.body);
     let oid = posted.body["id"].as_str().unwrap();
@@ -158,4 +167,46 @@ async fn providers_and_gps_see_only_their_own() {
         .await;
     assert_eq!(r.status, 422);
     assert_eq!(r.expression(), "practice.odsCode");
+}
+
+#[tokio::test]
+async fn each_referral_shares_only_its_own_patient_details() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start(dir.path()).await;
+    // The same person referred twice: lonely (to the crafting group), then in debt with a
+    // new phone number (to money advice, BB9 working-age rule does not apply at 78: the hub).
+    let (p1, _, _) = gw.refer(GP, &fixture("referral-ada.json")).await;
+    let mut second = fixture("referral-ada.json");
+    second["referralId"] = json!("EMIS-2026-000999");
+    second["needs"] = json!(["housing"]);
+    second["patient"]["phone"] = json!("01282 999999");
+    let (p2, _, _) = gw.refer(GP, &second).await;
+    assert_ne!(p1, p2, "each referral has its own Patient");
+    // The crafting group sees the first Patient only, the housing provider the second only.
+    assert_eq!(
+        gw.get(CRAFTS, &format!("/fhir/Patient/{p1}")).await.status,
+        200
+    );
+    assert_eq!(
+        gw.get(CRAFTS, &format!("/fhir/Patient/{p2}")).await.status,
+        404
+    );
+    assert_eq!(
+        gw.get(HOUSING, &format!("/fhir/Patient/{p2}")).await.status,
+        200
+    );
+    assert_eq!(
+        gw.get(HOUSING, &format!("/fhir/Patient/{p1}")).await.status,
+        404
+    );
+    let first = gw.get(CRAFTS, &format!("/fhir/Patient/{p1}")).await.body;
+    assert!(
+        !first.to_string().contains("999999"),
+        "the new phone number leaked"
+    );
+    // The GP finds both by NHS number; a provider only its own.
+    let q = "/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|9990000018";
+    assert_eq!(gw.get(GP, q).await.entries().len(), 2);
+    assert_eq!(gw.get(CRAFTS, q).await.entries().len(), 1);
+    assert_eq!(gw.get(GP2, q).await.entries().len(), 0);
 }

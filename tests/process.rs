@@ -68,6 +68,70 @@ async fn acknowledged_referral_survives_sigkill() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "resubmission after a crash is recognised");
+
+    // A Task update and an Observation, each acknowledged, then SIGKILL.
+    let task: serde_json::Value = http
+        .get(format!("{base}/fhir/Task/{task_id}"))
+        .bearer_auth(CRAFTS)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut accepted = task.clone();
+    accepted["status"] = serde_json::json!("accepted");
+    let r = http
+        .put(format!("{base}/fhir/Task/{task_id}"))
+        .bearer_auth(CRAFTS)
+        .header("content-type", "application/fhir+json")
+        .header("if-match", "W/\"1\"")
+        .body(accepted.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let obs = serde_json::json!({
+        "resourceType": "Observation", "status": "final",
+        "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "718466001" }] },
+        "subject": task["for"], "basedOn": [task["focus"]],
+        "performer": [{ "reference": "Organization/pendle-crafts" }], "valueInteger": 22
+    });
+    let r = http
+        .post(format!("{base}/fhir/Observation"))
+        .bearer_auth(CRAFTS)
+        .header("content-type", "application/fhir+json")
+        .body(obs.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let obs_id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (mut child, base) = spawn(dir.path());
+    let t: serde_json::Value = http
+        .get(format!("{base}/fhir/Task/{task_id}"))
+        .bearer_auth(CRAFTS)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(t["status"], "accepted");
+    assert_eq!(t["meta"]["versionId"], "2");
+    let r = http
+        .get(format!("{base}/fhir/Observation/{obs_id}"))
+        .bearer_auth(GP)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -304,89 +304,202 @@ async fn gp_cancels_its_referral() {
     assert_eq!(gw.get(GP2, &format!("/fhir/Task/{tid}")).await.status, 404);
 }
 
+/// Takes a fresh referral's Task along `path` (each step legal), returning its id.
+async fn task_at(gw: &TestGateway, n: usize, path: &[&str]) -> String {
+    let nhs = std::fs::read_to_string(fixtures().join("nhs-numbers.txt")).unwrap();
+    let nhs: Vec<&str> = nhs.lines().filter(|l| !l.starts_with('#')).collect();
+    let (_, sid, tid) = gw
+        .refer(
+            GP,
+            &variant(
+                "referral-ada.json",
+                &format!("ILLEGAL-{n}"),
+                Some(nhs[n % nhs.len()]),
+            ),
+        )
+        .await;
+    for step in path {
+        let r = match *step {
+            "on-hold" | "rejected" | "cancelled" | "failed" => {
+                gw.transition(CRAFTS, &tid, with_reason(step, "reason given"))
+                    .await
+            }
+            "completed" => {
+                let t = gw.get(CRAFTS, &format!("/fhir/Task/{tid}")).await.body;
+                let patient = t["for"]["reference"].as_str().unwrap().to_string();
+                let obs = json!({
+                    "resourceType": "Observation", "status": "final",
+                    "code": { "coding": [{ "system": SNOMED, "code": "718466001" }] },
+                    "subject": { "reference": patient },
+                    "basedOn": [{ "reference": format!("ServiceRequest/{sid}") }],
+                    "performer": [{ "reference": "Organization/pendle-crafts" }],
+                    "valueInteger": 20
+                });
+                let o = gw.post_json(CRAFTS, "/fhir/Observation", &obs).await;
+                assert_eq!(o.status, 201, "{}", o.body);
+                let oid = o.body["id"].as_str().unwrap().to_string();
+                gw.transition(CRAFTS, &tid, |t| {
+                    t["status"] = json!("completed");
+                    t["output"] = json!([{ "type": { "text": "x" }, "valueReference": { "reference": format!("Observation/{oid}") } }]);
+                })
+                .await
+            }
+            s => gw.transition(CRAFTS, &tid, status_to(s)).await,
+        };
+        assert_eq!(r.status, 200, "step to {step}: {}", r.body);
+    }
+    tid
+}
+
 #[tokio::test]
 async fn every_illegal_transition_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let gw = TestGateway::start(dir.path()).await;
-    let (_, _, tid) = gw.refer(GP, &fixture("referral-ada.json")).await;
-    let obs_out =
-        json!([{ "type": { "text": "x" }, "valueReference": { "reference": "Observation/nope" } }]);
-    // (from-path of legal steps to reach `from`, then the illegal change and the element named)
-    let reach: &[(&str, &[&str])] = &[
+    let paths: &[(&str, &[&str])] = &[
         ("requested", &[]),
         ("accepted", &["accepted"]),
         ("in-progress", &["accepted", "in-progress"]),
         ("on-hold", &["accepted", "in-progress", "on-hold"]),
+        ("completed", &["accepted", "in-progress", "completed"]),
+        ("rejected", &["rejected"]),
+        ("cancelled", &["cancelled"]),
+        ("failed", &["accepted", "failed"]),
     ];
-    let illegal: &[(&str, &str, &str)] = &[
-        ("requested", "in-progress", "Task.status"),
-        ("requested", "completed", "Task.status"),
-        ("requested", "on-hold", "Task.status"),
-        ("requested", "failed", "Task.status"),
-        ("requested", "rejected", "Task.statusReason"),
-        ("requested", "draft", "Task.status"),
-        ("requested", "made-up", "Task.status"),
-        ("accepted", "requested", "Task.status"),
-        ("accepted", "on-hold", "Task.status"),
-        ("accepted", "rejected", "Task.status"),
-        ("accepted", "completed", "Task.output"),
-        ("accepted", "failed", "Task.statusReason"),
-        ("accepted", "cancelled", "Task.statusReason"),
-        ("in-progress", "accepted", "Task.status"),
-        ("in-progress", "requested", "Task.status"),
-        ("in-progress", "on-hold", "Task.statusReason"),
-        ("on-hold", "accepted", "Task.status"),
-        ("on-hold", "completed", "Task.output"),
+    // (from, to, with a statusReason?, the element the 422 names)
+    let illegal: &[(&str, &str, bool, &str)] = &[
+        ("requested", "in-progress", true, "Task.status"),
+        ("requested", "completed", true, "Task.status"),
+        ("requested", "on-hold", true, "Task.status"),
+        ("requested", "failed", true, "Task.status"),
+        ("requested", "draft", true, "Task.status"),
+        ("requested", "rejected", false, "Task.statusReason"),
+        ("requested", "cancelled", false, "Task.statusReason"),
+        ("accepted", "requested", true, "Task.status"),
+        ("accepted", "on-hold", true, "Task.status"),
+        ("accepted", "rejected", true, "Task.status"),
+        ("accepted", "completed", false, "Task.output"),
+        ("accepted", "failed", false, "Task.statusReason"),
+        ("accepted", "cancelled", false, "Task.statusReason"),
+        ("in-progress", "accepted", true, "Task.status"),
+        ("in-progress", "requested", true, "Task.status"),
+        ("in-progress", "rejected", true, "Task.status"),
+        ("in-progress", "on-hold", false, "Task.statusReason"),
+        ("in-progress", "failed", false, "Task.statusReason"),
+        ("in-progress", "cancelled", false, "Task.statusReason"),
+        ("in-progress", "completed", false, "Task.output"),
+        ("on-hold", "accepted", true, "Task.status"),
+        ("on-hold", "rejected", true, "Task.status"),
+        ("on-hold", "requested", true, "Task.status"),
+        ("on-hold", "completed", false, "Task.output"),
+        ("on-hold", "failed", false, "Task.statusReason"),
+        ("on-hold", "cancelled", false, "Task.statusReason"),
     ];
-    let mut at = "requested";
-    for (from, steps) in reach {
-        // advance the Task to `from`
-        let already = reach.iter().position(|(s, _)| *s == at).unwrap();
-        for step in &steps[already..] {
-            let edit = |t: &mut Value| {
-                t["status"] = json!(step);
-                if *step == "on-hold" {
-                    t["statusReason"] = json!({ "text": "waiting for a place" });
-                }
-            };
-            let r = gw.transition(CRAFTS, &tid, edit).await;
-            assert_eq!(r.status, 200, "step to {step}: {}", r.body);
+    let finals = [
+        "requested",
+        "accepted",
+        "in-progress",
+        "on-hold",
+        "completed",
+        "rejected",
+        "cancelled",
+        "failed",
+    ];
+    let mut checked = 0;
+    for (n, (from, path)) in paths.iter().enumerate() {
+        let tid = task_at(&gw, n, path).await;
+        let mut cases: Vec<(&str, bool, &str)> = illegal
+            .iter()
+            .filter(|(f, ..)| f == from)
+            .map(|(_, to, reason, expr)| (*to, *reason, *expr))
+            .collect();
+        if sp_gateway::workflow::is_final(from) {
+            // Final: nothing changes any more, whatever the new status.
+            cases.extend(finals.iter().map(|to| (*to, true, "Task.status")));
         }
-        at = from;
-        for (f, to, expr) in illegal.iter().filter(|(f, _, _)| f == from) {
+        for (to, reason, expr) in cases {
             let before = gw.digest();
             let r = gw
                 .transition(CRAFTS, &tid, |t| {
                     t["status"] = json!(to);
-                    if *to == "completed" && *f != "on-hold" {
-                        if let Some(o) = t.as_object_mut() {
+                    if reason {
+                        t["statusReason"] = json!({ "text": "a reason" });
+                    } else if let Some(o) = t.as_object_mut() {
+                        o.remove("statusReason");
+                    }
+                    if let Some(o) = t.as_object_mut() {
+                        if to == "completed" && !sp_gateway::workflow::is_final(from) {
                             o.remove("output");
                         }
                     }
                 })
                 .await;
-            assert!(
-                r.status == 422 || r.status == 400,
-                "{f} → {to}: {} {}",
-                r.status,
-                r.body
-            );
+            assert_eq!(r.status, 422, "{from} → {to}: {}", r.body);
             assert_eq!(r.body["resourceType"], "OperationOutcome");
-            assert_eq!(r.expression(), *expr, "{f} → {to}: {}", r.body);
-            assert_eq!(gw.digest(), before, "{f} → {to} changed the store");
+            assert_eq!(r.expression(), expr, "{from} → {to}: {}", r.body);
+            assert_eq!(gw.digest(), before, "{from} → {to} changed the store");
+            checked += 1;
+        }
+        // The GP: anything but a cancel with a reason is refused.
+        if !sp_gateway::workflow::is_final(from) {
+            for to in ["accepted", "in-progress", "completed", "requested"] {
+                let r = gw.transition(GP, &tid, with_reason(to, "x")).await;
+                assert_eq!(r.status, 422, "GP {from} → {to}");
+                checked += 1;
+            }
+            let before = gw.digest();
+            let r = gw
+                .transition(GP, &tid, |t| {
+                    t["status"] = json!("cancelled");
+                    t["statusReason"] = json!({ "text": "moved away" });
+                    t["businessStatus"] = json!({ "text": "the GP says so" });
+                })
+                .await;
+            assert_eq!(r.status, 422, "GP may not set businessStatus");
+            assert_eq!(r.expression(), "Task.businessStatus");
+            assert_eq!(gw.digest(), before);
         }
     }
+    // A status that is not a FHIR Task status at all is malformed: 400.
+    let tid = task_at(&gw, 20, &[]).await;
+    let r = gw.transition(CRAFTS, &tid, status_to("made-up")).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.expression(), "Task.status");
+    assert!(checked > 60, "only {checked} illegal changes tried");
+
     // Completing with an output that is not this referral's Observation.
+    let tid = task_at(&gw, 21, &["accepted"]).await;
     let before = gw.digest();
     let r = gw
         .transition(CRAFTS, &tid, |t| {
             t["status"] = json!("completed");
-            t["output"] = obs_out.clone();
+            t["output"] = json!([{ "type": { "text": "x" }, "valueReference": { "reference": "Observation/nope" } }]);
         })
         .await;
     assert_eq!(r.status, 422);
     assert_eq!(r.expression(), "Task.output[0].valueReference");
     assert_eq!(gw.digest(), before);
+}
+
+#[tokio::test]
+async fn the_service_request_follows_its_task_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start(dir.path()).await;
+    for (n, path, expected) in [
+        (
+            0,
+            &["accepted", "in-progress", "completed"][..],
+            "completed",
+        ),
+        (1, &["rejected"][..], "revoked"),
+        (2, &["accepted", "failed"][..], "revoked"),
+        (3, &["accepted"][..], "active"),
+    ] {
+        let tid = task_at(&gw, n, path).await;
+        let t = gw.get(GP, &format!("/fhir/Task/{tid}")).await.body;
+        let sr = t["focus"]["reference"].as_str().unwrap();
+        let r = gw.get(GP, &format!("/fhir/{sr}")).await;
+        assert_eq!(r.body["status"], expected, "{path:?}");
+    }
 }
 
 #[tokio::test]

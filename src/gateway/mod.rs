@@ -57,10 +57,6 @@ pub mod keys {
     pub fn sr_identifier(hash: &str) -> String {
         format!("k/sri/{hash}")
     }
-    /// The Patient a practice's referrals use for an NHS number.
-    pub fn patient(ods: &str, nhs: &str) -> String {
-        format!("k/pat/{ods}/{nhs}")
-    }
     /// The Task that serves a ServiceRequest.
     pub fn sr_task(sr: &str) -> String {
         format!("k/srtask/{sr}")
@@ -122,6 +118,12 @@ impl Now {
         Now::at(t)
     }
 
+    pub fn from_micros(micros: i64) -> Now {
+        let t = OffsetDateTime::from_unix_timestamp_nanos(micros as i128 * 1000)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        Now::at(t)
+    }
+
     pub fn at(t: OffsetDateTime) -> Now {
         let instant = t
             .format(&time::format_description::well_known::Rfc3339)
@@ -132,6 +134,27 @@ impl Now {
             time: t,
         }
     }
+}
+
+/// The write time of a transaction: the wall clock, but always after the previous write's
+/// (kept in the store), so that `lastUpdated` and every time index follow commit order
+/// (sled runs transactions one at a time). A poll with `_lastUpdated=gt{last seen}` can then
+/// never miss a write that committed after the one it saw.
+pub(crate) fn tx_now(tx: &Tx<'_>) -> TxResult<Now> {
+    const CLOCK: &[u8] = b"c/clock";
+    let wall = Now::current();
+    let last = tx
+        .get(CLOCK)?
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.parse::<i64>().ok())
+        .unwrap_or(0);
+    let micros = wall.micros.max(last + 1);
+    tx.put(CLOCK, micros.to_string().as_bytes())?;
+    Ok(if micros == wall.micros {
+        wall
+    } else {
+        Now::from_micros(micros)
+    })
 }
 
 pub(crate) fn micros_of(instant: &str) -> i64 {

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::{fail, keys, org_of, scopes, tx_json, tx_put_resource, Gateway, Now, TxResult};
+use super::{fail, keys, org_of, scopes, tx_json, tx_now, tx_put_resource, Gateway, TxResult};
 use crate::auth::Principal;
 use crate::config::Role;
 use crate::error::{Error, Result};
@@ -41,8 +41,7 @@ impl Gateway {
         };
         let posted = crate::schema::parse_json(body)?;
         fhir::check_structure(&posted, "Observation")?;
-        let (_kind, sr_id) = fhir::check_feedback(&posted, &self.cfg)?;
-        let now = Now::current();
+        let (kind, sr_id) = fhir::check_feedback(&posted, &self.cfg)?;
         let obs_id = uuid::Uuid::new_v4().to_string();
         let not_served = || {
             Error::rule(
@@ -66,6 +65,14 @@ impl Gateway {
                 return fail(Error::rule(
                     "Observation.basedOn[0]",
                     format!("the referral's Task is {status}: it takes no more feedback"),
+                ));
+            }
+            // Outcomes and feedback come from work on the referral: only once it is accepted.
+            // That the patient declined may be said before (or instead of) accepting.
+            if status == "requested" && kind != fhir::Feedback::Declined {
+                return fail(Error::rule(
+                    "Observation.basedOn[0]",
+                    "the referral's Task is still requested: accept it before posting outcomes or feedback",
                 ));
             }
             let subject = posted.pointer("/subject/reference").and_then(Value::as_str);
@@ -94,6 +101,7 @@ impl Gateway {
                     ),
                 ));
             }
+            let now = tx_now(tx)?;
             let mut obs = posted.clone();
             fhir::stamp(&mut obs, &obs_id, 1, &now.instant);
             self.tx_put_observation(tx, &obs, &sr_id, Some(provider_id), org_of(&task, "requester"))?;

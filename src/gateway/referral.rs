@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::{
-    fail, keys, scopes, tx_add, tx_count, tx_json, tx_put_json, tx_put_resource, Gateway, Now,
+    fail, keys, scopes, tx_add, tx_count, tx_json, tx_now, tx_put_json, tx_put_resource, Gateway,
+    Now,
 };
 use crate::auth::Principal;
 use crate::config::{Config, Provider, Role};
@@ -30,7 +31,7 @@ struct ReferralRecord {
 pub struct Submitted {
     /// False when the same referral had been submitted before (nothing new written).
     pub created: bool,
-    /// Whether the Patient was written (created or a new version) by this submission.
+    /// Whether the Patient was created by this submission.
     pub patient_written: bool,
     pub patient: Value,
     pub service_request: Value,
@@ -39,9 +40,11 @@ pub struct Submitted {
 
 /// The Patient side of a new referral.
 enum PatientPlan {
-    /// Reuse the practice's Patient for this NHS number, versioned if `body` differs.
-    Upsert { body: Value, nhs: String },
-    /// An existing Patient the caller referenced.
+    /// A new Patient for this referral. Each referral gets its own, so that a provider sees
+    /// exactly the demographics the patient consented to share with it, never those of a
+    /// later referral to someone else.
+    New { body: Value, nhs: String },
+    /// An existing Patient the caller referenced (conditional create of a ServiceRequest).
     Existing(String),
 }
 
@@ -73,15 +76,6 @@ fn sha256_hex(s: &str) -> String {
 fn hash_json(v: &Value) -> String {
     // serde_json's Map is ordered by key, so equal JSON gives equal bytes.
     sha256_hex(&v.to_string())
-}
-
-fn without_server_fields(v: &Value) -> Value {
-    let mut v = v.clone();
-    if let Some(o) = v.as_object_mut() {
-        o.remove("id");
-        o.remove("meta");
-    }
-    v
 }
 
 /// The idempotency key of a ServiceRequest identifier within a practice.
@@ -151,7 +145,7 @@ impl Gateway {
                 identifier_key(&ods, &system, &r.referral_id),
             ],
             hash: hash_json(&checked.canonical),
-            patient: PatientPlan::Upsert {
+            patient: PatientPlan::New {
                 body: fhir::patient(&checked, cfg),
                 nhs: r.patient.nhs_number.clone(),
             },
@@ -166,7 +160,7 @@ impl Gateway {
             age: Some(checked.age),
             practice: ods,
         };
-        self.create(plan, &now).await
+        self.create(plan).await
     }
 
     /// `POST /fhir` (transaction): a UK Core Patient and ServiceRequest, all or nothing.
@@ -188,14 +182,8 @@ impl Gateway {
         }
         let nhs = check_patient(&patient)
             .map_err(|e| reroot(e, "Patient", "Bundle.entry[0].resource"))?;
-        self.fhir_plan(
-            who,
-            ods,
-            sr,
-            PatientPlan::Upsert { body: patient, nhs },
-            &now,
-        )
-        .await
+        self.fhir_plan(who, ods, sr, PatientPlan::New { body: patient, nhs }, &now)
+            .await
     }
 
     /// `POST /fhir/ServiceRequest`: a referral for an existing Patient. With
@@ -281,21 +269,29 @@ impl Gateway {
                     .collect()
             })
             .unwrap_or_default();
+        // Age on the day the referral was written, so the same referral always routes the
+        // same way.
+        let on = sr
+            .get("authoredOn")
+            .and_then(Value::as_str)
+            .and_then(ingest::parse_instant)
+            .map(Now::at)
+            .unwrap_or_else(|| now.clone());
         let (district, age) = match &patient {
-            PatientPlan::Upsert { body, .. } => (
+            PatientPlan::New { body, .. } => (
                 district_of(body),
-                age_of(body.get("birthDate").and_then(Value::as_str), now),
+                age_of(body.get("birthDate").and_then(Value::as_str), &on),
             ),
             PatientPlan::Existing(id) => {
                 let p = self.load("Patient", id)?.unwrap_or(Value::Null);
                 (
                     district_of(&p),
-                    age_of(p.get("birthDate").and_then(Value::as_str), now),
+                    age_of(p.get("birthDate").and_then(Value::as_str), &on),
                 )
             }
         };
         let hash_input = json!({
-            "patient": match &patient { PatientPlan::Upsert { body, .. } => body.clone(), PatientPlan::Existing(id) => json!(id) },
+            "patient": match &patient { PatientPlan::New { body, .. } => body.clone(), PatientPlan::Existing(id) => json!(id) },
             "serviceRequest": sr,
         });
         let sr_template = sr.clone();
@@ -322,7 +318,7 @@ impl Gateway {
             age,
             practice: ods,
         };
-        self.create(plan, now).await
+        self.create(plan).await
     }
 
     fn existing(&self, rec: &ReferralRecord) -> Result<Submitted> {
@@ -340,7 +336,7 @@ impl Gateway {
     }
 
     /// Writes a new referral in one transaction, or finds the same one already written.
-    async fn create(&self, plan: Plan<'_>, now: &Now) -> Result<Submitted> {
+    async fn create(&self, plan: Plan<'_>) -> Result<Submitted> {
         let cfg = &self.cfg;
         let new_patient = uuid::Uuid::new_v4().to_string();
         let sr_id = uuid::Uuid::new_v4().to_string();
@@ -379,41 +375,23 @@ impl Gateway {
                     ));
                 }
             }
+            let now = tx_now(tx)?;
             let practice_scope = format!("r/{ods}");
             let (patient_id, patient_written) = match &plan.patient {
                 PatientPlan::Existing(id) => (id.clone(), false),
-                PatientPlan::Upsert { body, nhs } => {
-                    let pat_key = keys::patient(ods, nhs);
-                    let patient_id = match tx.get(pat_key.as_bytes())? {
-                        Some(id) => String::from_utf8_lossy(&id).into_owned(),
-                        None => new_patient.clone(),
-                    };
-                    let current = tx_json(tx, &keys::current("Patient", &patient_id))?;
-                    let changed = current
-                        .as_ref()
-                        .is_none_or(|cur| without_server_fields(cur) != *body);
-                    if changed {
-                        let version = current.as_ref().map(fhir::version_of).unwrap_or(0) + 1;
-                        let mut p = body.clone();
-                        fhir::stamp(&mut p, &patient_id, version, &now.instant);
-                        tx_put_resource(
-                            tx,
-                            "Patient",
-                            &p,
-                            current.as_ref(),
-                            &scopes(None, Some(ods)),
-                        )?;
-                        tx.put(pat_key.as_bytes(), patient_id.as_bytes())?;
-                        tx.put(
-                            format!("{}{patient_id}", keys::patient_by_nhs(nhs)).as_bytes(),
-                            b"",
-                        )?;
-                        tx.put(
-                            keys::access("Patient", &patient_id, &practice_scope).as_bytes(),
-                            b"",
-                        )?;
-                    }
-                    (patient_id, changed)
+                PatientPlan::New { body, nhs } => {
+                    let mut p = body.clone();
+                    fhir::stamp(&mut p, &new_patient, 1, &now.instant);
+                    tx_put_resource(tx, "Patient", &p, None, &scopes(None, Some(ods)))?;
+                    tx.put(
+                        format!("{}{new_patient}", keys::patient_by_nhs(nhs)).as_bytes(),
+                        b"",
+                    )?;
+                    tx.put(
+                        keys::access("Patient", &new_patient, &practice_scope).as_bytes(),
+                        b"",
+                    )?;
+                    (new_patient.clone(), true)
                 }
             };
             let decision = routing::route(cfg, &facts, |p| tx_count(tx, &keys::open_count(p)))?;
@@ -457,9 +435,8 @@ impl Gateway {
             }
             Ok((true, patient_written, rec))
         })?;
-        if created {
-            self.store.durable().await?;
-        }
+        // Also for a resubmission: the first submission may still be on its way to disk.
+        self.store.durable().await?;
         let mut out = self.existing(&rec)?;
         out.created = created;
         out.patient_written = patient_written;

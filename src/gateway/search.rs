@@ -142,7 +142,10 @@ impl Query {
                     q.code = Some((system, v));
                 }
                 "_lastUpdated" => {
-                    let (op, rest) = value.split_at(value.len().min(2));
+                    let (op, rest) = ["gt", "ge", "lt", "le"]
+                        .iter()
+                        .find_map(|op| value.strip_prefix(op).map(|rest| (*op, rest)))
+                        .unwrap_or(("", value.as_str()));
                     let micros = parse_search_instant(rest).ok_or_else(|| {
                         bad(name, "must be a prefix (gt, ge, lt, le) and an instant such as gt2026-11-20T10:00:00Z".into())
                     })?;

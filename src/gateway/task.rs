@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::{fail, keys, org_of, scopes, tx_add, tx_json, tx_put_resource, Gateway, Now};
+use super::{fail, keys, org_of, scopes, tx_add, tx_json, tx_now, tx_put_resource, Gateway};
 use crate::auth::Principal;
 use crate::config::Role;
 use crate::error::{Error, Result};
@@ -111,9 +111,8 @@ impl Gateway {
                 format!("must be present and equal the id in the URL ({id})"),
             ));
         }
-        let now = Now::current();
         let cfg = &self.cfg;
-        let (task, declined) = self.commit(|tx| {
+        let task = self.commit(|tx| {
             let current = match tx_json(tx, &keys::current("Task", id))? {
                 Some(t) if task_in_scope(who, &t) => t,
                 _ => return fail(Error::not_found(format!("Task/{id}"))),
@@ -132,6 +131,7 @@ impl Gateway {
                 ));
             }
             workflow::check(&current, &proposed, who.role).or_else(fail)?;
+            let now = tx_now(tx)?;
             let to = proposed
                 .get("status")
                 .and_then(Value::as_str)
@@ -178,21 +178,39 @@ impl Gateway {
                     tx_add(tx, &keys::open_count(owner), delta)?;
                 }
             }
-            let mut declined = false;
             if to == "rejected" && fhir::is_patient_declined(&task) {
                 if let Some(provider) = owner.and_then(|o| cfg.provider(o)) {
                     let mut obs = fhir::declined_observation(&task, provider, &now.instant);
                     fhir::stamp(&mut obs, &uuid::Uuid::new_v4().to_string(), 1, &now.instant);
                     self.tx_put_observation(tx, &obs, &sr_id, owner, practice)?;
-                    declined = true;
                 }
             }
-            Ok((task, declined))
+            // The referral follows its Task to the end: completed, or revoked when it was
+            // cancelled, rejected or failed.
+            if workflow::is_final(to) && !workflow::is_final(from) {
+                if let Some(sr) = tx_json(tx, &keys::current("ServiceRequest", &sr_id))? {
+                    let mut next = sr.clone();
+                    next["status"] = Value::String(
+                        if to == "completed" {
+                            "completed"
+                        } else {
+                            "revoked"
+                        }
+                        .into(),
+                    );
+                    fhir::stamp(&mut next, &sr_id, fhir::version_of(&sr) + 1, &now.instant);
+                    tx_put_resource(
+                        tx,
+                        "ServiceRequest",
+                        &next,
+                        Some(&sr),
+                        &scopes(owner, practice),
+                    )?;
+                }
+            }
+            Ok(task)
         })?;
         self.store.durable().await?;
-        if declined {
-            tracing::info!("patient declined: declined Observation written");
-        }
         Ok(task)
     }
 }

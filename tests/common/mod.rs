@@ -293,7 +293,8 @@ pub fn status_to(status: &str) -> impl Fn(&mut Value) + '_ {
     move |t: &mut Value| t["status"] = json!(status)
 }
 
-pub fn with_reason(status: &'static str, text: &'static str) -> impl Fn(&mut Value) {
+pub fn with_reason(status: &str, text: &str) -> impl Fn(&mut Value) {
+    let (status, text) = (status.to_string(), text.to_string());
     move |t: &mut Value| {
         t["status"] = json!(status);
         t["statusReason"] = json!({ "text": text });
