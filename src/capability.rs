@@ -78,7 +78,7 @@ pub const RESOURCES: &[Resource] = &[
     Resource {
         rtype: "Patient",
         profile: crate::fhir::PROFILE_PATIENT,
-        interactions: &[Read, Vread, HistoryInstance, SearchType],
+        interactions: &[Read, Vread, HistoryInstance, HistoryType, SearchType],
         search: &[p(
             "identifier",
             "token",
@@ -86,12 +86,19 @@ pub const RESOURCES: &[Resource] = &[
         )],
         includes: &[],
         conditional_create: false,
-        validate: false,
+        validate: true,
     },
     Resource {
         rtype: "ServiceRequest",
         profile: crate::fhir::PROFILE_SERVICE_REQUEST,
-        interactions: &[Read, Vread, HistoryInstance, Create, SearchType],
+        interactions: &[
+            Read,
+            Vread,
+            HistoryInstance,
+            HistoryType,
+            Create,
+            SearchType,
+        ],
         search: &[
             p(
                 "identifier",
@@ -109,7 +116,15 @@ pub const RESOURCES: &[Resource] = &[
     Resource {
         rtype: "Task",
         profile: crate::fhir::PROFILE_TASK,
-        interactions: &[Read, Vread, HistoryInstance, Update, Patch, SearchType],
+        interactions: &[
+            Read,
+            Vread,
+            HistoryInstance,
+            HistoryType,
+            Update,
+            Patch,
+            SearchType,
+        ],
         search: &[
             p("owner", "reference", "Organization/{provider id}"),
             p("requester", "reference", "Organization/{ODS code}"),
@@ -128,7 +143,14 @@ pub const RESOURCES: &[Resource] = &[
     Resource {
         rtype: "Observation",
         profile: crate::fhir::PROFILE_OBSERVATION,
-        interactions: &[Read, Vread, HistoryInstance, Create, SearchType],
+        interactions: &[
+            Read,
+            Vread,
+            HistoryInstance,
+            HistoryType,
+            Create,
+            SearchType,
+        ],
         search: &[
             p("based-on", "reference", "ServiceRequest/{id}"),
             p("subject", "reference", "Patient/{id}"),

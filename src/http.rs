@@ -277,6 +277,16 @@ fn base_url(headers: &HeaderMap) -> String {
 
 /// Reads a JSON request body: checks the content type and the size limit.
 async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    read_body_as(state, headers, body, &[]).await
+}
+
+/// [`read_body`], also accepting the media types in `extra` (PATCH documents).
+async fn read_body_as(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    extra: &[&str],
+) -> Result<Bytes, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -287,7 +297,10 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    if mime != "application/fhir+json" && mime != "application/json" {
+    if mime != "application/fhir+json"
+        && mime != "application/json"
+        && !extra.contains(&mime.as_str())
+    {
         return Err(ApiError(Error::UnsupportedMediaType(format!(
             "the body must be application/fhir+json or application/json{}",
             if ct.is_empty() {
@@ -533,6 +546,7 @@ async fn create(
     Path(rtype): Path<String>,
     who: Principal,
     headers: HeaderMap,
+    RawQuery(raw): RawQuery,
     body: Body,
 ) -> ApiResult {
     require(&rtype, Interaction::Create)?;
@@ -544,7 +558,14 @@ async fn create(
             Ok(written(&headers, StatusCode::CREATED, &obs, Some(loc)))
         }
         "ServiceRequest" => {
-            let cond = headers.get("if-none-exist").and_then(|v| v.to_str().ok());
+            // Conditional create: the If-None-Exist header, or (as some clients send it) the
+            // same search in the query string.
+            let cond = headers
+                .get("if-none-exist")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .or(raw.filter(|q| !q.is_empty()));
+            let cond = cond.as_deref();
             let s = st
                 .gateway
                 .create_service_request(&who, &bytes, cond)
@@ -577,7 +598,7 @@ async fn operation(
         return Err(ApiError(Error::invalid(
             "not-supported",
             rtype.clone(),
-            "$validate is supported on ServiceRequest, Task, Observation and Patient",
+            "$validate is supported on Patient, ServiceRequest, Task and Observation",
         )));
     }
     let bytes = read_body(&st, &headers, body).await?;
@@ -635,7 +656,8 @@ fn conditional_read(headers: &HeaderMap, resource: &Value) -> Option<Response> {
     {
         inm.split(',').any(|t| {
             let t = t.trim();
-            t == "*" || t == etag || t.strip_prefix("W/").unwrap_or(t) == format!("\"{version}\"")
+            let bare = t.strip_prefix("W/").unwrap_or(t).trim_matches('"');
+            t == "*" || t == etag || bare == version.to_string()
         })
     } else if let Some(ims) = headers
         .get(header::IF_MODIFIED_SINCE)
@@ -753,7 +775,11 @@ async fn patch(
     body: Body,
 ) -> ApiResult {
     require(&rtype, Interaction::Patch)?;
-    let bytes = read_body(&st, &headers, body).await?;
+    let patch_types = [
+        "application/json-patch+json",
+        "application/merge-patch+json",
+    ];
+    let bytes = read_body_as(&st, &headers, body, &patch_types).await?;
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
     let task = st.gateway.patch_task(&who, &id, if_match, &bytes).await?;
     Ok(written(&headers, StatusCode::OK, &task, None))

@@ -169,19 +169,20 @@ impl Gateway {
             return Err(Error::Forbidden);
         }
         let bundle = crate::schema::parse_json(body)?;
-        let (patient, sr, patient_url) = split_transaction(&bundle)?;
+        let (patient, sr, patient_url, (pi, si)) = split_transaction(&bundle)?;
+        let at = |i: usize| format!("Bundle.entry[{i}].resource");
         let now = Now::current();
-        let ods = check_service_request(&sr, who, &self.cfg)?;
+        let nhs = check_patient(&patient).map_err(|e| reroot(e, "Patient", &at(pi)))?;
+        let ods = check_service_request(&sr, who, &self.cfg)
+            .map_err(|e| reroot(e, "ServiceRequest", &at(si)))?;
         // The ServiceRequest must name the Patient of this transaction.
         let subject = sr.pointer("/subject/reference").and_then(Value::as_str);
         if subject != Some(patient_url.as_str()) {
             return Err(Error::rule(
-                "Bundle.entry[1].resource.subject",
+                format!("{}.subject", at(si)),
                 format!("must reference the Patient entry of this transaction ({patient_url})"),
             ));
         }
-        let nhs = check_patient(&patient)
-            .map_err(|e| reroot(e, "Patient", "Bundle.entry[0].resource"))?;
         self.fhir_plan(who, ods, sr, PatientPlan::New { body: patient, nhs }, &now)
             .await
     }
@@ -377,26 +378,23 @@ impl Gateway {
             }
             let now = tx_now(tx)?;
             let practice_scope = format!("r/{ods}");
+            let decision = routing::route(cfg, &facts, |p| tx_count(tx, &keys::open_count(p)))?;
+            let Some(provider) = cfg.provider(&decision.provider) else {
+                return fail(Error::Internal("routed to an unknown provider".into()));
+            };
+            let both = scopes(Some(&provider.id), Some(ods));
             let (patient_id, patient_written) = match &plan.patient {
                 PatientPlan::Existing(id) => (id.clone(), false),
                 PatientPlan::New { body, nhs } => {
                     let mut p = body.clone();
                     fhir::stamp(&mut p, &new_patient, 1, &now.instant);
-                    tx_put_resource(tx, "Patient", &p, None, &scopes(None, Some(ods)))?;
+                    tx_put_resource(tx, "Patient", &p, None, &both)?;
                     tx.put(
                         format!("{}{new_patient}", keys::patient_by_nhs(nhs)).as_bytes(),
                         b"",
                     )?;
-                    tx.put(
-                        keys::access("Patient", &new_patient, &practice_scope).as_bytes(),
-                        b"",
-                    )?;
                     (new_patient.clone(), true)
                 }
-            };
-            let decision = routing::route(cfg, &facts, |p| tx_count(tx, &keys::open_count(p)))?;
-            let Some(provider) = cfg.provider(&decision.provider) else {
-                return fail(Error::Internal("routed to an unknown provider".into()));
             };
             let mut sr = (plan.make_sr)(&patient_id, provider);
             fhir::stamp(&mut sr, &sr_id, 1, &now.instant);
@@ -414,7 +412,6 @@ impl Gateway {
                 cfg,
             );
             fhir::stamp(&mut task, &task_id, 1, &now.instant);
-            let both = scopes(Some(&provider.id), Some(ods));
             tx_put_resource(tx, "ServiceRequest", &sr, None, &both)?;
             tx_put_resource(tx, "Task", &task, None, &both)?;
             tx_add(tx, &keys::open_count(&provider.id), 1)?;
@@ -466,8 +463,9 @@ fn reroot(e: Error, from: &str, to: &str) -> Error {
     }
 }
 
-/// The Patient, the ServiceRequest and the Patient's fullUrl of a transaction Bundle.
-fn split_transaction(bundle: &Value) -> Result<(Value, Value, String)> {
+/// The Patient, the ServiceRequest, the Patient's fullUrl and the two entries' indexes, of
+/// a transaction Bundle.
+fn split_transaction(bundle: &Value) -> Result<(Value, Value, String, (usize, usize))> {
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(Error::invalid(
             "structure",
@@ -521,8 +519,8 @@ fn split_transaction(bundle: &Value) -> Result<(Value, Value, String)> {
             .unwrap_or_default()
             .to_string();
         match rtype.as_str() {
-            "Patient" if patient.is_none() => patient = Some((resource, full_url)),
-            "ServiceRequest" if sr.is_none() => sr = Some(resource),
+            "Patient" if patient.is_none() => patient = Some((resource, full_url, i)),
+            "ServiceRequest" if sr.is_none() => sr = Some((resource, i)),
             _ => {
                 return Err(Error::invalid(
                     "not-supported",
@@ -533,7 +531,7 @@ fn split_transaction(bundle: &Value) -> Result<(Value, Value, String)> {
         }
     }
     match (patient, sr) {
-        (Some((p, url)), Some(s)) if url.starts_with("urn:uuid:") => Ok((p, s, url)),
+        (Some((p, url, pi)), Some((s, si))) if url.starts_with("urn:uuid:") => Ok((p, s, url, (pi, si))),
         (Some(_), Some(_)) => Err(Error::invalid(
             "value",
             "Bundle.entry[0].fullUrl",

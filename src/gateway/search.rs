@@ -355,29 +355,26 @@ impl Gateway {
                     scoped(self)?
                 }
             }
-            "Patient" => {
-                let Some((system, nhs)) = &q.identifier else {
-                    return Err(Error::invalid("required", "identifier", "Patient search needs identifier=https://fhir.nhs.uk/Id/nhs-number|{NHS number}"));
-                };
-                if system
-                    .as_deref()
-                    .is_some_and(|s| s != fhir::NHS_NUMBER_SYSTEM)
-                {
-                    return Ok(None);
+            "Patient" => match &q.identifier {
+                None => scoped(self)?,
+                Some((system, nhs)) => {
+                    if system
+                        .as_deref()
+                        .is_some_and(|s| s != fhir::NHS_NUMBER_SYSTEM)
+                        || nhs.len() != 10
+                        || !nhs.bytes().all(|b| b.is_ascii_digit())
+                    {
+                        return Ok(None);
+                    }
+                    let prefix = keys::patient_by_nhs(nhs);
+                    let rows = self.store.scan(prefix.as_bytes(), None, 1000)?;
+                    Some(Source::Ids(
+                        rows.into_iter()
+                            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+                            .collect(),
+                    ))
                 }
-                if nhs.len() != 10 || !nhs.bytes().all(|b| b.is_ascii_digit()) {
-                    return Ok(None);
-                }
-                let rows = self
-                    .store
-                    .scan(keys::patient_by_nhs(nhs).as_bytes(), None, 1000)?;
-                let prefix_len = keys::patient_by_nhs(nhs).len();
-                Some(Source::Ids(
-                    rows.into_iter()
-                        .map(|(k, _)| String::from_utf8_lossy(&k[prefix_len..]).into_owned())
-                        .collect(),
-                ))
-            }
+            },
             _ => {
                 return Err(Error::invalid(
                     "not-supported",

@@ -57,8 +57,9 @@ impl Gateway {
         self.apply_task(who, id, expected, proposed).await
     }
 
-    /// `PATCH /fhir/Task/{id}` with a JSON Patch document: applied to the version `If-Match`
-    /// names, then judged exactly like a PUT of the result.
+    /// `PATCH /fhir/Task/{id}`: a JSON Patch (RFC 6902, an array of operations) or a JSON
+    /// Merge Patch (RFC 7386, an object), applied to the version `If-Match` names, then
+    /// judged exactly like a PUT of the result.
     pub async fn patch_task(
         &self,
         who: &Principal,
@@ -70,13 +71,22 @@ impl Gateway {
             return Err(Error::Forbidden);
         }
         let doc = crate::schema::parse_json(body)?;
-        let patch: json_patch::Patch = serde_json::from_value(doc).map_err(|e| {
-            Error::invalid(
-                "structure",
-                "",
-                format!("the body is not a JSON Patch document (RFC 6902): {e}"),
+        let patch = if doc.is_object() {
+            None
+        } else {
+            Some(
+                serde_json::from_value::<json_patch::Patch>(doc.clone()).map_err(|e| {
+                    Error::invalid(
+                        "structure",
+                        "",
+                        format!(
+                        "the body is neither a JSON Patch (RFC 6902) array nor a JSON Merge Patch \
+                         (RFC 7386) object: {e}"
+                    ),
+                    )
+                })?,
             )
-        })?;
+        };
         let expected = parse_if_match(if_match)?;
         let current = match self.load("Task", id)? {
             Some(t) if task_in_scope(who, &t) => t,
@@ -87,12 +97,15 @@ impl Gateway {
             return Err(stale(id, expected, version));
         }
         let mut proposed = current;
-        json_patch::patch(&mut proposed, &patch).map_err(|e| {
-            Error::rule(
-                "",
-                format!("the JSON Patch cannot be applied to Task/{id}: {e}"),
-            )
-        })?;
+        match &patch {
+            Some(p) => json_patch::patch(&mut proposed, p).map_err(|e| {
+                Error::rule(
+                    "",
+                    format!("the JSON Patch cannot be applied to Task/{id}: {e}"),
+                )
+            })?,
+            None => json_patch::merge(&mut proposed, &doc),
+        }
         self.apply_task(who, id, expected, proposed).await
     }
 
