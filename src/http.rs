@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/fhir/metadata", get(metadata))
         .route("/referrals", post(post_referral))
         .route("/fhir", post(transaction))
+        .route("/fhir/", post(transaction))
         .route("/fhir/{rtype}", get(search).post(create))
         .route(
             "/fhir/{rtype}/{id}",

@@ -330,7 +330,8 @@ impl Gateway {
         Ok(match (who.role, rtype) {
             (Role::Auditor, _) => true,
             (Role::Admin, _) => false,
-            (Role::GpSystem, "Task" | "ServiceRequest") => gp_owns(org_of(resource, "requester")),
+            (Role::GpSystem, "Task") => gp_owns(org_of(resource, "requester")),
+            (Role::GpSystem, "ServiceRequest") => gp_owns(fhir::requester_ods(resource).as_deref()),
             (Role::GpSystem, "Patient") => {
                 let mut any = false;
                 for ods in &who.practices {

@@ -157,6 +157,7 @@ impl Query {
                         _ => return Err(bad(name, "needs a prefix: gt, ge, lt or le".into())),
                     }
                 }
+                "_count" if value == "0" => q.summary_count = true,
                 "_count" => {
                     q.count = value
                         .parse::<usize>()
@@ -165,7 +166,9 @@ impl Query {
                         .ok_or_else(|| {
                             bad(
                                 name,
-                                format!("must be a whole number from 1 to {MAX_COUNT}"),
+                                format!(
+                                    "must be a whole number from 0 (only the total) to {MAX_COUNT}"
+                                ),
                             )
                         })?;
                 }
