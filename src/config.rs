@@ -61,10 +61,73 @@ pub struct Server {
     /// Largest accepted request body, in bytes.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 fn default_max_body() -> usize {
     256 * 1024
+}
+
+/// Protection against slow, greedy or hostile clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// A client must send its request headers within this time (slowloris).
+    pub header_read_timeout_secs: u64,
+    /// A whole request, body included, must be handled within this time (408 otherwise).
+    pub request_timeout_secs: u64,
+    /// A TLS handshake must finish within this time.
+    pub handshake_timeout_secs: u64,
+    /// Requests handled at once; more are answered 503 at once (backpressure).
+    pub max_concurrent_requests: usize,
+    /// Sustained requests per second per client, and the burst allowed above it (429).
+    pub rate_per_second: u32,
+    pub rate_burst: u32,
+    /// Longest JSON string accepted in a request body.
+    pub max_string_bytes: usize,
+    /// Largest request head (request line and headers).
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout_secs: 10,
+            request_timeout_secs: 30,
+            handshake_timeout_secs: 10,
+            max_concurrent_requests: 256,
+            rate_per_second: 100,
+            rate_burst: 200,
+            max_string_bytes: 64 * 1024,
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// TLS for the listener; with `client_ca`, mutual TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain of the server.
+    pub cert: PathBuf,
+    /// PEM private key of the server.
+    pub key: PathBuf,
+    /// PEM CA certificate(s) that sign client certificates: turns on mutual TLS.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: `required` (every connection presents a certificate) or
+    /// `optional` (bearer-token clients may connect without one).
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    #[default]
+    Required,
+    Optional,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,7 +204,11 @@ pub struct Client {
     pub id: String,
     pub role: Role,
     /// Lower-case hex SHA-256 of the bearer token.
-    pub token_sha256: String,
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// Lower-case hex SHA-256 of the client's certificate (DER), for mutual TLS.
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
     /// A demo token (its clear text is published in README): refused unless the listener is
     /// loopback.
     #[serde(default)]
@@ -159,6 +226,8 @@ pub struct Client {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: Server,
+    #[serde(default)]
+    pub tls: Option<Tls>,
     pub practices: Vec<Practice>,
     pub needs: Vec<Need>,
     pub providers: Vec<Provider>,
@@ -413,21 +482,38 @@ impl Config {
                     format!("`{}` is listed twice", c.id),
                 ));
             }
-            let h = &c.token_sha256;
-            if h.len() != 64
-                || !h
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            {
+            if c.token_sha256.is_none() && c.cert_sha256.is_none() {
                 return Err(bad(
-                    format!("clients[{i}].token_sha256"),
-                    "must be 64 lower-case hex digits (the SHA-256 of the token)".into(),
+                    format!("clients[{i}]"),
+                    "needs token_sha256 or cert_sha256 (or both)".into(),
                 ));
             }
-            if !hashes.insert(h.as_str()) {
+            for (field, h) in [
+                ("token_sha256", &c.token_sha256),
+                ("cert_sha256", &c.cert_sha256),
+            ] {
+                let Some(h) = h else { continue };
+                if h.len() != 64
+                    || !h
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                {
+                    return Err(bad(
+                        format!("clients[{i}].{field}"),
+                        "must be 64 lower-case hex digits (a SHA-256)".into(),
+                    ));
+                }
+                if !hashes.insert(format!("{field}:{h}")) {
+                    return Err(bad(
+                        format!("clients[{i}].{field}"),
+                        "the same credential is given to two clients".into(),
+                    ));
+                }
+            }
+            if c.cert_sha256.is_some() && self.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
                 return Err(bad(
-                    format!("clients[{i}].token_sha256"),
-                    "the same token is given to two clients".into(),
+                    format!("clients[{i}].cert_sha256"),
+                    "client certificates need mutual TLS: set tls.client_ca".into(),
                 ));
             }
             match c.role {
@@ -466,10 +552,12 @@ impl Config {
             }
         }
         let published = published_demo_hashes();
-        let demo = self
-            .clients
-            .iter()
-            .any(|c| c.demo || published.contains(&c.token_sha256));
+        let demo = self.clients.iter().any(|c| {
+            c.demo
+                || c.token_sha256
+                    .as_ref()
+                    .is_some_and(|h| published.contains(h))
+        });
         if demo && !self.server.listen.ip().is_loopback() {
             return Err(bad(
                 "server.listen".into(),
@@ -478,6 +566,38 @@ impl Config {
                      demo tokens are refused anywhere but loopback",
                     self.server.listen
                 ),
+            ));
+        }
+        if self.tls.is_none() && !self.server.listen.ip().is_loopback() {
+            return Err(bad(
+                "server.listen".into(),
+                format!(
+                    "{} is not a loopback address: plain HTTP is allowed only on loopback; \
+                     configure [tls]",
+                    self.server.listen
+                ),
+            ));
+        }
+        let l = &self.server.limits;
+        for (key, v) in [
+            ("header_read_timeout_secs", l.header_read_timeout_secs),
+            ("request_timeout_secs", l.request_timeout_secs),
+            ("handshake_timeout_secs", l.handshake_timeout_secs),
+            ("max_concurrent_requests", l.max_concurrent_requests as u64),
+            ("rate_per_second", l.rate_per_second as u64),
+            ("rate_burst", l.rate_burst as u64),
+        ] {
+            if v == 0 {
+                return Err(bad(
+                    format!("server.limits.{key}"),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        if l.max_header_bytes < 8192 {
+            return Err(bad(
+                "server.limits.max_header_bytes".into(),
+                "must be at least 8192".into(),
             ));
         }
         Ok(())

@@ -68,6 +68,15 @@ pub enum Error {
     /// The client asked for a format the server does not produce (406).
     #[error("not acceptable: {0}")]
     NotAcceptable(String),
+    /// The client sent too many requests; retry after this many seconds (429).
+    #[error("rate limited")]
+    TooManyRequests(u64),
+    /// The server is at its concurrency limit (503).
+    #[error("overloaded")]
+    Overloaded,
+    /// The request was not handled within the request timeout (408).
+    #[error("request timed out")]
+    Timeout,
     /// The store failed (500): never caused by client input.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -26,6 +26,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::auth::{Authenticator, Principal};
 use crate::capability::Interaction;
+use crate::config::Limits;
 use crate::error::{Error, Issue};
 use crate::gateway::{self, Gateway, Query};
 
@@ -36,6 +37,63 @@ pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 pub struct AppState {
     pub gateway: Arc<Gateway>,
     pub auth: Arc<Authenticator>,
+    limiter: Arc<RateLimiter>,
+    slots: Arc<tokio::sync::Semaphore>,
+    request_timeout: std::time::Duration,
+}
+
+impl AppState {
+    pub fn new(gateway: Arc<Gateway>, auth: Arc<Authenticator>, limits: &Limits) -> AppState {
+        AppState {
+            gateway,
+            auth,
+            limiter: Arc::new(RateLimiter::new(limits.rate_per_second, limits.rate_burst)),
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests)),
+            request_timeout: std::time::Duration::from_secs(limits.request_timeout_secs),
+        }
+    }
+}
+
+/// What the connection knows about the client: its address and, under mutual TLS, the
+/// SHA-256 of the certificate it presented (verified against the configured CA).
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub peer: std::net::SocketAddr,
+    pub cert_sha256: Option<[u8; 32]>,
+}
+
+/// A token bucket per client: `rate` requests a second sustained, `burst` at once.
+struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    fn new(rate: u32, burst: u32) -> RateLimiter {
+        RateLimiter {
+            rate: f64::from(rate.max(1)),
+            burst: f64::from(burst.max(1)),
+            buckets: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Takes a token for `client`, or says how many seconds until one is free.
+    fn take(&self, client: &str) -> Result<(), u64> {
+        let Ok(mut b) = self.buckets.lock() else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let (tokens, at) = b.entry(client.to_string()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
 }
 
 /// The router. What each `/fhir/{type}` route does for a type is decided by the
@@ -59,6 +117,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError(Error::MethodNotAllowed) })
         .layer(middleware::from_fn(negotiate))
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn_with_state(state.clone(), limit))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
@@ -105,6 +164,9 @@ fn status_of(e: &Error) -> StatusCode {
         Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+        Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+        Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Timeout => StatusCode::REQUEST_TIMEOUT,
         Error::Store(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -163,6 +225,21 @@ pub fn operation_outcome(e: &Error) -> Value {
             diagnostics: m.clone(),
             expression: Some("Accept".into()),
         }],
+        Error::TooManyRequests(s) => vec![Issue {
+            code: "throttled",
+            diagnostics: format!("too many requests from this client; retry after {s} s"),
+            expression: None,
+        }],
+        Error::Overloaded => vec![Issue {
+            code: "transient",
+            diagnostics: "the gateway is at its limit of concurrent requests; retry shortly".into(),
+            expression: None,
+        }],
+        Error::Timeout => vec![Issue {
+            code: "timeout",
+            diagnostics: "the request was not completed in time (a body sent too slowly?)".into(),
+            expression: None,
+        }],
         Error::Store(_) | Error::Internal(_) => vec![Issue {
             code: "exception",
             diagnostics:
@@ -195,6 +272,14 @@ impl IntoResponse for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        let retry = match self.0 {
+            Error::TooManyRequests(s) => Some(s),
+            Error::Overloaded => Some(1),
+            _ => None,
+        };
+        if let Some(v) = retry.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
         resp
     }
@@ -240,14 +325,23 @@ impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let h = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let p = state.auth.authenticate(h).map_err(|e| {
-            tracing::warn!("authentication failed");
+        let h = match parts.headers.get(header::AUTHORIZATION) {
+            None => None,
+            // A header that is not text is no credential.
+            Some(v) => Some(v.to_str().map_err(|_| ApiError(Error::Unauthenticated))?),
+        };
+        let cert = parts
+            .extensions
+            .get::<ConnInfo>()
+            .and_then(|c| c.cert_sha256);
+        let p = state.auth.authenticate(h, cert.as_ref()).map_err(|e| {
+            tracing::warn!(certificate = cert.is_some(), "authentication failed");
             ApiError(e)
         })?;
+        state
+            .limiter
+            .take(&p.client_id)
+            .map_err(|secs| ApiError(Error::TooManyRequests(secs)))?;
         if let Some(slot) = parts.extensions.get::<ClientSlot>() {
             if let Ok(mut g) = slot.0.lock() {
                 *g = Some(p.client_id.clone());
@@ -319,7 +413,7 @@ async fn read_body_as(
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError(Error::PayloadTooLarge(limit)));
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
         // axum reports http-body-util's LengthLimitError only through its message.
         if e.to_string().contains("length limit") {
             ApiError(Error::PayloadTooLarge(limit))
@@ -330,7 +424,39 @@ async fn read_body_as(
                 "the request body could not be read",
             ))
         }
-    })
+    })?;
+    let max = state.gateway.config().server.limits.max_string_bytes;
+    if let Some(n) = longest_json_string(&bytes).filter(|n| *n > max) {
+        return Err(ApiError(Error::invalid(
+            "too-costly",
+            "",
+            format!("the body holds a JSON string of {n} bytes; the limit is {max}"),
+        )));
+    }
+    Ok(bytes)
+}
+
+/// The length in bytes of the longest string literal in a JSON text, found without parsing
+/// it (so a huge string is refused before any allocation for it).
+fn longest_json_string(body: &[u8]) -> Option<usize> {
+    let (mut longest, mut start, mut escaped) = (None, None::<usize>, false);
+    for (i, b) in body.iter().enumerate() {
+        match (start, *b) {
+            (None, b'"') => start = Some(i),
+            (Some(_), _) if escaped => escaped = false,
+            (Some(_), b'\\') => escaped = true,
+            (Some(s), b'"') => {
+                longest = longest.max(Some(i - s - 1));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    // An unterminated string counts to the end.
+    if let Some(s) = start {
+        longest = longest.max(Some(body.len() - s - 1));
+    }
+    longest
 }
 
 async fn healthz() -> Response {
@@ -832,6 +958,18 @@ async fn negotiate(req: Request, next: Next) -> Response {
         }
     }
     next.run(req).await
+}
+
+/// Backpressure and deadlines: a request beyond the concurrency limit is answered 503 at
+/// once (never queued without bound), and one not done within the request timeout 408.
+async fn limit(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let Ok(_slot) = st.slots.clone().try_acquire_owned() else {
+        return ApiError(Error::Overloaded).into_response();
+    };
+    match tokio::time::timeout(st.request_timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError(Error::Timeout).into_response(),
+    }
 }
 
 /// Logs one line per request: method, route template, status, time, client. Never the URL

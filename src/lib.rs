@@ -15,4 +15,5 @@ pub mod routing;
 pub mod schema;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod workflow;

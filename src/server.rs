@@ -1,33 +1,48 @@
-//! Start-up: wires config, store, gateway and HTTP together and runs them.
+//! Start-up, the accept loop and shutdown.
 //!
-//! Owns the order of start-up (config checked → store opened → schemas compiled → listener
-//! bound → "listening" printed) and shutdown (stop accepting, finish in-flight requests,
+//! Owns the order of start-up (config checked → TLS loaded → store opened → schemas
+//! compiled → listener bound → "listening" printed), the connection loop (TLS handshake with
+//! a deadline, the client certificate's fingerprint handed to authentication, HTTP/1.1 with
+//! a header-read deadline and a head-size cap, served by the axum router through hyper-util)
+//! and graceful shutdown (stop accepting, let in-flight requests finish within a bound,
 //! flush the store). It must not contain request logic.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::gateway::Gateway;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, ConnInfo};
 use crate::store::{Store, StoreError};
+use crate::tls::TlsError;
+
+/// How long shutdown waits for in-flight requests.
+const DRAIN: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum ServeError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("embedded schema: {0}")]
+    Schema(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("embedded schema: {0}")]
-    Schema(String),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -36,6 +51,7 @@ pub enum ServeError {
 pub struct Bound {
     pub listener: TcpListener,
     pub state: AppState,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Bound {
@@ -47,20 +63,121 @@ impl Bound {
         self.state.gateway.clone()
     }
 
-    /// Serves until `shutdown` completes; then finishes in-flight requests and flushes.
+    /// Serves until `shutdown` completes; then finishes in-flight requests (at most
+    /// [`DRAIN`]) and flushes the store.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let gateway = self.state.gateway.clone();
-        http::serve(self.listener, self.state, shutdown).await?;
+        let limits = gateway.config().server.limits.clone();
+        let router = http::router(self.state);
+        let graceful = GracefulShutdown::new();
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(limits.header_read_timeout_secs))
+            .max_buf_size(limits.max_header_bytes.max(8192));
+        let handshake = Duration::from_secs(limits.handshake_timeout_secs);
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let router = router.clone();
+            let http1 = http1.clone();
+            let watcher = graceful.watcher();
+            let tls = self.tls.clone();
+            tokio::spawn(async move {
+                match tls {
+                    None => {
+                        let info = ConnInfo {
+                            peer,
+                            cert_sha256: None,
+                        };
+                        serve_io(tcp, http1, router, info, watcher).await;
+                    }
+                    Some(acceptor) => {
+                        let stream =
+                            match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                                Ok(Ok(s)) => s,
+                                // Failed or too slow handshake: nothing to answer, close.
+                                Ok(Err(_)) | Err(_) => return,
+                            };
+                        let cert = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(crate::tls::fingerprint);
+                        let info = ConnInfo {
+                            peer,
+                            cert_sha256: cert,
+                        };
+                        serve_io(stream, http1, router, info, watcher).await;
+                    }
+                }
+            });
+        }
+        drop(self.listener);
+        tokio::select! {
+            _ = graceful.shutdown() => {}
+            _ = tokio::time::sleep(DRAIN) => {
+                tracing::warn!("shutdown: in-flight requests still running after {DRAIN:?}; closing");
+            }
+        }
         gateway.store().durable().await?;
         Ok(())
     }
 }
 
-/// Opens the store in `cfg.server.data_dir` and binds `cfg.server.listen`.
+async fn serve_io<I>(
+    io: I,
+    http1: hyper::server::conn::http1::Builder,
+    router: axum::Router,
+    info: ConnInfo,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = http1.serve_connection(TokioIo::new(io), service(router, info));
+    let _ = watcher.watch(conn).await;
+}
+
+/// The router as a hyper service, with the connection's facts on every request.
+fn service(
+    router: axum::Router,
+    info: ConnInfo,
+) -> impl hyper::service::Service<
+    hyper::Request<Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(info.clone());
+        router.clone().oneshot(req.map(axum::body::Body::new))
+    })
+}
+
+/// Loads TLS, opens the store in `cfg.server.data_dir` and binds `cfg.server.listen`.
 pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
+    let tls = match &cfg.tls {
+        Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+            t,
+        )?)),
+        None => None,
+    };
     let store = Store::open(&cfg.server.data_dir)?;
     crate::ingest::init();
     crate::schema::init().map_err(|e| ServeError::Schema(e.to_string()))?;
@@ -69,9 +186,11 @@ pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
     let auth = Arc::new(Authenticator::new(&cfg));
+    let limits = cfg.server.limits.clone();
     let gateway = Arc::new(Gateway::new(Arc::new(cfg), store));
     Ok(Bound {
         listener,
-        state: AppState { gateway, auth },
+        state: AppState::new(gateway, auth, &limits),
+        tls,
     })
 }
