@@ -17,6 +17,12 @@ pub enum Interaction {
     Update,
     Patch,
     SearchType,
+    /// `$validate`.
+    Validate,
+    /// `POST /fhir` (transaction Bundle).
+    Transaction,
+    /// `POST /referrals` (EMIS-style JSON).
+    Referral,
 }
 
 impl Interaction {
@@ -30,6 +36,9 @@ impl Interaction {
             Interaction::Update => "update",
             Interaction::Patch => "patch",
             Interaction::SearchType => "search-type",
+            Interaction::Validate => "operation",
+            Interaction::Transaction => "transaction",
+            Interaction::Referral => "referral",
         }
     }
 }
@@ -184,6 +193,31 @@ pub fn search_param(rtype: &str, name: &str) -> bool {
     let own = resource(rtype).is_some_and(|r| r.search.iter().any(|s| s.name == name));
     own || COMMON_SEARCH.iter().any(|s| s.name == name)
         || (name == "_include" && resource(rtype).is_some_and(|r| !r.includes.is_empty()))
+}
+
+/// What each role may do at all (DESIGN §3); which resources it sees within that is the
+/// gateway's scoping. Every route is checked against this one table.
+pub fn permitted(role: crate::config::Role, rtype: &str, i: Interaction) -> bool {
+    use crate::config::Role;
+    let reads = matches!(
+        i,
+        Read | Vread | HistoryInstance | HistoryType | SearchType | Validate
+    );
+    match role {
+        Role::Admin => false,
+        Role::Auditor => reads,
+        Role::GpSystem => {
+            reads
+                || matches!(i, Transaction | Referral)
+                || (i == Create && rtype == "ServiceRequest")
+                || (matches!(i, Update | Patch) && rtype == "Task")
+        }
+        Role::Provider => {
+            reads
+                || (i == Create && rtype == "Observation")
+                || (matches!(i, Update | Patch) && rtype == "Task")
+        }
+    }
 }
 
 /// The CapabilityStatement, generated from [`RESOURCES`].

@@ -562,12 +562,30 @@ fn version_location(headers: &HeaderMap, resource: &Value) -> String {
     format!("{}/{t}/{id}/_history/{v}", base_url(headers))
 }
 
-fn require(rtype: &str, i: Interaction) -> Result<(), ApiError> {
-    if crate::capability::resource(rtype).is_none() {
-        return Err(ApiError(Error::not_found(format!("resource type {rtype}"))));
+/// The one authorisation gate every FHIR route passes: the interaction must exist for the
+/// type (404/405) and the caller's role must be permitted it (`capability::permitted`).
+/// A role that may not read a type at all is told the resource does not exist (404); one
+/// that may not write is refused (403, no details). Scoping within is the gateway's.
+fn require(rtype: &str, i: Interaction, who: &Principal) -> Result<(), ApiError> {
+    let special = matches!(i, Interaction::Transaction | Interaction::Referral);
+    if !special {
+        if crate::capability::resource(rtype).is_none() {
+            return Err(ApiError(Error::not_found(format!("resource type {rtype}"))));
+        }
+        let supported = crate::capability::supports(rtype, i)
+            || (i == Interaction::Validate
+                && crate::capability::resource(rtype).is_some_and(|r| r.validate));
+        if !supported {
+            return Err(ApiError(Error::MethodNotAllowed));
+        }
     }
-    if !crate::capability::supports(rtype, i) {
-        return Err(ApiError(Error::MethodNotAllowed));
+    if !crate::capability::permitted(who.role, rtype, i) {
+        return Err(ApiError(match i {
+            Interaction::Read | Interaction::Vread | Interaction::HistoryInstance => {
+                Error::not_found(format!("{rtype} resource"))
+            }
+            _ => Error::Forbidden,
+        }));
     }
     Ok(())
 }
@@ -578,6 +596,7 @@ async fn post_referral(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
+    require("Bundle", Interaction::Referral, &who)?;
     let bytes = read_body(&st, &headers, body).await?;
     let s = st.gateway.submit_referral(&who, &bytes).await?;
     let base = base_url(&headers);
@@ -612,6 +631,7 @@ async fn transaction(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
+    require("Bundle", Interaction::Transaction, &who)?;
     let bytes = read_body(&st, &headers, body).await?;
     let s = st.gateway.submit_transaction(&who, &bytes).await?;
     let minimal = prefer(&headers).ret.as_deref() == Some("minimal");
@@ -660,7 +680,7 @@ async fn search(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> ApiResult {
-    require(&rtype, Interaction::SearchType)?;
+    require(&rtype, Interaction::SearchType, &who)?;
     let params = query_pairs(raw.as_deref());
     let q = Query::parse(&rtype, &params, !prefer(&headers).lenient)?;
     let result = st.gateway.search(&who, &q)?;
@@ -676,7 +696,7 @@ async fn create(
     RawQuery(raw): RawQuery,
     body: Body,
 ) -> ApiResult {
-    require(&rtype, Interaction::Create)?;
+    require(&rtype, Interaction::Create, &who)?;
     let bytes = read_body(&st, &headers, body).await?;
     match rtype.as_str() {
         "Observation" => {
@@ -713,7 +733,7 @@ async fn create(
 async fn operation(
     State(st): State<AppState>,
     Path((rtype, op)): Path<(String, String)>,
-    _who: Principal,
+    who: Principal,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
@@ -728,6 +748,7 @@ async fn operation(
             "$validate is supported on Patient, ServiceRequest, Task and Observation",
         )));
     }
+    require(&rtype, Interaction::Validate, &who)?;
     let bytes = read_body(&st, &headers, body).await?;
     let mut resource = crate::schema::parse_json(&bytes)?;
     // Either the resource itself or Parameters with a `resource` parameter.
@@ -817,7 +838,7 @@ async fn read(
     RawQuery(raw): RawQuery,
 ) -> ApiResult {
     if id == "_history" {
-        require(&rtype, Interaction::HistoryType)?;
+        require(&rtype, Interaction::HistoryType, &who)?;
         let count = query_pairs(raw.as_deref())
             .iter()
             .find(|(k, _)| k == "_count")
@@ -827,7 +848,7 @@ async fn read(
         let versions = st.gateway.type_history(&who, &rtype, count)?;
         return Ok(history_bundle(&headers, versions));
     }
-    require(&rtype, Interaction::Read)?;
+    require(&rtype, Interaction::Read, &who)?;
     let r = st.gateway.read(&who, &rtype, &id)?;
     if let Some(resp) = conditional_read(&headers, &r) {
         return Ok(resp);
@@ -840,7 +861,7 @@ async fn vread(
     Path((rtype, id, vid)): Path<(String, String, String)>,
     who: Principal,
 ) -> ApiResult {
-    require(&rtype, Interaction::Vread)?;
+    require(&rtype, Interaction::Vread, &who)?;
     let r = st.gateway.vread(&who, &rtype, &id, &vid)?;
     Ok(resource_response(StatusCode::OK, &r, None))
 }
@@ -875,7 +896,7 @@ async fn history(
     who: Principal,
     headers: HeaderMap,
 ) -> ApiResult {
-    require(&rtype, Interaction::HistoryInstance)?;
+    require(&rtype, Interaction::HistoryInstance, &who)?;
     let versions = st.gateway.history(&who, &rtype, &id)?;
     Ok(history_bundle(&headers, versions))
 }
@@ -887,7 +908,7 @@ async fn update(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    require(&rtype, Interaction::Update)?;
+    require(&rtype, Interaction::Update, &who)?;
     let bytes = read_body(&st, &headers, body).await?;
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
     let task = st.gateway.update_task(&who, &id, if_match, &bytes).await?;
@@ -901,7 +922,7 @@ async fn patch(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    require(&rtype, Interaction::Patch)?;
+    require(&rtype, Interaction::Patch, &who)?;
     let patch_types = [
         "application/json-patch+json",
         "application/merge-patch+json",
