@@ -116,6 +116,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError(Error::not_found("no such endpoint")) })
         .method_not_allowed_fallback(|| async { ApiError(Error::MethodNotAllowed) })
         .layer(middleware::from_fn(negotiate))
+        .layer(middleware::from_fn(ensure_outcome))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn_with_state(state.clone(), limit))
         .layer(middleware::from_fn(log_request))
@@ -931,6 +932,40 @@ async fn patch(
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
     let task = st.gateway.patch_task(&who, &id, if_match, &bytes).await?;
     Ok(written(&headers, StatusCode::OK, &task, None))
+}
+
+/// Every error leaves as an OperationOutcome: a rejection produced by the framework itself
+/// (an undecodable path segment, say) is turned into one here.
+async fn ensure_outcome(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_fhir = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/fhir+json"));
+    if !status.is_client_error() && !status.is_server_error() || is_fhir {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text: String = String::from_utf8_lossy(&text).chars().take(200).collect();
+    let code = if status.is_server_error() {
+        "exception"
+    } else {
+        "invalid"
+    };
+    let oo = json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{ "severity": "error", "code": code, "diagnostics": if text.is_empty() { status.to_string() } else { text } }]
+    });
+    let mut out = fhir_response(parts.status, &oo);
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 /// Refuses, before anything else runs, a request for a format other than JSON (406): an

@@ -205,9 +205,10 @@ impl TestGateway {
         let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                panic!("response is not JSON: {}", String::from_utf8_lossy(&bytes))
-            })
+            // Not JSON: kept as text, so that tests can say so (every error should be an
+            // OperationOutcome).
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
         Resp {
             status,
