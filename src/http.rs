@@ -1041,7 +1041,9 @@ async fn log_request(mut req: Request, next: Next) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let slot = ClientSlot::default();
     req.extensions_mut().insert(slot.clone());
-    let mut resp = next.run(req).await;
+    // Everything logged while handling the request carries its id.
+    let span = tracing::info_span!("req", request_id = %request_id);
+    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
     let client = slot
         .0
         .lock()

@@ -217,3 +217,209 @@ fn production_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs the whole loop against the real binary with its log captured (text and JSON, at
+/// our most verbose level) and checks that no patient identifier or free text was logged.
+#[tokio::test]
+async fn logs_never_hold_patient_data() {
+    for (log_json, filter) in [(false, "info"), (true, "sp_gateway=trace,info")] {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("gateway.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--data-dir"];
+        let data = dir.path().join("data");
+        args.push(data.to_str().unwrap());
+        if log_json {
+            args.push("--log-json");
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+            .args(&args)
+            .env("RUST_LOG", filter)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap()
+            .to_string();
+        let http = reqwest::Client::new();
+        let send = |m: reqwest::Method,
+                    path: String,
+                    token: &'static str,
+                    body: Option<serde_json::Value>,
+                    etag: Option<String>| {
+            let http = http.clone();
+            let base = base.clone();
+            async move {
+                let mut rb = http.request(m, format!("{base}{path}")).bearer_auth(token);
+                if let Some(b) = body {
+                    rb = rb
+                        .header("content-type", "application/fhir+json")
+                        .body(b.to_string());
+                }
+                if let Some(e) = etag {
+                    rb = rb.header("if-match", e);
+                }
+                let r = rb.send().await.unwrap();
+                let etag = r
+                    .headers()
+                    .get("etag")
+                    .map(|v| v.to_str().unwrap().to_string());
+                (
+                    r.status().as_u16(),
+                    etag,
+                    r.json::<serde_json::Value>().await.unwrap_or_default(),
+                )
+            }
+        };
+        let bob = fixture("referral-bob.json");
+        let (s, _, b) = send(
+            reqwest::Method::POST,
+            "/referrals".into(),
+            GP,
+            Some(bob.clone()),
+            None,
+        )
+        .await;
+        assert_eq!(s, 201);
+        let task = b["entry"][2]["resource"].clone();
+        let tid = task["id"].as_str().unwrap().to_string();
+        // Failures too: a bad NHS number, a conflict, a stale ETag, someone else's Task.
+        let mut bad = bob.clone();
+        bad["patient"]["nhsNumber"] = serde_json::json!("9990000027");
+        send(
+            reqwest::Method::POST,
+            "/referrals".into(),
+            GP,
+            Some(bad),
+            None,
+        )
+        .await;
+        let mut changed = bob.clone();
+        changed["notes"] = serde_json::json!("Different notes about rent arrears.");
+        send(
+            reqwest::Method::POST,
+            "/referrals".into(),
+            GP,
+            Some(changed),
+            None,
+        )
+        .await;
+        let nhs = bob["patient"]["nhsNumber"].as_str().unwrap();
+        send(
+            reqwest::Method::GET,
+            format!("/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|{nhs}"),
+            GP,
+            None,
+            None,
+        )
+        .await;
+        send(
+            reqwest::Method::GET,
+            format!("/fhir/Task/{tid}"),
+            CRAFTS,
+            None,
+            None,
+        )
+        .await;
+        let mut t = task.clone();
+        t["status"] = serde_json::json!("accepted");
+        let (s, _, _) = send(
+            reqwest::Method::PUT,
+            format!("/fhir/Task/{tid}"),
+            MONEY,
+            Some(t.clone()),
+            Some("W/\"1\"".into()),
+        )
+        .await;
+        assert_eq!(s, 200);
+        send(
+            reqwest::Method::PUT,
+            format!("/fhir/Task/{tid}"),
+            MONEY,
+            Some(t.clone()),
+            Some("W/\"1\"".into()),
+        )
+        .await;
+        let (_, _, cur) = send(
+            reqwest::Method::GET,
+            format!("/fhir/Task/{tid}"),
+            MONEY,
+            None,
+            None,
+        )
+        .await;
+        let obs = serde_json::json!({
+            "resourceType": "Observation", "status": "final",
+            "code": { "coding": [{ "system": sp_gateway::fhir::feedback_system(), "code": "link-worker-feedback" }] },
+            "subject": cur["for"], "basedOn": [cur["focus"]],
+            "performer": [{ "reference": "Organization/burnley-money-advice" }],
+            "valueString": "Bob came to the debt clinic and set up a payment plan."
+        });
+        let (s, _, _) = send(
+            reqwest::Method::POST,
+            "/fhir/Observation".into(),
+            MONEY,
+            Some(obs),
+            None,
+        )
+        .await;
+        assert_eq!(s, 201);
+        let mut declined = cur.clone();
+        declined["status"] = serde_json::json!("cancelled");
+        declined["statusReason"] = serde_json::json!({ "text": "Bob moved to Leeds" });
+        let (s, _, _) = send(
+            reqwest::Method::PUT,
+            format!("/fhir/Task/{tid}"),
+            MONEY,
+            Some(declined),
+            Some("W/\"2\"".into()),
+        )
+        .await;
+        assert_eq!(s, 200);
+        send(
+            reqwest::Method::GET,
+            format!(
+                "/fhir/Observation?subject={}",
+                cur["for"]["reference"].as_str().unwrap()
+            ),
+            GP,
+            None,
+            None,
+        )
+        .await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let logged = std::fs::read_to_string(&log_path).unwrap();
+        assert!(logged.contains("request"), "nothing was logged: {logged}");
+        let p = &bob["patient"];
+        let secrets = [
+            p["nhsNumber"].as_str().unwrap(),
+            p["givenName"].as_str().unwrap(),
+            p["familyName"].as_str().unwrap(),
+            p["postcode"].as_str().unwrap(),
+            "BB11",
+            p["email"].as_str().unwrap(),
+            p["birthDate"].as_str().unwrap(),
+            "9990000027",
+            bob["notes"].as_str().unwrap(),
+            "rent arrears",
+            "payment plan",
+            "moved to Leeds",
+        ];
+        for s in secrets {
+            assert!(
+                !logged.contains(s),
+                "the log (json={log_json}) holds {s:?}:\n{logged}"
+            );
+        }
+    }
+}
