@@ -64,7 +64,15 @@ fn main() -> ExitCode {
     }));
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { common } => match load(&common, None) {
+        Command::CheckConfig { common } => match load(&common, None).and_then(|cfg| {
+            // The certificate and key files too: a config that cannot start is not OK.
+            match &cfg.tls {
+                Some(t) => sp_gateway::tls::server_config(t)
+                    .map(|_| cfg)
+                    .map_err(|e| e.to_string()),
+                None => Ok(cfg),
+            }
+        }) {
             Ok(cfg) => {
                 println!(
                     "config OK: {} practices, {} providers, {} routes, {} clients",

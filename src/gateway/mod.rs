@@ -32,7 +32,7 @@ use crate::fhir;
 use crate::ingest;
 use crate::store::{Abort, Store, Tx, TxError};
 
-pub use referral::{check_patient, Submitted};
+pub use referral::{check_patient, check_transaction, Submitted};
 pub use search::{searchset, Query, SearchResult};
 
 /// The store's key scheme. Every key is ASCII; ids are FHIR ids (`[A-Za-z0-9.-]`), so `/`

@@ -463,6 +463,25 @@ fn reroot(e: Error, from: &str, to: &str) -> Error {
     }
 }
 
+/// Checks a transaction Bundle's shape and both resources (for fuzzing and `$validate`-like
+/// use): everything `POST /fhir` checks before it touches the store, bar the caller's
+/// practices.
+pub fn check_transaction(bundle: &Value) -> Result<()> {
+    let (patient, sr, _, (pi, si)) = split_transaction(bundle)?;
+    check_patient(&patient)
+        .map_err(|e| reroot(e, "Patient", &format!("Bundle.entry[{pi}].resource")))?;
+    fhir::check_structure(&sr, "ServiceRequest")?;
+    let issues = fhir::service_request_rules(&sr);
+    if !issues.is_empty() {
+        return Err(reroot(
+            Error::Unprocessable(issues),
+            "ServiceRequest",
+            &format!("Bundle.entry[{si}].resource"),
+        ));
+    }
+    Ok(())
+}
+
 /// The Patient, the ServiceRequest, the Patient's fullUrl and the two entries' indexes, of
 /// a transaction Bundle.
 fn split_transaction(bundle: &Value) -> Result<(Value, Value, String, (usize, usize))> {
