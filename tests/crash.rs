@@ -142,7 +142,7 @@ async fn client_round(base: String, round: usize, ledger: Arc<Mutex<Ledger>>) {
         workers.push(tokio::spawn(async move {
             loop {
                 let pending: Vec<String> = {
-                    let l = ledger.lock().unwrap();
+                    let l = std::mem::take(&mut *ledger.lock().unwrap());
                     l.acked
                         .values()
                         .filter(|t| !l.accepted.contains_key(*t))
@@ -227,7 +227,7 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
     // Verify on a fresh start.
     let (mut child, base) = spawn(&data);
     let http = reqwest::Client::new();
-    let l = ledger.lock().unwrap();
+    let l = std::mem::take(&mut *ledger.lock().unwrap());
     assert!(
         l.acked.len() > kills * 5,
         "too little load: {} referrals acknowledged",
