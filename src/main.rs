@@ -45,6 +45,15 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Export every stored resource as FHIR bulk-data NDJSON, one file per type, from a
+    /// stopped gateway's data directory.
+    Export {
+        #[command(flatten)]
+        common: Common,
+        /// Directory to write {Type}.ndjson files into (created if absent)
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn load(common: &Common, listen: Option<SocketAddr>) -> Result<Config, String> {
@@ -88,6 +97,21 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Export { common, out } => match export(&common, &out) {
+            Ok(counts) => {
+                for (t, n) in counts {
+                    println!(
+                        "{t}: {n} resources → {}",
+                        out.join(format!("{t}.ndjson")).display()
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Serve {
             common,
             listen,
@@ -121,6 +145,25 @@ fn main() -> ExitCode {
             rt.block_on(serve(cfg))
         }
     }
+}
+
+fn export(common: &Common, out: &std::path::Path) -> Result<Vec<(&'static str, usize)>, String> {
+    let cfg = load(common, None)?;
+    let store = sp_gateway::store::Store::open(&cfg.server.data_dir).map_err(|e| {
+        format!("{e} (is a gateway still running on this data directory? stop it first)")
+    })?;
+    let gateway = sp_gateway::gateway::Gateway::new(std::sync::Arc::new(cfg), store);
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut counts = Vec::new();
+    for t in sp_gateway::gateway::STORED_TYPES {
+        let path = out.join(format!("{t}.ndjson"));
+        let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        let n = gateway.export(t, &mut w).map_err(|e| e.to_string())?;
+        std::io::Write::flush(&mut w).map_err(|e| format!("{}: {e}", path.display()))?;
+        counts.push((t, n));
+    }
+    Ok(counts)
 }
 
 async fn serve(cfg: Config) -> ExitCode {

@@ -237,6 +237,20 @@ impl Store {
         rustix::fs::syncfs(&dir).map_err(|e| StoreError::Io(e.to_string()))
     }
 
+    /// Calls `f` with every key and value under `prefix`, in key order, without holding them
+    /// all in memory (for export).
+    pub fn for_each(
+        &self,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> std::io::Result<()>,
+    ) -> Result<(), StoreError> {
+        for item in self.tree.scan_prefix(prefix) {
+            let (k, v) = item?;
+            f(&k, &v).map_err(|e| StoreError::Io(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// SHA-256 over every key and value, in order: equal digests mean equal contents.
     pub fn digest(&self) -> Result<String, StoreError> {
         let mut h = Sha256::new();

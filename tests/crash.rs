@@ -9,8 +9,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,38 +17,7 @@ use common::*;
 use serde_json::{json, Value};
 
 fn spawn(data: &std::path::Path) -> (Child, String) {
-    // The demo config, with a rate limit the test's few clients cannot hit.
-    let config = data.with_extension("toml");
-    if !config.exists() {
-        let text = config_text(|t| {
-            t.replacen(
-                "[[practices]]",
-                "[server.limits]\nrate_per_second = 1000000\nrate_burst = 1000000\n\n[[practices]]",
-                1,
-            )
-        });
-        std::fs::write(&config, text).unwrap();
-    }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(data)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("the gateway did not start cleanly after a crash: {line:?}"))
-        .to_string();
-    (child, base)
+    spawn_binary(data, Some(&unthrottled_config()))
 }
 
 fn nhs(n: usize) -> String {

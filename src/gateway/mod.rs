@@ -443,4 +443,18 @@ impl Gateway {
         }
         Ok(out)
     }
+
+    /// Writes every current resource of `rtype` as one JSON line (FHIR bulk NDJSON).
+    /// Returns how many.
+    pub fn export(&self, rtype: &str, out: &mut impl std::io::Write) -> Result<usize> {
+        let mut n = 0;
+        let prefix = format!("r/{rtype}/");
+        self.store.for_each(prefix.as_bytes(), |_, v| {
+            out.write_all(v)?;
+            out.write_all(b"\n")?;
+            n += 1;
+            Ok(())
+        })?;
+        Ok(n)
+    }
 }

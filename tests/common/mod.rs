@@ -301,3 +301,44 @@ pub fn with_reason(status: &str, text: &str) -> impl Fn(&mut Value) {
         t["statusReason"] = json!({ "text": text });
     }
 }
+
+/// The real `sp-gateway` binary serving on a free loopback port; `config` (TOML text) is
+/// written beside the data dir when given.
+pub fn spawn_binary(data: &Path, config: Option<&str>) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sp-gateway"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data);
+    if let Some(text) = config {
+        let path = data.with_extension("toml");
+        std::fs::write(&path, text).expect("write config");
+        cmd.arg("--config").arg(path);
+    }
+    let mut child = cmd
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn sp-gateway");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read the listening line");
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("the gateway did not start: {line:?}"))
+        .to_string();
+    (child, base)
+}
+
+/// Demo config with a rate limit a test's few clients cannot reach.
+pub fn unthrottled_config() -> String {
+    config_text(|t| {
+        t.replacen(
+            "[[practices]]",
+            "[server.limits]\nrate_per_second = 1000000\nrate_burst = 1000000\n\n[[practices]]",
+            1,
+        )
+    })
+}

@@ -1,0 +1,264 @@
+//! Operations on the real binary: SIGTERM under load (every request completed and kept, or
+//! failed cleanly; exit 0), `export` to FHIR NDJSON, and the backup/restore procedure in
+//! README.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+fn referral(i: usize) -> Value {
+    let mut r = variant("referral-ada.json", &format!("OPS-{i}"), None);
+    // NHS numbers from the 999 range with valid check digits, one per referral.
+    let mut k = 100 + i * 3;
+    let nhs = loop {
+        let n9 = format!("999{k:06}");
+        let sum: u32 = n9
+            .chars()
+            .zip((2..=10).rev())
+            .map(|(d, w)| d.to_digit(10).unwrap() * w)
+            .sum();
+        let c = (11 - sum % 11) % 11;
+        if c != 10 {
+            break format!("{n9}{c}");
+        }
+        k += 1;
+    };
+    r["patient"]["nhsNumber"] = json!(nhs);
+    r["needs"] = json!(["employment"]);
+    r["reasons"] = json!([]);
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_under_load_finishes_in_flight_work_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut child, base) = spawn_binary(&data, Some(&unthrottled_config()));
+    let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let failed = Arc::new(Mutex::new(0usize));
+    let mut clients = Vec::new();
+    for w in 0..6 {
+        let (base, acked, failed) = (base.clone(), acked.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap();
+            for i in 0..200 {
+                let n = w * 1000 + i;
+                let r = http
+                    .post(format!("{base}/referrals"))
+                    .bearer_auth(GP)
+                    .header("content-type", "application/json")
+                    .body(referral(n).to_string())
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 201 => {
+                        let b: Value = r.json().await.unwrap();
+                        let t = b["entry"][2]["resource"]["id"]
+                            .as_str()
+                            .unwrap()
+                            .to_string();
+                        acked.lock().unwrap().insert(format!("OPS-{n}"), t);
+                    }
+                    // Refused cleanly (the server is shutting down), or never reached it.
+                    Ok(r) if r.status().is_server_error() => {
+                        panic!("5xx during shutdown: {}", r.status())
+                    }
+                    Ok(r) => panic!("unexpected {}", r.status()),
+                    Err(_) => {
+                        *failed.lock().unwrap() += 1;
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stopped = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let took = stopped.elapsed();
+    assert_eq!(code.code(), Some(0), "exit status after SIGTERM: {code:?}");
+    assert!(took < Duration::from_secs(35), "shutdown took {took:?}");
+    for c in clients {
+        let _ = c.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(!acked.is_empty(), "no request completed before the SIGTERM");
+    // Everything acknowledged is there after a restart.
+    let (mut child, base) = spawn_binary(&data, Some(&unthrottled_config()));
+    let http = reqwest::Client::new();
+    for (id, task) in &acked {
+        let s = http
+            .get(format!("{base}/fhir/Task/{task}"))
+            .bearer_auth(AUDITOR)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(
+            s, 200,
+            "referral {id} acknowledged before SIGTERM is missing"
+        );
+    }
+    println!(
+        "SIGTERM under load: exit 0 after {took:?}; {} referrals acknowledged and kept; {} clients cut off cleanly",
+        acked.len(),
+        failed.lock().unwrap()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn stop(mut child: std::process::Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[tokio::test]
+async fn export_and_backup_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (child, base) = spawn_binary(&data, None);
+    let http = reqwest::Client::new();
+    let post = |body: Value| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let r = http
+                .post(format!("{base}/referrals"))
+                .bearer_auth(GP)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    post(referral(1)).await;
+    post(referral(2)).await;
+    // Export refuses while the gateway holds the store.
+    let out = dir.path().join("export");
+    let busy = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+        .args(["export", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(busy.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("stop it first"));
+    stop(child);
+
+    // Backup, as README says: stop the gateway, copy the data directory.
+    let backup = dir.path().join("backup");
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&data)
+        .arg(&backup)
+        .status()
+        .unwrap()
+        .success());
+
+    // Export: one NDJSON file per type, one resource per line.
+    let ok = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+        .args(["export", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for (t, n) in [
+        ("Patient", 2),
+        ("ServiceRequest", 2),
+        ("Task", 2),
+        ("Observation", 0),
+    ] {
+        let text = std::fs::read_to_string(out.join(format!("{t}.ndjson"))).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), n, "{t}");
+        assert!(lines.iter().all(|r| r["resourceType"] == t));
+    }
+
+    // Later changes...
+    let (child, base2) = spawn_binary(&data, None);
+    let r = http
+        .post(format!("{base2}/referrals"))
+        .bearer_auth(GP)
+        .header("content-type", "application/json")
+        .body(referral(3).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let late_task = r.json::<Value>().await.unwrap()["entry"][2]["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    stop(child);
+    // ... are gone after a restore: stop, put the copy back, start.
+    std::fs::remove_dir_all(&data).unwrap();
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&backup)
+        .arg(&data)
+        .status()
+        .unwrap()
+        .success());
+    let (child, base3) = spawn_binary(&data, None);
+    let s = http
+        .get(format!("{base3}/fhir/Task/{late_task}"))
+        .bearer_auth(AUDITOR)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s, 404, "the restore kept a change made after the backup");
+    let all: Value = http
+        .get(format!("{base3}/fhir/Task"))
+        .bearer_auth(AUDITOR)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all["total"], 2);
+    // The restored store is fully usable.
+    let r = http
+        .post(format!("{base3}/referrals"))
+        .bearer_auth(GP)
+        .header("content-type", "application/json")
+        .body(referral(4).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    stop(child);
+}
