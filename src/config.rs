@@ -135,6 +135,59 @@ pub enum ClientAuth {
 pub struct Practice {
     pub ods: String,
     pub name: String,
+    /// The practice's FHIR endpoint, for pushing Observations back (the outbox). Without
+    /// one, the GP system pulls (`Observation?based-on=`).
+    #[serde(default)]
+    pub endpoint: Option<Endpoint>,
+}
+
+/// A GP system's FHIR endpoint and the gateway's credentials for it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// FHIR base URL; `https://`, or `http://` on a loopback address only.
+    pub base_url: String,
+    /// File holding the bearer token the gateway sends (a secret: not in this file).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to trust for this endpoint (needed for https).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for endpoints that want mutual TLS.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+/// How the outbox retries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Outbox {
+    /// Attempts before a message is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt (with jitter) up to `max_delay_ms`.
+    pub base_delay_ms: u64,
+    pub max_delay_ms: u64,
+    /// How often the outbox looks for work.
+    pub poll_ms: u64,
+    /// A delivery request's deadline.
+    pub request_timeout_ms: u64,
+    /// `/readyz` fails when a message has waited longer than this.
+    pub stuck_after_secs: u64,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            max_attempts: 12,
+            base_delay_ms: 500,
+            max_delay_ms: 300_000,
+            poll_ms: 200,
+            request_timeout_ms: 10_000,
+            stuck_after_secs: 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -234,6 +287,8 @@ pub struct Config {
     pub routing: Routing,
     pub outcomes: Vec<Outcome>,
     pub clients: Vec<Client>,
+    #[serde(default)]
+    pub outbox: Outbox,
 }
 
 impl Config {
@@ -326,6 +381,41 @@ impl Config {
                     format!("practices[{i}].ods"),
                     format!("`{}` is listed twice", p.ods),
                 ));
+            }
+            if let Some(e) = &p.endpoint {
+                let key = format!("practices[{i}].endpoint.base_url");
+                let rest = e
+                    .base_url
+                    .strip_prefix("https://")
+                    .or_else(|| e.base_url.strip_prefix("http://"));
+                let host = rest
+                    .and_then(|r| r.split(['/', ':']).next())
+                    .unwrap_or_default();
+                let loopback = host == "localhost"
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|a| a.is_loopback());
+                if rest.is_none() || host.is_empty() {
+                    return Err(bad(key, "must be an http(s):// URL".into()));
+                }
+                if e.base_url.starts_with("http://") && !loopback {
+                    return Err(bad(
+                        key,
+                        "must be https:// (plain http only to loopback)".into(),
+                    ));
+                }
+                if e.base_url.starts_with("https://") && e.ca_file.is_none() {
+                    return Err(bad(
+                        format!("practices[{i}].endpoint.ca_file"),
+                        "is needed for an https endpoint: the CA certificate(s) to trust".into(),
+                    ));
+                }
+                if e.client_cert.is_some() != e.client_key.is_some() {
+                    return Err(bad(
+                        format!("practices[{i}].endpoint.client_key"),
+                        "client_cert and client_key go together".into(),
+                    ));
+                }
             }
         }
         let mut need_names = HashSet::new();

@@ -102,6 +102,9 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/admin/outbox", get(admin_outbox))
+        .route("/admin/outbox/{seq}/{action}", post(admin_outbox_action))
         .route("/fhir/metadata", get(metadata))
         .route("/referrals", post(post_referral))
         .route("/fhir", post(transaction))
@@ -464,17 +467,75 @@ async fn healthz() -> Response {
     fhir_response(StatusCode::OK, &json!({ "status": "ok" }))
 }
 
+/// Ready: the store answers and the outbox is not stuck.
 async fn readyz(State(st): State<AppState>) -> Response {
-    match st.gateway.store().get(b"ready-probe") {
-        Ok(_) => fhir_response(StatusCode::OK, &json!({ "status": "ready" })),
+    let gw = &st.gateway;
+    let problem = match gw.store().get(b"ready-probe") {
         Err(e) => {
             tracing::error!(error = %e, "store not readable");
-            fhir_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({ "status": "store unavailable" }),
-            )
+            Some("store unavailable".to_string())
         }
+        Ok(_) => match crate::outbox::stuck(gw) {
+            Ok(Some(seq)) => Some(format!("outbox stuck: message {seq} has waited too long")),
+            Ok(None) => None,
+            Err(e) => Some(format!("outbox unreadable: {e}")),
+        },
+    };
+    match problem {
+        None => fhir_response(StatusCode::OK, &json!({ "status": "ready" })),
+        Some(p) => fhir_response(StatusCode::SERVICE_UNAVAILABLE, &json!({ "status": p })),
     }
+}
+
+/// Prometheus text: the outbox's state.
+async fn metrics(State(st): State<AppState>) -> Response {
+    match crate::outbox::metrics(&st.gateway) {
+        Ok(text) => {
+            let mut r = (StatusCode::OK, text).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+fn require_admin(who: &Principal) -> Result<(), ApiError> {
+    if who.role == crate::config::Role::Admin {
+        Ok(())
+    } else {
+        Err(ApiError(Error::Forbidden))
+    }
+}
+
+/// `GET /admin/outbox`: pending messages and dead letters (no clinical content).
+async fn admin_outbox(State(st): State<AppState>, who: Principal) -> ApiResult {
+    require_admin(&who)?;
+    let s = crate::outbox::summary(&st.gateway)?;
+    let body = serde_json::to_value(&s).map_err(|e| ApiError(Error::Internal(e.to_string())))?;
+    Ok((StatusCode::OK, axum::Json(body)).into_response())
+}
+
+/// `POST /admin/outbox/{seq}/retry` (a dead letter back to the queue) or `/stop` (a pending
+/// message to the dead letters).
+async fn admin_outbox_action(
+    State(st): State<AppState>,
+    Path((seq, action)): Path<(String, String)>,
+    who: Principal,
+) -> ApiResult {
+    require_admin(&who)?;
+    let seq: u64 = seq
+        .parse()
+        .map_err(|_| ApiError(Error::not_found(format!("outbox message {seq}"))))?;
+    let m = match action.as_str() {
+        "retry" => crate::outbox::retry(&st.gateway, seq).await?,
+        "stop" => crate::outbox::stop(&st.gateway, seq).await?,
+        _ => return Err(ApiError(Error::not_found("no such outbox action"))),
+    };
+    let body = serde_json::to_value(&m).map_err(|e| ApiError(Error::Internal(e.to_string())))?;
+    Ok((StatusCode::OK, axum::Json(body)).into_response())
 }
 
 async fn metadata() -> Response {

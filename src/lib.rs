@@ -11,6 +11,7 @@ pub mod fhir;
 pub mod gateway;
 pub mod http;
 pub mod ingest;
+pub mod outbox;
 pub mod routing;
 pub mod schema;
 pub mod server;

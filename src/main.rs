@@ -45,6 +45,13 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Inspect and steer the outbox of a stopped gateway (a running one: /admin/outbox).
+    Outbox {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        action: OutboxAction,
+    },
     /// Export every stored resource as FHIR bulk-data NDJSON, one file per type, from a
     /// stopped gateway's data directory.
     Export {
@@ -54,6 +61,18 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum OutboxAction {
+    /// Messages waiting for delivery, with attempts and the last error.
+    List,
+    /// Messages whose delivery failed for good.
+    DeadLetters,
+    /// Put a dead letter back in the queue, due now.
+    Retry { seq: u64 },
+    /// Stop retrying a pending message (it becomes a dead letter).
+    Stop { seq: u64 },
 }
 
 fn load(common: &Common, listen: Option<SocketAddr>) -> Result<Config, String> {
@@ -90,6 +109,16 @@ fn main() -> ExitCode {
                     cfg.routing.routes.len(),
                     cfg.clients.len()
                 );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Outbox { common, action } => match outbox(&common, action) {
+            Ok(text) => {
+                println!("{text}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -147,12 +176,51 @@ fn main() -> ExitCode {
     }
 }
 
-fn export(common: &Common, out: &std::path::Path) -> Result<Vec<(&'static str, usize)>, String> {
+fn open_gateway(common: &Common) -> Result<sp_gateway::gateway::Gateway, String> {
     let cfg = load(common, None)?;
     let store = sp_gateway::store::Store::open(&cfg.server.data_dir).map_err(|e| {
         format!("{e} (is a gateway still running on this data directory? stop it first)")
     })?;
-    let gateway = sp_gateway::gateway::Gateway::new(std::sync::Arc::new(cfg), store);
+    Ok(sp_gateway::gateway::Gateway::new(
+        std::sync::Arc::new(cfg),
+        store,
+    ))
+}
+
+fn outbox(common: &Common, action: OutboxAction) -> Result<String, String> {
+    use sp_gateway::outbox;
+    let gw = open_gateway(common)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let json = |v: serde_json::Result<String>| v.map_err(|e| e.to_string());
+    match action {
+        OutboxAction::List => {
+            let s = outbox::summary(&gw).map_err(|e| e.to_string())?;
+            json(serde_json::to_string_pretty(&s.pending))
+        }
+        OutboxAction::DeadLetters => {
+            let s = outbox::summary(&gw).map_err(|e| e.to_string())?;
+            json(serde_json::to_string_pretty(&s.dead_letters))
+        }
+        OutboxAction::Retry { seq } => {
+            let m = rt
+                .block_on(outbox::retry(&gw, seq))
+                .map_err(|e| e.to_string())?;
+            json(serde_json::to_string_pretty(&m))
+        }
+        OutboxAction::Stop { seq } => {
+            let m = rt
+                .block_on(outbox::stop(&gw, seq))
+                .map_err(|e| e.to_string())?;
+            json(serde_json::to_string_pretty(&m))
+        }
+    }
+}
+
+fn export(common: &Common, out: &std::path::Path) -> Result<Vec<(&'static str, usize)>, String> {
+    let gateway = open_gateway(common)?;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let mut counts = Vec::new();
     for t in sp_gateway::gateway::STORED_TYPES {

@@ -36,6 +36,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
     #[error("embedded schema: {0}")]
     Schema(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -52,6 +54,7 @@ pub struct Bound {
     pub listener: TcpListener,
     pub state: AppState,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    outbox: crate::outbox::Outbox,
 }
 
 impl Bound {
@@ -70,6 +73,8 @@ impl Bound {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let gateway = self.state.gateway.clone();
+        let (stop_outbox, outbox_stopped) = tokio::sync::watch::channel(false);
+        self.outbox.start(gateway.clone(), outbox_stopped);
         let limits = gateway.config().server.limits.clone();
         let router = http::router(self.state);
         let graceful = GracefulShutdown::new();
@@ -130,6 +135,7 @@ impl Bound {
             });
         }
         drop(self.listener);
+        let _ = stop_outbox.send(true);
         tokio::select! {
             _ = graceful.shutdown() => {}
             _ = tokio::time::sleep(DRAIN) => {
@@ -178,6 +184,7 @@ pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
         )?)),
         None => None,
     };
+    let outbox = crate::outbox::Outbox::new(&cfg)?;
     let store = Store::open(&cfg.server.data_dir)?;
     crate::ingest::init();
     crate::schema::init().map_err(|e| ServeError::Schema(e.to_string()))?;
@@ -192,5 +199,6 @@ pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
         listener,
         state: AppState::new(gateway, auth, &limits),
         tls,
+        outbox,
     })
 }

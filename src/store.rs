@@ -2,8 +2,10 @@
 //!
 //! Owns the on-disk layout (one sled tree of prefixed keys), atomic transactions over it,
 //! ordered prefix scans for indexes, and durability: [`Store::durable`] returns only once
-//! every write committed before the call is on disk (sled `flush`, then `syncfs` of the data
-//! directory), sharing one flush among all concurrent callers (group commit).
+//! every write committed before the call is on disk (sled `flush`, which writes with
+//! `sync_file_range` only, then `fdatasync` of sled's log file and `fsync` of its
+//! directories, so the disk cache and file metadata are committed too), sharing one flush
+//! among all concurrent callers (group commit).
 //!
 //! It knows nothing of FHIR, referrals or roles: callers give it keys and bytes. It must not
 //! decide what a key means; the key scheme lives with the code that owns the data
@@ -123,12 +125,12 @@ impl Store {
             .open()
             .map_err(|e| open_err(e.to_string()))?;
         let tree = db.open_tree("fhir").map_err(|e| open_err(e.to_string()))?;
-        let dir_file = File::open(dir).map_err(|e| open_err(format!("cannot open: {e}")))?;
+        let files = SyncFiles::open(dir).map_err(|e| open_err(format!("cannot open: {e}")))?;
         let (commits, rx) = mpsc::channel::<Waiter>();
         let flusher = db.clone();
         let committer = thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || group_commit_loop(flusher, dir_file, rx))
+            .spawn(move || group_commit_loop(flusher, files, rx))
             .map_err(|e| open_err(format!("cannot start the commit thread: {e}")))?;
         Ok(Store {
             db,
@@ -219,7 +221,7 @@ impl Store {
     }
 
     /// Waits until every write committed before this call is on disk. Concurrent callers
-    /// share one flush and one `syncfs`.
+    /// share one flush and one set of fsyncs.
     pub async fn durable(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.commits
@@ -233,8 +235,9 @@ impl Store {
     /// Blocking form of [`Store::durable`] for command-line tools.
     pub fn durable_blocking(&self) -> Result<(), StoreError> {
         self.db.flush()?;
-        let dir = File::open(&self.dir).map_err(|e| StoreError::Io(e.to_string()))?;
-        rustix::fs::syncfs(&dir).map_err(|e| StoreError::Io(e.to_string()))
+        SyncFiles::open(&self.dir)
+            .and_then(|f| f.sync())
+            .map_err(|e| StoreError::Io(e.to_string()))
     }
 
     /// Calls `f` with every key and value under `prefix`, in key order, without holding them
@@ -274,7 +277,36 @@ impl Store {
     }
 }
 
-fn group_commit_loop(db: sled::Db, dir: File, rx: mpsc::Receiver<Waiter>) {
+/// The files whose data and metadata must reach the disk after sled's flush: its log file
+/// (`db`), its blob directory and the data directory itself. Synced per file, not with
+/// `syncfs`, so that a commit does not also wait for every other writer on the filesystem.
+struct SyncFiles {
+    log: File,
+    dirs: Vec<File>,
+}
+
+impl SyncFiles {
+    fn open(dir: &Path) -> std::io::Result<SyncFiles> {
+        let mut dirs = vec![File::open(dir)?];
+        if let Ok(blobs) = File::open(dir.join("blobs")) {
+            dirs.push(blobs);
+        }
+        Ok(SyncFiles {
+            log: File::open(dir.join("db"))?,
+            dirs,
+        })
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        self.log.sync_data()?;
+        for d in &self.dirs {
+            d.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+fn group_commit_loop(db: sled::Db, files: SyncFiles, rx: mpsc::Receiver<Waiter>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -283,7 +315,7 @@ fn group_commit_loop(db: sled::Db, dir: File, rx: mpsc::Receiver<Waiter>) {
         let result = db
             .flush()
             .map_err(StoreError::from)
-            .and_then(|_| rustix::fs::syncfs(&dir).map_err(|e| StoreError::Io(e.to_string())));
+            .and_then(|_| files.sync().map_err(|e| StoreError::Io(e.to_string())));
         if let Err(e) = &result {
             tracing::error!(error = %e, "store flush failed");
         }

@@ -110,7 +110,7 @@ async fn client_round(base: String, round: usize, ledger: Arc<Mutex<Ledger>>) {
         workers.push(tokio::spawn(async move {
             loop {
                 let pending: Vec<String> = {
-                    let l = std::mem::take(&mut *ledger.lock().unwrap());
+                    let l = ledger.lock().unwrap();
                     l.acked
                         .values()
                         .filter(|t| !l.accepted.contains_key(*t))
@@ -186,8 +186,17 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     for round in 0..kills {
         let (mut child, base) = spawn(&data);
+        let before = ledger.lock().unwrap().acked.len();
         let clients = tokio::spawn(client_round(base.clone(), round, ledger.clone()));
-        tokio::time::sleep(Duration::from_millis(150 + rng.next(350))).await;
+        // Kill mid-load: once writes are flowing (however slow this machine is), at a random
+        // moment after.
+        for _ in 0..500 {
+            if ledger.lock().unwrap().acked.len() >= before + 5 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20 + rng.next(300))).await;
         child.kill().unwrap(); // SIGKILL, mid-write
         child.wait().unwrap();
         let _ = tokio::time::timeout(Duration::from_secs(10), clients).await;

@@ -168,7 +168,7 @@ pub struct Gateway {
     store: Store,
 }
 
-pub(crate) type TxResult<T> = std::result::Result<T, Abort<Error>>;
+pub type TxResult<T> = std::result::Result<T, Abort<Error>>;
 
 pub(crate) fn fail<T>(e: Error) -> TxResult<T> {
     Err(Abort::Caller(e))
@@ -297,14 +297,14 @@ impl Gateway {
         &self.store
     }
 
-    pub(crate) fn commit<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T> {
+    pub fn commit<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T> {
         self.store.transact(f).map_err(|e| match e {
             TxError::Caller(e) => e,
             TxError::Store(e) => Error::Store(e),
         })
     }
 
-    pub(crate) fn load(&self, rtype: &str, id: &str) -> Result<Option<Value>> {
+    pub fn load(&self, rtype: &str, id: &str) -> Result<Option<Value>> {
         if !crate::config::is_fhir_id(id) {
             return Ok(None);
         }

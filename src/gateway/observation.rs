@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::{fail, keys, org_of, scopes, tx_json, tx_now, tx_put_resource, Gateway, TxResult};
+use super::{fail, keys, org_of, scopes, tx_json, tx_now, tx_put_resource, Gateway, Now, TxResult};
 use crate::auth::Principal;
 use crate::config::Role;
 use crate::error::{Error, Result};
@@ -12,21 +12,81 @@ use crate::store::Tx;
 use crate::workflow;
 
 impl Gateway {
-    /// Writes a stamped Observation: resource, history, scope and patient indexes, and the
-    /// index by the ServiceRequest it is based on.
+    /// Writes a stamped Observation: resource, history, scope and patient indexes, the index
+    /// by the ServiceRequest it is based on, and (when new) its place in the outbox.
     pub(crate) fn tx_put_observation(
         &self,
         tx: &Tx<'_>,
         obs: &Value,
+        previous: Option<&Value>,
         sr_id: &str,
-        provider: Option<&str>,
-        practice: Option<&str>,
+        (provider, practice): (Option<&str>, Option<&str>),
+        now: &Now,
     ) -> TxResult<()> {
-        tx_put_resource(tx, "Observation", obs, None, &scopes(provider, practice))?;
+        tx_put_resource(
+            tx,
+            "Observation",
+            obs,
+            previous,
+            &scopes(provider, practice),
+        )?;
         let id = obs.get("id").and_then(Value::as_str).unwrap_or_default();
-        let ts = super::micros_of(fhir::last_updated_of(obs));
-        let key = format!("{}{}", keys::obs_by_sr(sr_id), keys::suffix(ts, id));
-        tx.put(key.as_bytes(), b"")?;
+        let key = |o: &Value| {
+            let ts = super::micros_of(fhir::last_updated_of(o));
+            format!("{}{}", keys::obs_by_sr(sr_id), keys::suffix(ts, id))
+        };
+        match previous {
+            Some(p) => tx.remove(key(p).as_bytes())?,
+            None => crate::outbox::tx_enqueue(tx, &self.cfg, practice, id, sr_id, now)?,
+        }
+        tx.put(key(obs).as_bytes(), b"")?;
+        Ok(())
+    }
+
+    /// Records on an Observation how its delivery to the GP system went (`delivered` or
+    /// `failed`), as a new version carrying the gateway's delivery-status extension.
+    pub(crate) async fn mark_delivery(&self, obs_id: &str, state: &str) -> Result<()> {
+        let ext_url = crate::outbox::delivery_extension_url();
+        self.commit(|tx| {
+            let Some(cur) = tx_json(tx, &keys::current("Observation", obs_id))? else {
+                return Ok(());
+            };
+            let sr_id = cur
+                .pointer("/basedOn/0")
+                .and_then(|r| fhir::ref_id(r, "ServiceRequest"))
+                .unwrap_or_default()
+                .to_string();
+            let practice = tx_json(tx, &keys::current("ServiceRequest", &sr_id))?
+                .and_then(|sr| fhir::requester_ods(&sr));
+            let provider = cur
+                .pointer("/performer/0")
+                .and_then(|r| fhir::ref_id(r, "Organization"))
+                .map(str::to_string);
+            let now = tx_now(tx)?;
+            let mut next = cur.clone();
+            let mut exts: Vec<Value> = next
+                .get("extension")
+                .and_then(Value::as_array)
+                .map(|e| {
+                    e.iter()
+                        .filter(|x| x.get("url").and_then(Value::as_str) != Some(ext_url.as_str()))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            exts.push(crate::outbox::delivery_extension(state));
+            next["extension"] = Value::Array(exts);
+            fhir::stamp(&mut next, obs_id, fhir::version_of(&cur) + 1, &now.instant);
+            self.tx_put_observation(
+                tx,
+                &next,
+                Some(&cur),
+                &sr_id,
+                (provider.as_deref(), practice.as_deref()),
+                &now,
+            )
+        })?;
+        self.store.durable().await?;
         Ok(())
     }
 
@@ -104,7 +164,7 @@ impl Gateway {
             let now = tx_now(tx)?;
             let mut obs = posted.clone();
             fhir::stamp(&mut obs, &obs_id, 1, &now.instant);
-            self.tx_put_observation(tx, &obs, &sr_id, Some(provider_id), org_of(&task, "requester"))?;
+            self.tx_put_observation(tx, &obs, None, &sr_id, (Some(provider_id), org_of(&task, "requester")), &now)?;
             Ok(obs)
         })?;
         self.store.durable().await?;

@@ -195,7 +195,7 @@ impl Gateway {
                 if let Some(provider) = owner.and_then(|o| cfg.provider(o)) {
                     let mut obs = fhir::declined_observation(&task, provider, &now.instant);
                     fhir::stamp(&mut obs, &uuid::Uuid::new_v4().to_string(), 1, &now.instant);
-                    self.tx_put_observation(tx, &obs, &sr_id, owner, practice)?;
+                    self.tx_put_observation(tx, &obs, None, &sr_id, (owner, practice), &now)?;
                 }
             }
             // The referral follows its Task to the end: completed, or revoked when it was
