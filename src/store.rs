@@ -112,19 +112,22 @@ impl Drop for Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir` and checks that it can be read end to end.
+    /// Opens (or creates) the store in `dir` and checks that it is one: a store this
+    /// program created carries a format marker, and its keys and values can be read.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let open_err = |message: String| StoreError::Open {
             dir: dir.display().to_string(),
             message,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create: {e}")))?;
+        let existed = dir.join("db").exists();
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(256 * 1024 * 1024)
             .open()
             .map_err(|e| open_err(e.to_string()))?;
         let tree = db.open_tree("fhir").map_err(|e| open_err(e.to_string()))?;
+        check_format(&db, &tree, existed).map_err(open_err)?;
         let files = SyncFiles::open(dir).map_err(|e| open_err(format!("cannot open: {e}")))?;
         let (commits, rx) = mpsc::channel::<Waiter>();
         let flusher = db.clone();
@@ -275,6 +278,41 @@ impl Store {
     pub fn is_empty(&self) -> bool {
         self.tree.is_empty()
     }
+}
+
+const FORMAT_KEY: &[u8] = b"meta/format";
+const FORMAT: &[u8] = b"sp-gateway store 1";
+
+/// A new store gets the format marker; an existing one must have it, and its first and
+/// last keys must be readable. Garbage in place of a store, or a store of another program
+/// or version, is refused with a message rather than served as empty.
+fn check_format(db: &sled::Db, tree: &sled::Tree, existed: bool) -> Result<(), String> {
+    let marker = db.get(FORMAT_KEY).map_err(|e| format!("unreadable: {e}"))?;
+    match marker {
+        Some(m) if m.as_ref() == FORMAT => {}
+        Some(m) => {
+            return Err(format!(
+                "is a store of format {:?}; this gateway reads {:?}",
+                String::from_utf8_lossy(&m),
+                String::from_utf8_lossy(FORMAT)
+            ))
+        }
+        None if existed => {
+            return Err(
+                "is not an sp-gateway store, or is damaged: its format marker is missing \
+                 (restore it from a backup; see README, Operations)"
+                    .into(),
+            )
+        }
+        None => {
+            db.insert(FORMAT_KEY, FORMAT).map_err(|e| e.to_string())?;
+            db.flush().map_err(|e| e.to_string())?;
+        }
+    }
+    for item in [tree.first(), tree.last()] {
+        item.map_err(|e| format!("unreadable: {e}"))?;
+    }
+    Ok(())
 }
 
 /// The files whose data and metadata must reach the disk after sled's flush: its log file

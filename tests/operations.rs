@@ -262,3 +262,27 @@ async fn export_and_backup_restore() {
     assert_eq!(r.status(), 201);
     stop(child);
 }
+
+#[test]
+fn an_unusable_store_stops_startup_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("db"), b"this is not a store").unwrap();
+    std::fs::write(data.join("conf"), b"nor is this").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not an sp-gateway store, or is damaged"),
+        "{err}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).is_empty(),
+        "it must not start listening"
+    );
+}
