@@ -407,6 +407,11 @@ async fn hostile_input_gets_4xx_and_changes_nothing() {
             .await;
         n += 1;
         let s = r.status.as_u16();
+        // A body over the limit may be refused (413) while the client is still sending it;
+        // the client may then see the connection close instead of the answer.
+        if r.status == CLOSED && c.body.len() > 256 * 1024 {
+            continue;
+        }
         if !(400..500).contains(&s) {
             failures.push(format!("{}: {s} {}", c.name, r.body));
         } else if r.body != Value::Null && r.body["resourceType"] != "OperationOutcome" {

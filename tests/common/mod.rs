@@ -46,6 +46,12 @@ pub struct TestGateway {
     pub http: reqwest::Client,
 }
 
+/// Stands for "connection closed without a readable response".
+pub const CLOSED: StatusCode = match StatusCode::from_u16(599) {
+    Ok(s) => s,
+    Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+};
+
 pub struct Resp {
     pub status: StatusCode,
     pub headers: reqwest::header::HeaderMap,
@@ -180,12 +186,44 @@ impl TestGateway {
         body: Option<Vec<u8>>,
         headers: &[(&str, &str)],
     ) -> Resp {
+        let first = self
+            .request_with(
+                &self.http,
+                method.clone(),
+                path,
+                token,
+                content_type,
+                body.clone(),
+                headers,
+            )
+            .await;
+        if first.status != CLOSED {
+            return first;
+        }
+        // A pooled connection the server had just closed (after refusing an oversized body,
+        // say): once more on a fresh connection.
+        let fresh = reqwest::Client::new();
+        self.request_with(&fresh, method, path, token, content_type, body, headers)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn request_with(
+        &self,
+        http: &reqwest::Client,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
         let url = if path.starts_with("http") {
             path.to_string()
         } else {
             format!("{}{path}", self.base)
         };
-        let mut rb = self.http.request(method, url);
+        let mut rb = http.request(method, url);
         if let Some(t) = token {
             rb = rb.bearer_auth(t);
         }
@@ -198,7 +236,19 @@ impl TestGateway {
         if let Some(b) = body {
             rb = rb.body(b);
         }
-        let resp = rb.send().await.expect("request");
+        let resp = match rb.send().await {
+            Ok(r) => r,
+            // The server closed the connection without an answer the client could read (a
+            // body refused while it was still being sent): reported as CLOSED.
+            Err(e) if e.is_request() || e.is_body() => {
+                return Resp {
+                    status: CLOSED,
+                    headers: Default::default(),
+                    body: Value::String(e.to_string()),
+                }
+            }
+            Err(e) => panic!("request: {e}"),
+        };
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp.bytes().await.expect("body");
