@@ -276,6 +276,17 @@ fn an_unusable_store_stops_startup_with_a_clear_message() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
+    // A store whose files sled accepts but which is not ours (sled's own, empty one).
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("db"), b"garbage").unwrap();
+    std::fs::write(data.join("conf"), b"junk\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("is not an sp-gateway store, or is damaged"),
