@@ -20,24 +20,6 @@ fn spawn(data: &std::path::Path) -> (Child, String) {
     spawn_binary(data, Some(&unthrottled_config()))
 }
 
-fn nhs(n: usize) -> String {
-    let mut i = n * 3 + 1;
-    loop {
-        let n9 = format!("999{i:06}");
-        let sum: u32 = n9
-            .chars()
-            .zip((2..=10).rev())
-            .map(|(d, w)| d.to_digit(10).unwrap() * w)
-            .sum();
-        let c = 11 - sum % 11;
-        let c = if c == 11 { 0 } else { c };
-        if c != 10 {
-            return format!("{n9}{c}");
-        }
-        i += 1;
-    }
-}
-
 /// A tiny deterministic generator, seeded per run and printed, for the kill moments.
 struct Lcg(u64);
 impl Lcg {
@@ -71,11 +53,7 @@ async fn client_round(base: String, round: usize, ledger: Arc<Mutex<Ledger>>) {
         workers.push(tokio::spawn(async move {
             for i in 0..1000 {
                 let id = format!("CRASH-{round}-{w}-{i}");
-                let mut r = fixture("referral-ada.json");
-                r["referralId"] = json!(id);
-                r["patient"]["nhsNumber"] = json!(nhs(round * 4000 + w * 1000 + i));
-                r["needs"] = json!(["employment"]);
-                r["reasons"] = json!([]);
+                let r = hub_referral(&id, round * 4000 + w * 1000 + i);
                 let resp = http
                     .post(format!("{base}/referrals"))
                     .bearer_auth(GP)
@@ -244,11 +222,7 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
         let round: usize = id.split('-').nth(1).unwrap().parse().unwrap();
         let w: usize = id.split('-').nth(2).unwrap().parse().unwrap();
         let i: usize = id.split('-').nth(3).unwrap().parse().unwrap();
-        let mut r = fixture("referral-ada.json");
-        r["referralId"] = json!(id);
-        r["patient"]["nhsNumber"] = json!(nhs(round * 4000 + w * 1000 + i));
-        r["needs"] = json!(["employment"]);
-        r["reasons"] = json!([]);
+        let r = hub_referral(id, round * 4000 + w * 1000 + i);
         let resp = http
             .post(format!("{base}/referrals"))
             .bearer_auth(GP)

@@ -10,29 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 fn referral(i: usize) -> Value {
-    let mut r = variant("referral-ada.json", &format!("OPS-{i}"), None);
-    // NHS numbers from the 999 range with valid check digits, one per referral.
-    let mut k = 100 + i * 3;
-    let nhs = loop {
-        let n9 = format!("999{k:06}");
-        let sum: u32 = n9
-            .chars()
-            .zip((2..=10).rev())
-            .map(|(d, w)| d.to_digit(10).unwrap() * w)
-            .sum();
-        let c = (11 - sum % 11) % 11;
-        if c != 10 {
-            break format!("{n9}{c}");
-        }
-        k += 1;
-    };
-    r["patient"]["nhsNumber"] = json!(nhs);
-    r["needs"] = json!(["employment"]);
-    r["reasons"] = json!([]);
-    r
+    hub_referral(&format!("OPS-{i}"), 100 + i)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

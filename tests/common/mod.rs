@@ -392,3 +392,29 @@ pub fn unthrottled_config() -> String {
         )
     })
 }
+
+/// The `n`-th synthetic NHS number of the 999 test range with a valid check digit.
+pub fn nhs_number(n: usize) -> String {
+    let mut k = n * 3 + 1;
+    loop {
+        let n9 = format!("999{k:06}");
+        let sum: u32 = n9
+            .chars()
+            .zip((2..=10).rev())
+            .filter_map(|(d, w)| d.to_digit(10).map(|d| d * w))
+            .sum();
+        let c = (11 - sum % 11) % 11;
+        if c != 10 {
+            return format!("{n9}{c}");
+        }
+        k += 1;
+    }
+}
+
+/// A referral that no route matches (employment, in BB9): it goes to the fallback hub.
+pub fn hub_referral(id: &str, n: usize) -> Value {
+    let mut r = variant("referral-ada.json", id, Some(&nhs_number(n)));
+    r["needs"] = json!(["employment"]);
+    r["reasons"] = json!([]);
+    r
+}
