@@ -93,13 +93,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { common } => match load(&common, None).and_then(|cfg| {
-            // The certificate and key files too: a config that cannot start is not OK.
-            match &cfg.tls {
-                Some(t) => sp_gateway::tls::server_config(t)
-                    .map(|_| cfg)
-                    .map_err(|e| e.to_string()),
-                None => Ok(cfg),
+            // The certificate, key and token files too: a config that cannot start is not OK.
+            if let Some(t) = &cfg.tls {
+                sp_gateway::tls::server_config(t).map_err(|e| e.to_string())?;
             }
+            sp_gateway::outbox::Outbox::new(&cfg).map_err(|e| e.to_string())?;
+            Ok(cfg)
         }) {
             Ok(cfg) => {
                 println!(
