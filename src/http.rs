@@ -121,6 +121,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(negotiate))
         .layer(middleware::from_fn(ensure_outcome))
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn_with_state(state.clone(), audit_request))
         .layer(middleware::from_fn_with_state(state.clone(), limit))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
@@ -346,6 +347,7 @@ impl FromRequestParts<AppState> for Principal {
             .limiter
             .take(&p.client_id)
             .map_err(|secs| ApiError(Error::TooManyRequests(secs)))?;
+        crate::audit::set_client(&p.client_id, p.role.as_str());
         if let Some(slot) = parts.extensions.get::<ClientSlot>() {
             if let Ok(mut g) = slot.0.lock() {
                 *g = Some(p.client_id.clone());
@@ -1075,6 +1077,48 @@ async fn negotiate(req: Request, next: Next) -> Response {
         }
     }
     next.run(req).await
+}
+
+/// Records every request that can touch patient data in the audit trail. A successful write
+/// has already recorded itself in its own transaction; everything else (reads, searches,
+/// refusals, failed authentication) is recorded here before the response leaves. If the
+/// record cannot be written, the response is withheld (fail closed): no unaudited access.
+async fn audit_request(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let exempt = matches!(
+        path.as_str(),
+        "/healthz" | "/readyz" | "/metrics" | "/fhir/metadata"
+    );
+    if exempt {
+        return next.run(req).await;
+    }
+    let ctx = crate::audit::Context {
+        peer: req
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|c| c.peer.ip().to_string()),
+        method: req.method().to_string(),
+        query: req.uri().query().map(str::to_string),
+        path,
+        ..Default::default()
+    };
+    let (resp, ctx) = crate::audit::scope(ctx, async {
+        let resp = next.run(req).await;
+        (resp, crate::audit::current())
+    })
+    .await;
+    let Some(ctx) = ctx else { return resp };
+    if resp.status().is_success() && ctx.recorded {
+        return resp;
+    }
+    let entities = crate::audit::path_entities(&ctx.path);
+    match crate::audit::append(&st.gateway, &ctx, resp.status().as_u16(), &entities) {
+        Ok(_) => resp,
+        Err(e) => {
+            tracing::error!(error = %e, "audit record failed; response withheld");
+            ApiError(Error::Internal("audit".into())).into_response()
+        }
+    }
 }
 
 /// Backpressure and deadlines: a request beyond the concurrency limit is answered 503 at

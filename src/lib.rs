@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map of modules and the invariants they keep. Data flows one
 //! way: `http` → `gateway` → (`ingest`, `fhir`, `routing`, `workflow`) → `store`.
 
+pub mod audit;
 pub mod auth;
 pub mod capability;
 pub mod config;

@@ -259,9 +259,17 @@ impl Store {
 
     /// SHA-256 over every key and value, in order: equal digests mean equal contents.
     pub fn digest(&self) -> Result<String, StoreError> {
+        self.digest_excluding(&[])
+    }
+
+    /// [`Store::digest`] leaving out keys under `prefixes`.
+    pub fn digest_excluding(&self, prefixes: &[&[u8]]) -> Result<String, StoreError> {
         let mut h = Sha256::new();
         for item in self.tree.iter() {
             let (k, v) = item?;
+            if prefixes.iter().any(|p| k.starts_with(p)) {
+                continue;
+            }
             h.update((k.len() as u64).to_be_bytes());
             h.update(&k);
             h.update((v.len() as u64).to_be_bytes());

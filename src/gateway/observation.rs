@@ -165,6 +165,11 @@ impl Gateway {
             let mut obs = posted.clone();
             fhir::stamp(&mut obs, &obs_id, 1, &now.instant);
             self.tx_put_observation(tx, &obs, None, &sr_id, (Some(provider_id), org_of(&task, "requester")), &now)?;
+            crate::audit::tx_record(
+                tx,
+                &[format!("Observation/{obs_id}"), format!("ServiceRequest/{sr_id}")],
+                &now,
+            )?;
             Ok(obs)
         })?;
         self.store.durable().await?;

@@ -367,6 +367,15 @@ impl Gateway {
                             .into(),
                     ));
                 }
+                crate::audit::tx_record(
+                    tx,
+                    &[
+                        format!("Patient/{}", rec.patient),
+                        format!("ServiceRequest/{}", rec.service_request),
+                        format!("Task/{}", rec.task),
+                    ],
+                    &Now::current(),
+                )?;
                 return Ok((false, false, rec));
             }
             for k in &plan.idem_keys[1..] {
@@ -430,6 +439,15 @@ impl Gateway {
             for k in &plan.idem_keys {
                 tx_put_json(tx, k, &rec)?;
             }
+            crate::audit::tx_record(
+                tx,
+                &[
+                    format!("Patient/{patient_id}"),
+                    format!("ServiceRequest/{sr_id}"),
+                    format!("Task/{task_id}"),
+                ],
+                &now,
+            )?;
             Ok((true, patient_written, rec))
         })?;
         // Also for a resubmission: the first submission may still be on its way to disk.

@@ -191,10 +191,13 @@ impl Gateway {
                     tx_add(tx, &keys::open_count(owner), delta)?;
                 }
             }
+            let mut touched = vec![format!("Task/{id}")];
             if to == "rejected" && fhir::is_patient_declined(&task) {
                 if let Some(provider) = owner.and_then(|o| cfg.provider(o)) {
                     let mut obs = fhir::declined_observation(&task, provider, &now.instant);
-                    fhir::stamp(&mut obs, &uuid::Uuid::new_v4().to_string(), 1, &now.instant);
+                    let obs_id = uuid::Uuid::new_v4().to_string();
+                    fhir::stamp(&mut obs, &obs_id, 1, &now.instant);
+                    touched.push(format!("Observation/{obs_id}"));
                     self.tx_put_observation(tx, &obs, None, &sr_id, (owner, practice), &now)?;
                 }
             }
@@ -221,6 +224,10 @@ impl Gateway {
                     )?;
                 }
             }
+            if workflow::is_final(to) && !workflow::is_final(from) {
+                touched.push(format!("ServiceRequest/{sr_id}"));
+            }
+            crate::audit::tx_record(tx, &touched, &now)?;
             Ok(task)
         })?;
         self.store.durable().await?;

@@ -1,0 +1,362 @@
+//! The audit trail: a FHIR AuditEvent for every request that touches patient data (and every
+//! failed authentication), in an append-only, hash-chained log.
+//!
+//! Owns the record format (`a/{seq}`: the event, the previous record's hash, and its own
+//! hash over both), the chain head (`c/audit-head`), the auditor's indexes (by entity, by
+//! agent), verification (`sp-gateway audit verify`), and the request context that lets a
+//! write's AuditEvent land in the same store transaction as the write itself
+//! ([`tx_record`]); reads, searches and refusals are recorded right after the response is
+//! decided ([`append`]). It must not decide who may read the log (that is `capability`).
+
+use std::cell::RefCell;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+use crate::gateway::{Gateway, Now};
+use crate::store::{Abort, Store, Tx};
+
+const HEAD: &[u8] = b"c/audit-head";
+pub const RECORDS: &str = "a/";
+
+pub fn record_key(seq: u64) -> String {
+    format!("{RECORDS}{seq:020}")
+}
+pub fn by_entity(entity: &str) -> String {
+    format!("x/ae/e/{entity}/")
+}
+pub fn by_agent(agent: &str) -> String {
+    format!("x/ae/g/{agent}/")
+}
+
+/// One link of the chain.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub seq: u64,
+    /// Hash of the previous record ("" for the first).
+    pub prev: String,
+    /// SHA-256 over `prev`, a newline and the event's JSON.
+    pub hash: String,
+    pub event: Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+struct Head {
+    seq: u64,
+    hash: String,
+}
+
+pub fn chain_hash(prev: &str, event: &Value) -> String {
+    let mut h = Sha256::new();
+    h.update(prev.as_bytes());
+    h.update(b"\n");
+    h.update(event.to_string().as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// What is known about the request being handled.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    pub client: Option<String>,
+    pub role: Option<String>,
+    pub peer: Option<String>,
+    pub method: String,
+    /// The path, with ids (not the query string).
+    pub path: String,
+    pub query: Option<String>,
+    /// Set once a write has recorded this request in its own transaction.
+    pub recorded: bool,
+}
+
+/// Key prefixes of the audit trail (left out of the clinical data's digest).
+pub const PREFIXES: &[&[u8]] = &[b"a/", b"x/ae/", b"c/audit-head"];
+
+tokio::task_local! {
+    static REQUEST: RefCell<Context>;
+}
+
+/// Runs `f` with `ctx` as the current request's audit context.
+pub async fn scope<F: std::future::Future>(ctx: Context, f: F) -> F::Output {
+    REQUEST.scope(RefCell::new(ctx), f).await
+}
+
+/// Sets who the caller is, once authentication has said.
+pub fn set_client(client: &str, role: &str) {
+    let _ = REQUEST.try_with(|c| {
+        let mut c = c.borrow_mut();
+        c.client = Some(client.to_string());
+        c.role = Some(role.to_string());
+    });
+}
+
+pub fn current() -> Option<Context> {
+    REQUEST.try_with(|c| c.borrow().clone()).ok()
+}
+
+fn interaction(method: &str, path: &str) -> (&'static str, &'static str) {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segs.as_slice()) {
+        ("POST", ["fhir", _, op]) if op.starts_with('$') => ("operation", "E"),
+        ("POST", ["fhir"]) => ("transaction", "C"),
+        ("POST", _) => ("create", "C"),
+        ("PUT", _) => ("update", "U"),
+        ("PATCH", _) => ("patch", "U"),
+        ("GET", ["fhir", _]) => ("search-type", "E"),
+        ("GET", ["fhir", _, "_history"]) => ("history-type", "R"),
+        ("GET", ["fhir", _, _, "_history"]) => ("history-instance", "R"),
+        ("GET", ["fhir", _, _, "_history", _]) => ("vread", "R"),
+        _ => ("read", "R"),
+    }
+}
+
+/// The AuditEvent for the current request, with its outcome and the entities it touched.
+pub fn event(ctx: &Context, status: u16, entities: &[String], now: &Now) -> Value {
+    let (sub, action) = interaction(&ctx.method, &ctx.path);
+    let outcome = match status {
+        200..=399 => "0",
+        400..=499 => "4",
+        _ => "8",
+    };
+    let client = ctx
+        .client
+        .clone()
+        .unwrap_or_else(|| "unauthenticated".into());
+    let mut agent = json!({
+        "who": {
+            "identifier": { "system": format!("{}/Id/client", crate::fhir::CANONICAL), "value": client },
+            "display": client
+        },
+        "requestor": true
+    });
+    if let Some(r) = &ctx.role {
+        agent["role"] = json!([{ "text": r }]);
+    }
+    if let Some(p) = &ctx.peer {
+        agent["network"] = json!({ "address": p, "type": "2" });
+    }
+    let mut entity: Vec<Value> = entities
+        .iter()
+        .map(|e| json!({ "what": { "reference": e } }))
+        .collect();
+    if let Some(q) = ctx.query.as_deref().filter(|q| !q.is_empty()) {
+        entity.push(json!({
+            "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object" },
+            "query": base64::engine::general_purpose::STANDARD.encode(q),
+            "description": format!("{} {}", ctx.method, ctx.path)
+        }));
+    }
+    let mut e = json!({
+        "resourceType": "AuditEvent",
+        "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation" },
+        "subtype": [{ "system": "http://hl7.org/fhir/restful-interaction", "code": sub }],
+        "action": action,
+        "recorded": now.instant,
+        "outcome": outcome,
+        "outcomeDesc": format!("HTTP {status}"),
+        "agent": [agent],
+        "source": {
+            "observer": { "display": "sp-gateway" },
+            "type": [{ "system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4", "display": "Application Server" }]
+        }
+    });
+    if !entity.is_empty() {
+        e["entity"] = json!(entity);
+    }
+    e
+}
+
+/// The entities a path names (`Task/{id}` from `/fhir/Task/{id}/_history/2`).
+pub fn path_entities(path: &str) -> Vec<String> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segs.as_slice() {
+        ["fhir", t, id, ..] if !id.starts_with('$') && !id.starts_with('_') => {
+            vec![format!("{t}/{id}")]
+        }
+        _ => vec![],
+    }
+}
+
+type TxResult<T> = std::result::Result<T, Abort<Error>>;
+
+/// Appends `event` to the chain in the caller's transaction; returns its sequence number.
+pub fn tx_append(tx: &Tx<'_>, mut event: Value) -> TxResult<u64> {
+    let head: Head = match tx.get(HEAD)? {
+        Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
+        None => Head::default(),
+    };
+    let seq = head.seq + 1;
+    if let Some(o) = event.as_object_mut() {
+        o.insert("id".into(), json!(seq.to_string()));
+        o.insert("meta".into(), json!({ "versionId": "1", "lastUpdated": o.get("recorded").cloned().unwrap_or(Value::Null) }));
+    }
+    let hash = chain_hash(&head.hash, &event);
+    let rec = Record {
+        seq,
+        prev: head.hash.clone(),
+        hash: hash.clone(),
+        event,
+    };
+    let bytes =
+        serde_json::to_vec(&rec).map_err(|e| Abort::Caller(Error::Internal(e.to_string())))?;
+    tx.put(record_key(seq).as_bytes(), &bytes)?;
+    let head = serde_json::to_vec(&Head { seq, hash })
+        .map_err(|e| Abort::Caller(Error::Internal(e.to_string())))?;
+    tx.put(HEAD, &head)?;
+    // Auditor indexes.
+    let agent = rec
+        .event
+        .pointer("/agent/0/who/identifier/value")
+        .and_then(Value::as_str)
+        .unwrap_or("unauthenticated");
+    tx.put(format!("{}{seq:020}", by_agent(agent)).as_bytes(), b"")?;
+    for e in rec
+        .event
+        .get("entity")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(r) = e.pointer("/what/reference").and_then(Value::as_str) {
+            tx.put(format!("{}{seq:020}", by_entity(r)).as_bytes(), b"")?;
+        }
+    }
+    Ok(seq)
+}
+
+/// Records the current request as a success that wrote `entities`, in the caller's (the
+/// write's) transaction. Outside a request (the outbox worker, tools), records nothing.
+pub fn tx_record(tx: &Tx<'_>, entities: &[String], now: &Now) -> TxResult<()> {
+    if let Some(ctx) = current() {
+        let _ = REQUEST.try_with(|c| c.borrow_mut().recorded = true);
+        let mut all = path_entities(&ctx.path);
+        for e in entities {
+            if !all.contains(e) {
+                all.push(e.clone());
+            }
+        }
+        tx_append(tx, event(&ctx, 200, &all, now))?;
+    }
+    Ok(())
+}
+
+/// Records a request (a read, a search, a refusal) in its own transaction.
+pub fn append(
+    gw: &Gateway,
+    ctx: &Context,
+    status: u16,
+    entities: &[String],
+) -> crate::error::Result<u64> {
+    let now = Now::current();
+    let ev = event(ctx, status, entities, &now);
+    gw.commit(|tx| tx_append(tx, ev.clone()))
+}
+
+/// What `audit verify` found.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    Intact {
+        records: u64,
+        head: String,
+    },
+    /// The first record that is wrong, and how.
+    Broken {
+        seq: u64,
+        problem: String,
+    },
+}
+
+/// Walks the chain from the first record: every sequence number present and in order, each
+/// record's `prev` the hash of the one before, each hash right for its content, the head
+/// where the chain ends, and (when given) a logged checkpoint `(seq, hash)` still there.
+pub fn verify(store: &Store, checkpoint: Option<(u64, &str)>) -> crate::error::Result<Verdict> {
+    let mut expected_seq = 1u64;
+    let mut prev = String::new();
+    let mut broken: Option<(u64, String)> = None;
+    let mut count = 0u64;
+    store.for_each(RECORDS.as_bytes(), |k, v| {
+        if broken.is_some() {
+            return Ok(());
+        }
+        let key_seq: u64 = std::str::from_utf8(&k[RECORDS.len()..])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let rec: Record = match serde_json::from_slice(v) {
+            Ok(r) => r,
+            Err(_) => {
+                broken = Some((key_seq, "record unreadable".into()));
+                return Ok(());
+            }
+        };
+        if key_seq != expected_seq || rec.seq != key_seq {
+            let problem = if key_seq > expected_seq {
+                format!("record {expected_seq} is missing (next present is {key_seq})")
+            } else {
+                format!(
+                    "record out of place (stored as {key_seq}, says {})",
+                    rec.seq
+                )
+            };
+            broken = Some((expected_seq, problem));
+            return Ok(());
+        }
+        if rec.prev != prev {
+            broken = Some((
+                key_seq,
+                "its link to the previous record does not match (reordered or replaced)".into(),
+            ));
+            return Ok(());
+        }
+        if chain_hash(&rec.prev, &rec.event) != rec.hash {
+            broken = Some((key_seq, "its content was altered (hash mismatch)".into()));
+            return Ok(());
+        }
+        prev = rec.hash;
+        expected_seq += 1;
+        count += 1;
+        Ok(())
+    })?;
+    if let Some((seq, problem)) = broken {
+        return Ok(Verdict::Broken { seq, problem });
+    }
+    let head: Head = store
+        .get(HEAD)?
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    if head.seq != count || head.hash != prev {
+        return Ok(Verdict::Broken {
+            seq: count + 1,
+            problem: format!("the chain ends at record {count}, but its head says {} (records removed from the end)", head.seq),
+        });
+    }
+    if let Some((seq, hash)) = checkpoint {
+        if seq > count {
+            return Ok(Verdict::Broken { seq: count + 1, problem: format!("checkpoint {seq} is beyond the end of the chain ({count}): the tail was truncated") });
+        }
+        let rec: Option<Record> = store
+            .get(record_key(seq).as_bytes())?
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if rec.map(|r| r.hash) != Some(hash.to_string()) {
+            return Ok(Verdict::Broken {
+                seq,
+                problem: format!("record {seq} does not have the checkpoint's hash"),
+            });
+        }
+    }
+    Ok(Verdict::Intact {
+        records: count,
+        head: prev,
+    })
+}
+
+/// The chain head, for checkpoints in the log.
+pub fn head(store: &Store) -> crate::error::Result<(u64, String)> {
+    let h: Head = store
+        .get(HEAD)?
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    Ok((h.seq, h.hash))
+}
