@@ -81,6 +81,8 @@ pub struct Limits {
     pub handshake_timeout_secs: u64,
     /// Requests handled at once; more are answered 503 at once (backpressure).
     pub max_concurrent_requests: usize,
+    /// Open connections at once; more are closed on arrival.
+    pub max_connections: usize,
     /// Sustained requests per second per client, and the burst allowed above it (429).
     pub rate_per_second: u32,
     pub rate_burst: u32,
@@ -97,6 +99,7 @@ impl Default for Limits {
             request_timeout_secs: 30,
             handshake_timeout_secs: 10,
             max_concurrent_requests: 256,
+            max_connections: 1024,
             rate_per_second: 100,
             rate_burst: 200,
             max_string_bytes: 64 * 1024,
@@ -173,14 +176,15 @@ pub struct Outbox {
     pub poll_ms: u64,
     /// A delivery request's deadline.
     pub request_timeout_ms: u64,
-    /// `/readyz` fails when a message has waited longer than this.
+    /// `/readyz` fails when a message has been due this long without the worker trying it
+    /// (the worker is stuck; a GP endpoint that keeps failing is not the gateway's fault).
     pub stuck_after_secs: u64,
 }
 
 impl Default for Outbox {
     fn default() -> Self {
         Outbox {
-            max_attempts: 12,
+            max_attempts: 30,
             base_delay_ms: 500,
             max_delay_ms: 300_000,
             poll_ms: 200,
@@ -359,10 +363,10 @@ impl Config {
             key,
             message,
         };
-        if self.server.max_body_bytes < 1024 {
+        if self.server.max_body_bytes < 1024 || self.server.max_body_bytes > 1024 * 1024 {
             return Err(bad(
                 "server.max_body_bytes".into(),
-                "must be at least 1024".into(),
+                "must be from 1024 to 1048576 (1 MiB)".into(),
             ));
         }
         let mut seen = HashSet::new();
@@ -674,6 +678,7 @@ impl Config {
             ("request_timeout_secs", l.request_timeout_secs),
             ("handshake_timeout_secs", l.handshake_timeout_secs),
             ("max_concurrent_requests", l.max_concurrent_requests as u64),
+            ("max_connections", l.max_connections as u64),
             ("rate_per_second", l.rate_per_second as u64),
             ("rate_burst", l.rate_burst as u64),
         ] {

@@ -32,6 +32,10 @@ use crate::gateway::{self, Gateway, Query};
 
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
+/// Set by the server on requests that came over TLS (a client cannot set it: any copy it
+/// sends is removed first), so that links the gateway writes use `https`.
+pub const SCHEME_HEADER: &str = "x-sp-gateway-scheme";
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
@@ -60,6 +64,7 @@ impl AppState {
 pub struct ConnInfo {
     pub peer: std::net::SocketAddr,
     pub cert_sha256: Option<[u8; 32]>,
+    pub tls: bool,
 }
 
 /// A token bucket per client: `rate` requests a second sustained, `burst` at once.
@@ -363,6 +368,11 @@ struct ClientSlot(Arc<std::sync::Mutex<Option<String>>>);
 
 /// The base URL for links: the request's Host when it is a plain host name.
 fn base_url(headers: &HeaderMap) -> String {
+    let scheme = headers
+        .get(SCHEME_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| *s == "https")
+        .unwrap_or("http");
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -373,7 +383,7 @@ fn base_url(headers: &HeaderMap) -> String {
                     .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
         })
         .unwrap_or("localhost");
-    format!("http://{host}/fhir")
+    format!("{scheme}://{host}/fhir")
 }
 
 /// Reads a JSON request body: checks the content type and the size limit.
@@ -419,7 +429,11 @@ async fn read_body_as(
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError(Error::PayloadTooLarge(limit)));
     }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(state.request_timeout, axum::body::to_bytes(body, limit));
+    let Ok(read) = read.await else {
+        return Err(ApiError(Error::Timeout));
+    };
+    let bytes = read.map_err(|e| {
         // axum reports http-body-util's LengthLimitError only through its message.
         if e.to_string().contains("length limit") {
             ApiError(Error::PayloadTooLarge(limit))
@@ -489,8 +503,11 @@ async fn readyz(State(st): State<AppState>) -> Response {
     }
 }
 
-/// Prometheus text: the outbox's state.
-async fn metrics(State(st): State<AppState>) -> Response {
+/// Prometheus text: the outbox's state (admin only: it says how busy each practice is).
+async fn metrics(State(st): State<AppState>, who: Principal) -> Response {
+    if let Err(e) = require_admin(&who) {
+        return e.into_response();
+    }
     match crate::outbox::metrics(&st.gateway) {
         Ok(text) => {
             let mut r = (StatusCode::OK, text).into_response();
@@ -1124,13 +1141,17 @@ async fn audit_request(State(st): State<AppState>, req: Request, next: Next) -> 
 /// Backpressure and deadlines: a request beyond the concurrency limit is answered 503 at
 /// once (never queued without bound), and one not done within the request timeout 408.
 async fn limit(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    // The probes answer however busy the gateway is.
+    if matches!(req.uri().path(), "/healthz" | "/readyz") {
+        return next.run(req).await;
+    }
     let Ok(_slot) = st.slots.clone().try_acquire_owned() else {
         return ApiError(Error::Overloaded).into_response();
     };
-    match tokio::time::timeout(st.request_timeout, next.run(req)).await {
-        Ok(resp) => resp,
-        Err(_) => ApiError(Error::Timeout).into_response(),
-    }
+    // No deadline here: a handler that has committed a write must be allowed to finish and
+    // answer, or a client would retry a write that happened. Slow clients are cut off where
+    // they are slow: reading the head (server) and the body (read_body).
+    next.run(req).await
 }
 
 /// Logs one line per request: method, route template, status, time, client. Never the URL

@@ -138,7 +138,7 @@ pub fn summary(gw: &Gateway) -> Result<Summary> {
     Ok(Summary {
         pending: messages(gw, QUEUE)?,
         dead_letters: messages(gw, DEAD)?,
-        delivered: gw.store().scan(DONE.as_bytes(), None, usize::MAX)?.len(),
+        delivered: gw.store().count(DONE.as_bytes())?,
     })
 }
 
@@ -185,19 +185,27 @@ pub async fn stop(gw: &Gateway, seq: u64) -> Result<Message> {
         m.last_error = Some("stopped by an operator".into());
         tx.remove(key.as_bytes())?;
         tx.put(format!("{DEAD}{seq:020}").as_bytes(), &to_json(&m)?)?;
+        gw.tx_mark_delivery(tx, &m.observation, "failed")?;
         Ok(m)
     })?;
-    gw.mark_delivery(&m.observation, "failed").await?;
+    gw.store().durable().await?;
     Ok(m)
 }
 
-/// Whether the outbox is healthy: no message has waited longer than `stuck_after_secs`.
+/// Whether the outbox workers are making progress: no message has been due for longer than
+/// `stuck_after_secs` without an attempt. Messages of practices no longer configured are
+/// not counted (nobody will deliver them; an operator sees them in the list).
 pub fn stuck(gw: &Gateway) -> Result<Option<u64>> {
     let limit = gw.config().outbox.stuck_after_secs as i64 * 1_000_000;
     let now = Now::current().micros;
+    let cfg = gw.config();
     Ok(messages(gw, QUEUE)?
         .into_iter()
-        .find(|m| now - m.created_at > limit)
+        .filter(|m| {
+            cfg.practice(&m.practice)
+                .is_some_and(|p| p.endpoint.is_some())
+        })
+        .find(|m| now - m.next_at > limit)
         .map(|m| m.seq))
 }
 
@@ -346,6 +354,17 @@ async fn send(gw: &Gateway, t: &Target, m: &Message) -> Result<Outcome> {
     if let Some(o) = obs.as_object_mut() {
         o.remove("meta");
         o.insert("identifier".into(), json!([ident]));
+        // The gateway's own delivery bookkeeping is not the GP's business.
+        let own = delivery_extension_url();
+        if let Some(Value::Array(exts)) = o.get_mut("extension") {
+            exts.retain(|e| e.get("url").and_then(Value::as_str) != Some(own.as_str()));
+        }
+        if o.get("extension")
+            .and_then(Value::as_array)
+            .is_some_and(|e| e.is_empty())
+        {
+            o.remove("extension");
+        }
     }
     let mut req = t
         .http
@@ -392,7 +411,13 @@ fn backoff(cfg: &crate::config::Outbox, attempts: u32) -> i64 {
 async fn deliver_due(gw: &Gateway, ods: &str, t: &Target) -> Result<()> {
     let prefix = queue_prefix(ods);
     let queued = messages(gw, &prefix)?;
-    let mut blocked = HashSet::new();
+    // A referral with a dead letter waits for the operator: delivering its later messages
+    // first would break its order.
+    let mut blocked: HashSet<String> = messages(gw, DEAD)?
+        .into_iter()
+        .filter(|d| d.practice == ods)
+        .map(|d| d.service_request)
+        .collect();
     for m in queued {
         if !blocked.insert(m.service_request.clone()) {
             continue; // an earlier message of this referral is still queued
@@ -412,7 +437,15 @@ async fn deliver_due(gw: &Gateway, ods: &str, t: &Target) -> Result<()> {
             Outcome::Retry(e) => ("retry", Some(e.clone())),
             Outcome::Permanent(e) => ("failed", Some(e.clone())),
         };
-        gw.commit(|tx| {
+        let applied = gw.commit(|tx| {
+            // An operator may have stopped (or retried) this message while it was being sent:
+            // then their decision stands and this attempt's result is dropped.
+            let still: Option<Message> = tx
+                .get(key.as_bytes())?
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if still.as_ref() != Some(&m) {
+                return Ok(false);
+            }
             let mut next = m.clone();
             next.attempts += 1;
             next.last_error = note.clone();
@@ -428,19 +461,25 @@ async fn deliver_due(gw: &Gateway, ods: &str, t: &Target) -> Result<()> {
                 }
                 _ => tx.put(format!("{DEAD}{:020}", m.seq).as_bytes(), &to_json(&next)?)?,
             }
-            Ok(())
+            // The Observation says how its delivery went, in the same transaction.
+            if state != "retry" {
+                gw.tx_mark_delivery(tx, &m.observation, state)?;
+            }
+            Ok(true)
         })?;
+        gw.store().durable().await?;
+        if !applied {
+            continue;
+        }
         match state {
             "retry" => {
                 tracing::warn!(practice = %ods, seq = m.seq, attempt = m.attempts + 1, error = note.as_deref().unwrap_or(""), "outbox delivery failed; will retry")
             }
             "failed" => {
-                tracing::error!(practice = %ods, seq = m.seq, error = note.as_deref().unwrap_or(""), "outbox message dead-lettered");
-                gw.mark_delivery(&m.observation, "failed").await?;
+                tracing::error!(practice = %ods, seq = m.seq, error = note.as_deref().unwrap_or(""), "outbox message dead-lettered")
             }
-            _ => gw.mark_delivery(&m.observation, "delivered").await?,
+            _ => {}
         }
-        gw.store().durable().await?;
         if state == "retry" {
             // The endpoint is failing: leave the rest of this pass to the next one.
             break;
@@ -451,7 +490,8 @@ async fn deliver_due(gw: &Gateway, ods: &str, t: &Target) -> Result<()> {
 
 /// Prometheus text for the outbox.
 pub fn metrics(gw: &Gateway) -> Result<String> {
-    let s = summary(gw)?;
+    let count = |p: &str| gw.store().count(p.as_bytes());
+    let (pending, dead, delivered) = (count(QUEUE)?, count(DEAD)?, count(DONE)?);
     Ok(format!(
         "# HELP sp_gateway_outbox_pending Observations waiting to be delivered to GP systems.\n\
          # TYPE sp_gateway_outbox_pending gauge\nsp_gateway_outbox_pending {}\n\
@@ -459,9 +499,7 @@ pub fn metrics(gw: &Gateway) -> Result<String> {
          # TYPE sp_gateway_outbox_dead_letters gauge\nsp_gateway_outbox_dead_letters {}\n\
          # HELP sp_gateway_outbox_delivered Observations delivered to GP systems.\n\
          # TYPE sp_gateway_outbox_delivered counter\nsp_gateway_outbox_delivered {}\n",
-        s.pending.len(),
-        s.dead_letters.len(),
-        s.delivered
+        pending, dead, delivered
     ))
 }
 

@@ -84,6 +84,7 @@ impl Bound {
             .header_read_timeout(Duration::from_secs(limits.header_read_timeout_secs))
             .max_buf_size(limits.max_header_bytes.max(8192));
         let handshake = Duration::from_secs(limits.handshake_timeout_secs);
+        let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -98,17 +99,24 @@ impl Bound {
                 },
                 _ = &mut shutdown => break,
             };
+            // Beyond the connection limit a new connection is closed at once.
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let router = router.clone();
             let http1 = http1.clone();
             let watcher = graceful.watcher();
             let tls = self.tls.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tls {
                     None => {
                         let info = ConnInfo {
                             peer,
                             cert_sha256: None,
+                            tls: false,
                         };
                         serve_io(tcp, http1, router, info, watcher).await;
                     }
@@ -128,6 +136,7 @@ impl Bound {
                         let info = ConnInfo {
                             peer,
                             cert_sha256: cert,
+                            tls: true,
                         };
                         serve_io(stream, http1, router, info, watcher).await;
                     }
@@ -172,6 +181,13 @@ fn service(
 > + Clone {
     hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(info.clone());
+        req.headers_mut().remove(http::SCHEME_HEADER);
+        if info.tls {
+            req.headers_mut().insert(
+                http::SCHEME_HEADER,
+                hyper::header::HeaderValue::from_static("https"),
+            );
+        }
         router.clone().oneshot(req.map(axum::body::Body::new))
     })
 }

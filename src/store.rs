@@ -121,9 +121,13 @@ impl Store {
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create: {e}")))?;
         let existed = dir.join("db").exists();
+        // Segments large enough that no value ever becomes a separate blob file (sled
+        // writes blobs without syncing them): the log file holds everything, and syncing it
+        // is enough. Values are bounded by MAX_VALUE_BYTES, well under a quarter segment.
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(256 * 1024 * 1024)
+            .segment_size(SEGMENT_BYTES)
             .open()
             .map_err(|e| open_err(e.to_string()))?;
         let tree = db.open_tree("fhir").map_err(|e| open_err(e.to_string()))?;
@@ -278,6 +282,16 @@ impl Store {
         Ok(hex::encode(h.finalize()))
     }
 
+    /// Number of keys under `prefix` (values are not read).
+    pub fn count(&self, prefix: &[u8]) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for k in self.tree.scan_prefix(prefix).keys() {
+            k?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Number of keys (for integrity checks and tests).
     pub fn len(&self) -> usize {
         self.tree.len()
@@ -287,6 +301,12 @@ impl Store {
         self.tree.is_empty()
     }
 }
+
+/// sled segment size; items over a quarter of it would become unsynced blob files.
+const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+/// The largest value the gateway stores (a resource version); config keeps request bodies
+/// well below it.
+pub const MAX_VALUE_BYTES: usize = SEGMENT_BYTES / 8;
 
 const FORMAT_KEY: &[u8] = b"meta/format";
 const FORMAT: &[u8] = b"sp-gateway store 1";
@@ -337,6 +357,10 @@ impl SyncFiles {
         if let Ok(blobs) = File::open(dir.join("blobs")) {
             dirs.push(blobs);
         }
+        // sled writes its config file once, at creation: sync it now.
+        if let Ok(conf) = File::open(dir.join("conf")) {
+            conf.sync_all()?;
+        }
         Ok(SyncFiles {
             log: File::open(dir.join("db"))?,
             dirs,
@@ -353,17 +377,24 @@ impl SyncFiles {
 }
 
 fn group_commit_loop(db: sled::Db, files: SyncFiles, rx: mpsc::Receiver<Waiter>) {
+    // After a failed sync the kernel may have dropped the pages it could not write, and a
+    // later sync can "succeed" without them: one failure makes every later commit fail.
+    let mut poisoned: Option<StoreError> = None;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
-        let result = db
-            .flush()
-            .map_err(StoreError::from)
-            .and_then(|_| files.sync().map_err(|e| StoreError::Io(e.to_string())));
+        let result = match &poisoned {
+            Some(e) => Err(e.clone()),
+            None => db
+                .flush()
+                .map_err(StoreError::from)
+                .and_then(|_| files.sync().map_err(|e| StoreError::Io(e.to_string()))),
+        };
         if let Err(e) = &result {
-            tracing::error!(error = %e, "store flush failed");
+            tracing::error!(error = %e, "store flush failed; refusing further writes until restart");
+            poisoned = Some(e.clone());
         }
         for w in batch {
             let _ = w.send(result.clone());

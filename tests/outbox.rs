@@ -208,9 +208,13 @@ async fn down_then_up_delivers_everything_in_order_once() {
         "a delivery lacked the practice's token"
     );
     assert!(rx.lock().unwrap().accepted.is_empty());
-    let m = gw
-        .request(reqwest::Method::GET, "/metrics", None, None, None, &[])
-        .await;
+    assert_eq!(
+        gw.request(reqwest::Method::GET, "/metrics", None, None, None, &[])
+            .await
+            .status,
+        401
+    );
+    let m = gw.get(ADMIN, "/metrics").await;
     assert!(
         m.body
             .as_str()
@@ -261,9 +265,13 @@ async fn down_then_up_delivers_everything_in_order_once() {
         "{}",
         o.body
     );
-    let m = gw
-        .request(reqwest::Method::GET, "/metrics", None, None, None, &[])
-        .await;
+    assert_eq!(
+        gw.request(reqwest::Method::GET, "/metrics", None, None, None, &[])
+            .await
+            .status,
+        401
+    );
+    let m = gw.get(ADMIN, "/metrics").await;
     assert!(
         m.body
             .as_str()

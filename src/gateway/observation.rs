@@ -44,50 +44,54 @@ impl Gateway {
     }
 
     /// Records on an Observation how its delivery to the GP system went (`delivered` or
-    /// `failed`), as a new version carrying the gateway's delivery-status extension.
-    pub(crate) async fn mark_delivery(&self, obs_id: &str, state: &str) -> Result<()> {
+    /// `failed`), as a new version carrying the gateway's delivery-status extension, in the
+    /// caller's transaction (the outbox's own state change).
+    pub fn tx_mark_delivery(&self, tx: &Tx<'_>, obs_id: &str, state: &str) -> TxResult<()> {
         let ext_url = crate::outbox::delivery_extension_url();
-        self.commit(|tx| {
-            let Some(cur) = tx_json(tx, &keys::current("Observation", obs_id))? else {
-                return Ok(());
-            };
-            let sr_id = cur
-                .pointer("/basedOn/0")
-                .and_then(|r| fhir::ref_id(r, "ServiceRequest"))
-                .unwrap_or_default()
-                .to_string();
-            let practice = tx_json(tx, &keys::current("ServiceRequest", &sr_id))?
-                .and_then(|sr| fhir::requester_ods(&sr));
-            let provider = cur
-                .pointer("/performer/0")
-                .and_then(|r| fhir::ref_id(r, "Organization"))
-                .map(str::to_string);
-            let now = tx_now(tx)?;
-            let mut next = cur.clone();
-            let mut exts: Vec<Value> = next
-                .get("extension")
-                .and_then(Value::as_array)
-                .map(|e| {
-                    e.iter()
-                        .filter(|x| x.get("url").and_then(Value::as_str) != Some(ext_url.as_str()))
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            exts.push(crate::outbox::delivery_extension(state));
-            next["extension"] = Value::Array(exts);
-            fhir::stamp(&mut next, obs_id, fhir::version_of(&cur) + 1, &now.instant);
-            self.tx_put_observation(
-                tx,
-                &next,
-                Some(&cur),
-                &sr_id,
-                (provider.as_deref(), practice.as_deref()),
-                &now,
-            )
-        })?;
-        self.store.durable().await?;
-        Ok(())
+        let Some(cur) = tx_json(tx, &keys::current("Observation", obs_id))? else {
+            return Ok(());
+        };
+        let sr_id = cur
+            .pointer("/basedOn/0")
+            .and_then(|r| fhir::ref_id(r, "ServiceRequest"))
+            .unwrap_or_default()
+            .to_string();
+        // The same scopes the Observation was written under: its Task's owner and practice.
+        let task = match tx.get(keys::sr_task(&sr_id).as_bytes())? {
+            Some(t) => tx_json(tx, &keys::current("Task", &String::from_utf8_lossy(&t)))?,
+            None => None,
+        };
+        let provider = task
+            .as_ref()
+            .and_then(|t| org_of(t, "owner"))
+            .map(str::to_string);
+        let practice = task
+            .as_ref()
+            .and_then(|t| org_of(t, "requester"))
+            .map(str::to_string);
+        let now = tx_now(tx)?;
+        let mut next = cur.clone();
+        let mut exts: Vec<Value> = next
+            .get("extension")
+            .and_then(Value::as_array)
+            .map(|e| {
+                e.iter()
+                    .filter(|x| x.get("url").and_then(Value::as_str) != Some(ext_url.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        exts.push(crate::outbox::delivery_extension(state));
+        next["extension"] = Value::Array(exts);
+        fhir::stamp(&mut next, obs_id, fhir::version_of(&cur) + 1, &now.instant);
+        self.tx_put_observation(
+            tx,
+            &next,
+            Some(&cur),
+            &sr_id,
+            (provider.as_deref(), practice.as_deref()),
+            &now,
+        )
     }
 
     /// `POST /fhir/Observation`: a provider's feedback or outcome for a referral it serves.
