@@ -360,3 +360,101 @@ pub fn head(store: &Store) -> crate::error::Result<(u64, String)> {
         .unwrap_or_default();
     Ok((h.seq, h.hash))
 }
+
+/// A page of the trail.
+pub struct Page {
+    pub events: Vec<Value>,
+    pub next: Option<u64>,
+}
+
+/// Auditor search: by entity or agent (index-backed) or over the whole trail, filtered by
+/// action and recorded date, in the order recorded, `count` at a time after `cursor`.
+pub struct Query {
+    pub entity: Option<String>,
+    pub agent: Option<String>,
+    pub action: Option<String>,
+    pub after: Option<String>,
+    pub before: Option<String>,
+    pub cursor: u64,
+    pub count: usize,
+}
+
+pub fn search(store: &Store, q: &Query) -> crate::error::Result<Page> {
+    let prefix = match (&q.entity, &q.agent) {
+        (Some(e), _) => by_entity(e),
+        (None, Some(a)) => by_agent(a),
+        _ => RECORDS.to_string(),
+    };
+    let start = format!("{prefix}{:020}", q.cursor);
+    let mut events = Vec::new();
+    let mut next = None;
+    let mut after = Some(start.into_bytes());
+    'scan: loop {
+        let rows = store.scan(prefix.as_bytes(), after.as_deref(), 256)?;
+        let done = rows.len() < 256;
+        for (k, _) in &rows {
+            let seq: u64 = std::str::from_utf8(&k[prefix.len()..])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let Some(rec) = store.get(record_key(seq).as_bytes())? else {
+                continue;
+            };
+            let Ok(rec) = serde_json::from_slice::<Record>(&rec) else {
+                continue;
+            };
+            let e = rec.event;
+            if q.agent.as_deref().is_some_and(|a| {
+                e.pointer("/agent/0/who/identifier/value")
+                    .and_then(Value::as_str)
+                    != Some(a)
+            }) {
+                continue;
+            }
+            if q.action
+                .as_deref()
+                .is_some_and(|a| e.get("action").and_then(Value::as_str) != Some(a))
+            {
+                continue;
+            }
+            let recorded = e
+                .get("recorded")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let t = crate::ingest::parse_instant(recorded)
+                .map(|t| t.unix_timestamp_nanos())
+                .unwrap_or(0);
+            let bound = |s: &Option<String>| {
+                s.as_deref()
+                    .and_then(crate::ingest::parse_instant)
+                    .map(|t| t.unix_timestamp_nanos())
+            };
+            if bound(&q.after).is_some_and(|a| t <= a) || bound(&q.before).is_some_and(|b| t >= b) {
+                continue;
+            }
+            if events.len() == q.count {
+                next = events
+                    .last()
+                    .and_then(|e: &Value| e.get("id")?.as_str()?.parse().ok());
+                break 'scan;
+            }
+            events.push(e);
+        }
+        if done {
+            break;
+        }
+        after = rows.last().map(|(k, _)| k.clone());
+    }
+    Ok(Page { events, next })
+}
+
+/// One AuditEvent by its id (its sequence number).
+pub fn read(store: &Store, id: &str) -> crate::error::Result<Option<Value>> {
+    let Ok(seq) = id.parse::<u64>() else {
+        return Ok(None);
+    };
+    Ok(store
+        .get(record_key(seq).as_bytes())?
+        .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+        .map(|r| r.event))
+}

@@ -170,6 +170,20 @@ pub const RESOURCES: &[Resource] = &[
         validate: true,
     },
     Resource {
+        rtype: "AuditEvent",
+        profile: "http://hl7.org/fhir/StructureDefinition/AuditEvent",
+        interactions: &[Read, SearchType],
+        search: &[
+            p("entity", "reference", "{Type}/{id}: events that touched it"),
+            p("agent", "token", "client id"),
+            p("action", "token", "C, R, U, D or E"),
+            p("date", "date", "gt, ge, lt, le with an instant or a date"),
+        ],
+        includes: &[],
+        conditional_create: false,
+        validate: false,
+    },
+    Resource {
         rtype: "Organization",
         profile: crate::fhir::PROFILE_ORGANIZATION,
         interactions: &[Read],
@@ -188,10 +202,18 @@ pub fn supports(rtype: &str, i: Interaction) -> bool {
     resource(rtype).is_some_and(|r| r.interactions.contains(&i))
 }
 
+/// The common parameters a type's search takes: all of them, but only `_count` for the
+/// audit trail (which is ordered as recorded, not by `_lastUpdated`).
+fn common_for(rtype: &str) -> impl Iterator<Item = &'static SearchParam> + '_ {
+    COMMON_SEARCH
+        .iter()
+        .filter(move |s| rtype != "AuditEvent" || s.name == "_count")
+}
+
 /// Whether `name` is a search parameter of `rtype` (or common to all searches).
 pub fn search_param(rtype: &str, name: &str) -> bool {
     let own = resource(rtype).is_some_and(|r| r.search.iter().any(|s| s.name == name));
-    own || COMMON_SEARCH.iter().any(|s| s.name == name)
+    own || common_for(rtype).any(|s| s.name == name)
         || (name == "_include" && resource(rtype).is_some_and(|r| !r.includes.is_empty()))
 }
 
@@ -203,6 +225,10 @@ pub fn permitted(role: crate::config::Role, rtype: &str, i: Interaction) -> bool
         i,
         Read | Vread | HistoryInstance | HistoryType | SearchType | Validate
     );
+    if rtype == "AuditEvent" {
+        // The trail is the auditors' alone.
+        return role == Role::Auditor && matches!(i, Read | SearchType);
+    }
     match role {
         Role::Admin => false,
         Role::Auditor => reads,
@@ -246,7 +272,7 @@ pub fn capability_statement() -> Value {
                 let params: Vec<Value> = r
                     .search
                     .iter()
-                    .chain(COMMON_SEARCH.iter())
+                    .chain(common_for(r.rtype))
                     .map(|s| json!({ "name": s.name, "type": s.kind, "documentation": s.doc }))
                     .collect();
                 v["searchParam"] = json!(params);

@@ -763,6 +763,9 @@ async fn search(
 ) -> ApiResult {
     require(&rtype, Interaction::SearchType, &who)?;
     let params = query_pairs(raw.as_deref());
+    if rtype == "AuditEvent" {
+        return audit_search(&st, &headers, &params);
+    }
     let q = Query::parse(&rtype, &params, !prefer(&headers).lenient)?;
     let result = st.gateway.search(&who, &q)?;
     let bundle = gateway::searchset(&base_url(&headers), &q, result);
@@ -808,6 +811,103 @@ async fn create(
         }
         _ => Err(ApiError(Error::MethodNotAllowed)),
     }
+}
+
+/// `GET /fhir/AuditEvent?entity=&agent=&action=&date=&_count=`: the trail, in the order
+/// recorded.
+fn audit_search(st: &AppState, headers: &HeaderMap, params: &[(String, String)]) -> ApiResult {
+    let mut q = crate::audit::Query {
+        entity: None,
+        agent: None,
+        action: None,
+        after: None,
+        before: None,
+        cursor: 0,
+        count: 50,
+    };
+    let bad = |n: &str, m: &str| ApiError(Error::invalid("value", n.to_string(), m.to_string()));
+    let mut echo = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "entity" => q.entity = Some(v.clone()),
+            "agent" => q.agent = Some(v.clone()),
+            "action" if matches!(v.as_str(), "C" | "R" | "U" | "D" | "E") => {
+                q.action = Some(v.clone())
+            }
+            "action" => return Err(bad(k, "must be C, R, U, D or E")),
+            "date" => {
+                let (op, rest) = v.split_at(
+                    v.len()
+                        .min(2)
+                        .min(v.find(|c: char| c.is_ascii_digit()).unwrap_or(0)),
+                );
+                let t = if rest.len() == 10 {
+                    format!("{rest}T00:00:00Z")
+                } else {
+                    rest.to_string()
+                };
+                if crate::ingest::parse_instant(&t).is_none() {
+                    return Err(bad(k, "must be gt, ge, lt or le and an instant or date"));
+                }
+                match op {
+                    "gt" | "ge" => q.after = Some(t),
+                    "lt" | "le" => q.before = Some(t),
+                    _ => return Err(bad(k, "needs a prefix: gt, ge, lt or le")),
+                }
+            }
+            "_count" => {
+                q.count = v
+                    .parse()
+                    .ok()
+                    .filter(|c| (1..=200).contains(c))
+                    .ok_or_else(|| bad(k, "must be 1 to 200"))?
+            }
+            "_cursor" => {
+                q.cursor = v
+                    .parse()
+                    .map_err(|_| bad(k, "is not a cursor this server issued"))?;
+                continue;
+            }
+            "_format" => continue,
+            _ => {
+                return Err(ApiError(Error::invalid(
+                    "not-supported",
+                    k.clone(),
+                    "is not a search parameter this server supports for AuditEvent",
+                )))
+            }
+        }
+        echo.push((k.clone(), v.clone()));
+    }
+    let page = crate::audit::search(st.gateway.store(), &q)?;
+    let base = base_url(headers);
+    let link = |cursor: Option<u64>| {
+        let mut s = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &echo {
+            s.append_pair(k, v);
+        }
+        if let Some(c) = cursor {
+            s.append_pair("_cursor", &c.to_string());
+        }
+        format!("{base}/AuditEvent?{}", s.finish())
+    };
+    let mut links = vec![json!({ "relation": "self", "url": link(None) })];
+    if let Some(n) = page.next {
+        links.push(json!({ "relation": "next", "url": link(Some(n)) }));
+    }
+    let entries: Vec<Value> = page
+        .events
+        .into_iter()
+        .map(|e| {
+            let id = e.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+            json!({ "fullUrl": format!("{base}/AuditEvent/{id}"), "resource": e, "search": { "mode": "match" } })
+        })
+        .collect();
+    let mut bundle = json!({ "resourceType": "Bundle", "type": "searchset", "link": links });
+    if !entries.is_empty() {
+        bundle["entry"] = json!(entries);
+    }
+    Ok(fhir_response(StatusCode::OK, &bundle))
 }
 
 /// `POST /fhir/{type}/$validate`.
@@ -930,6 +1030,12 @@ async fn read(
         return Ok(history_bundle(&headers, versions));
     }
     require(&rtype, Interaction::Read, &who)?;
+    if rtype == "AuditEvent" {
+        return match crate::audit::read(st.gateway.store(), &id)? {
+            Some(e) => Ok(fhir_response(StatusCode::OK, &e)),
+            None => Err(ApiError(Error::not_found(format!("AuditEvent/{id}")))),
+        };
+    }
     let r = st.gateway.read(&who, &rtype, &id)?;
     if let Some(resp) = conditional_read(&headers, &r) {
         return Ok(resp);

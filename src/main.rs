@@ -20,10 +20,10 @@ struct Cli {
 #[derive(Args)]
 struct Common {
     /// Config file [default: config/gateway.toml, or the embedded demo config when absent]
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Data directory (overrides server.data_dir)
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
 }
 
@@ -45,6 +45,13 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Audit log tools (on a stopped gateway's data directory).
+    Audit {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Inspect and steer the outbox of a stopped gateway (a running one: /admin/outbox).
     Outbox {
         #[command(flatten)]
@@ -60,6 +67,16 @@ enum Command {
         /// Directory to write {Type}.ndjson files into (created if absent)
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Walk the hash chain; name the first altered, missing or reordered record; exit 1 if
+    /// any. With --checkpoint SEQ:HASH (from the gateway's log), also detect a cut tail.
+    Verify {
+        #[arg(long)]
+        checkpoint: Option<String>,
     },
 }
 
@@ -115,6 +132,47 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Audit {
+            common,
+            action: AuditAction::Verify { checkpoint },
+        } => {
+            let cp = match checkpoint.as_deref().map(|c| c.split_once(':')) {
+                None => None,
+                Some(Some((seq, hash))) => match seq.parse::<u64>() {
+                    Ok(seq) => Some((seq, hash.to_string())),
+                    Err(_) => {
+                        eprintln!("error: --checkpoint must be SEQ:HASH");
+                        return ExitCode::from(2);
+                    }
+                },
+                Some(None) => {
+                    eprintln!("error: --checkpoint must be SEQ:HASH");
+                    return ExitCode::from(2);
+                }
+            };
+            let gw = match open_gateway(&common) {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match sp_gateway::audit::verify(gw.store(), cp.as_ref().map(|(s, h)| (*s, h.as_str())))
+            {
+                Ok(sp_gateway::audit::Verdict::Intact { records, head }) => {
+                    println!("audit chain intact: {records} records, head {head}");
+                    ExitCode::SUCCESS
+                }
+                Ok(sp_gateway::audit::Verdict::Broken { seq, problem }) => {
+                    println!("audit chain BROKEN at record {seq}: {problem}");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Outbox { common, action } => match outbox(&common, action) {
             Ok(text) => {
                 println!("{text}");

@@ -74,7 +74,23 @@ impl Bound {
     ) -> Result<(), ServeError> {
         let gateway = self.state.gateway.clone();
         let (stop_outbox, outbox_stopped) = tokio::sync::watch::channel(false);
-        self.outbox.start(gateway.clone(), outbox_stopped);
+        self.outbox.start(gateway.clone(), outbox_stopped.clone());
+        // Audit checkpoints: the chain head, logged now and every minute, so that cutting
+        // records off the end of the chain is detectable (`audit verify --checkpoint`).
+        {
+            let (gw, mut stop) = (gateway.clone(), outbox_stopped);
+            tokio::spawn(async move {
+                loop {
+                    if let Ok((seq, hash)) = crate::audit::head(gw.store()) {
+                        tracing::info!(checkpoint = %format!("{seq}:{hash}"), "audit checkpoint");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            });
+        }
         let limits = gateway.config().server.limits.clone();
         let router = http::router(self.state);
         let graceful = GracefulShutdown::new();

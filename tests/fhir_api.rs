@@ -774,6 +774,7 @@ async fn capability_statement_matches_what_is_served() {
             "ServiceRequest",
             "Task",
             "Observation",
+            "AuditEvent",
             "Organization"
         ]
     );
@@ -840,6 +841,8 @@ async fn capability_statement_matches_what_is_served() {
                 ("owner", _) => "pendle-crafts",
                 ("requester", _) => "P81001",
                 ("code", _) => "718466001",
+                ("action", _) => "R",
+                ("date", _) => "ge2026-01-01",
                 (_, "reference") => "x",
                 _ => "x",
             };
