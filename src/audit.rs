@@ -72,7 +72,13 @@ pub struct Context {
 }
 
 /// Key prefixes of the audit trail (left out of the clinical data's digest).
-pub const PREFIXES: &[&[u8]] = &[b"a/", b"x/ae/", b"c/audit-head"];
+pub const PREFIXES: &[&[u8]] = &[
+    b"a/",
+    b"x/ae/",
+    b"c/audit-head",
+    b"r/Provenance/",
+    b"x/prov/",
+];
 
 tokio::task_local! {
     static REQUEST: RefCell<Context>;
@@ -237,9 +243,102 @@ pub fn tx_record(tx: &Tx<'_>, entities: &[String], now: &Now) -> TxResult<()> {
                 all.push(e.clone());
             }
         }
-        tx_append(tx, event(&ctx, 200, &all, now))?;
+        let seq = tx_append(tx, event(&ctx, 200, &all, now))?;
+        tx_provenance(tx, &ctx, entities, now, seq)?;
     }
     Ok(())
+}
+
+pub fn provenance_index(target: &str) -> String {
+    format!("x/prov/{target}/")
+}
+
+/// A Provenance for each resource version a write produced: the version, when, who, and
+/// the activity; a new Task's carries the routing decision as its reason.
+fn tx_provenance(
+    tx: &Tx<'_>,
+    ctx: &Context,
+    entities: &[String],
+    now: &Now,
+    seq: u64,
+) -> TxResult<()> {
+    let client = ctx.client.clone().unwrap_or_default();
+    for (i, target) in entities.iter().enumerate() {
+        let Some(cur) = tx.get(format!("r/{target}").as_bytes())? else {
+            continue;
+        };
+        let Ok(cur) = serde_json::from_slice::<Value>(&cur) else {
+            continue;
+        };
+        let version = cur
+            .pointer("/meta/versionId")
+            .and_then(Value::as_str)
+            .unwrap_or("1");
+        let activity = if version == "1" {
+            ("CREATE", "create")
+        } else {
+            ("UPDATE", "revise")
+        };
+        let id = format!("{seq}-{i}");
+        let mut p = json!({
+            "resourceType": "Provenance",
+            "id": id,
+            "meta": { "versionId": "1", "lastUpdated": now.instant },
+            "target": [{ "reference": format!("{target}/_history/{version}") }],
+            "recorded": now.instant,
+            "activity": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": activity.0, "display": activity.1 }] },
+            "agent": [{
+                "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "author" }] },
+                "who": { "identifier": { "system": format!("{}/Id/client", crate::fhir::CANONICAL), "value": client }, "display": client }
+            }],
+            "entity": [{ "role": "source", "what": { "reference": format!("AuditEvent/{seq}") } }]
+        });
+        if target.starts_with("Task/") && version == "1" {
+            let decision = cur
+                .get("extension")
+                .and_then(Value::as_array)
+                .and_then(|es| {
+                    es.iter().find(|e| {
+                        e.get("url").and_then(Value::as_str)
+                            == Some(crate::fhir::routing_extension_url().as_str())
+                    })
+                });
+            if let Some(d) = decision {
+                let part = |name: &str| {
+                    d.get("extension").and_then(Value::as_array).and_then(|xs| {
+                        xs.iter()
+                            .find(|x| x.get("url").and_then(Value::as_str) == Some(name))
+                            .and_then(|x| x.get("valueString"))
+                            .and_then(Value::as_str)
+                            .map(str::to_string)
+                    })
+                };
+                p["reason"] = json!([{ "text": format!("routed by rule {}: {}", part("rule").unwrap_or_default(), part("reason").unwrap_or_default()) }]);
+            }
+        }
+        let bytes =
+            serde_json::to_vec(&p).map_err(|e| Abort::Caller(Error::Internal(e.to_string())))?;
+        tx.put(format!("r/Provenance/{id}").as_bytes(), &bytes)?;
+        tx.put(
+            format!("{}{seq:020}-{i}", provenance_index(target)).as_bytes(),
+            id.as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Every Provenance of a target (`Task/{id}`), in the order written.
+pub fn provenance(store: &Store, target: &str) -> crate::error::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for (_, id) in store.scan(provenance_index(target).as_bytes(), None, 10_000)? {
+        let key = format!("r/Provenance/{}", String::from_utf8_lossy(&id));
+        if let Some(b) = store.get(key.as_bytes())? {
+            if let Ok(v) = serde_json::from_slice(&b) {
+                out.push(v);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Records a request (a read, a search, a refusal) in its own transaction.

@@ -184,6 +184,19 @@ pub const RESOURCES: &[Resource] = &[
         validate: false,
     },
     Resource {
+        rtype: "Provenance",
+        profile: "http://hl7.org/fhir/StructureDefinition/Provenance",
+        interactions: &[SearchType],
+        search: &[p(
+            "target",
+            "reference",
+            "{Type}/{id}: every version's provenance",
+        )],
+        includes: &[],
+        conditional_create: false,
+        validate: false,
+    },
+    Resource {
         rtype: "Organization",
         profile: crate::fhir::PROFILE_ORGANIZATION,
         interactions: &[Read],
@@ -205,9 +218,11 @@ pub fn supports(rtype: &str, i: Interaction) -> bool {
 /// The common parameters a type's search takes: all of them, but only `_count` for the
 /// audit trail (which is ordered as recorded, not by `_lastUpdated`).
 fn common_for(rtype: &str) -> impl Iterator<Item = &'static SearchParam> + '_ {
-    COMMON_SEARCH
-        .iter()
-        .filter(move |s| rtype != "AuditEvent" || s.name == "_count")
+    COMMON_SEARCH.iter().filter(move |s| match rtype {
+        "AuditEvent" => s.name == "_count",
+        "Provenance" => false,
+        _ => true,
+    })
 }
 
 /// Whether `name` is a search parameter of `rtype` (or common to all searches).
@@ -225,7 +240,7 @@ pub fn permitted(role: crate::config::Role, rtype: &str, i: Interaction) -> bool
         i,
         Read | Vread | HistoryInstance | HistoryType | SearchType | Validate
     );
-    if rtype == "AuditEvent" {
+    if rtype == "AuditEvent" || rtype == "Provenance" {
         // The trail is the auditors' alone.
         return role == Role::Auditor && matches!(i, Read | SearchType);
     }

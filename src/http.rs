@@ -766,6 +766,32 @@ async fn search(
     if rtype == "AuditEvent" {
         return audit_search(&st, &headers, &params);
     }
+    if rtype == "Provenance" {
+        let target = match params.as_slice() {
+            [(k, v)] if k == "target" => v.clone(),
+            _ => {
+                return Err(ApiError(Error::invalid(
+                    "required",
+                    "target",
+                    "Provenance search needs exactly target={Type}/{id}",
+                )))
+            }
+        };
+        let base = base_url(&headers);
+        let entries: Vec<Value> = crate::audit::provenance(st.gateway.store(), &target)?
+            .into_iter()
+            .map(|p| {
+                let id = p.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+                json!({ "fullUrl": format!("{base}/Provenance/{id}"), "resource": p, "search": { "mode": "match" } })
+            })
+            .collect();
+        let mut b =
+            json!({ "resourceType": "Bundle", "type": "searchset", "total": entries.len() });
+        if !entries.is_empty() {
+            b["entry"] = json!(entries);
+        }
+        return Ok(fhir_response(StatusCode::OK, &b));
+    }
     let q = Query::parse(&rtype, &params, !prefer(&headers).lenient)?;
     let result = st.gateway.search(&who, &q)?;
     let bundle = gateway::searchset(&base_url(&headers), &q, result);

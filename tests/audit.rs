@@ -360,3 +360,91 @@ async fn tampering_is_detected_and_named() {
         verify(&data, None)
     );
 }
+
+#[tokio::test]
+async fn every_write_has_a_provenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start(dir.path()).await;
+    let (_, sid, tid) = gw.refer(GP, &fixture("referral-ada.json")).await;
+    assert_eq!(
+        gw.transition(CRAFTS, &tid, status_to("accepted"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        gw.transition(CRAFTS, &tid, with_reason("cancelled", "moved away"))
+            .await
+            .status,
+        200
+    );
+    let r = gw
+        .get(AUDITOR, &format!("/fhir/Provenance?target=Task/{tid}"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = r.entries();
+    let targets: Vec<&str> = p
+        .iter()
+        .map(|p| p["target"][0]["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        targets,
+        vec![
+            format!("Task/{tid}/_history/1"),
+            format!("Task/{tid}/_history/2"),
+            format!("Task/{tid}/_history/3")
+        ]
+    );
+    let agents: Vec<&str> = p
+        .iter()
+        .map(|p| {
+            p["agent"][0]["who"]["identifier"]["value"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        agents,
+        vec!["gp-pennine", "provider-crafts", "provider-crafts"]
+    );
+    assert_eq!(p[0]["activity"]["coding"][0]["code"], "CREATE");
+    assert_eq!(p[1]["activity"]["coding"][0]["code"], "UPDATE");
+    // The routing decision, on the Task's first Provenance.
+    let reason = p[0]["reason"][0]["text"].as_str().unwrap();
+    assert!(
+        reason.contains("loneliness-pendle") && reason.contains("capacity"),
+        "{reason}"
+    );
+    // Each points at the AuditEvent of its write; all valid R4.
+    for prov in &p {
+        let ae = prov["entity"][0]["what"]["reference"].as_str().unwrap();
+        assert_eq!(gw.get(AUDITOR, &format!("/fhir/{ae}")).await.status, 200);
+        assert!(
+            sp_gateway::schema::check_fhir("Provenance", prov)
+                .unwrap()
+                .is_empty(),
+            "{prov}"
+        );
+    }
+    // The ServiceRequest: created, then revoked with the cancellation.
+    let r = gw
+        .get(
+            AUDITOR,
+            &format!("/fhir/Provenance?target=ServiceRequest/{sid}"),
+        )
+        .await;
+    assert_eq!(r.entries().len(), 2);
+    // Auditors only.
+    assert_eq!(
+        gw.get(GP, &format!("/fhir/Provenance?target=Task/{tid}"))
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        gw.get(CRAFTS, &format!("/fhir/Provenance?target=Task/{tid}"))
+            .await
+            .status,
+        403
+    );
+}

@@ -775,6 +775,7 @@ async fn capability_statement_matches_what_is_served() {
             "Task",
             "Observation",
             "AuditEvent",
+            "Provenance",
             "Organization"
         ]
     );
