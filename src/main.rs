@@ -280,7 +280,10 @@ fn export(common: &Common, out: &std::path::Path) -> Result<Vec<(&'static str, u
     let gateway = open_gateway(common)?;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let mut counts = Vec::new();
-    for t in sp_gateway::gateway::STORED_TYPES {
+    for t in sp_gateway::gateway::STORED_TYPES
+        .into_iter()
+        .chain(["AuditEvent", "Provenance"])
+    {
         let path = out.join(format!("{t}.ndjson"));
         let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut w = std::io::BufWriter::new(file);

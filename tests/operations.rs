@@ -177,6 +177,8 @@ async fn export_and_backup_restore() {
         ("ServiceRequest", 2),
         ("Task", 2),
         ("Observation", 0),
+        ("AuditEvent", 2),
+        ("Provenance", 6),
     ] {
         let text = std::fs::read_to_string(out.join(format!("{t}.ndjson"))).unwrap();
         let lines: Vec<Value> = text

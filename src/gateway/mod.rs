@@ -446,8 +446,21 @@ impl Gateway {
 
     /// Writes every current resource of `rtype` as one JSON line (FHIR bulk NDJSON).
     /// Returns how many.
+    /// The audit trail exports as its AuditEvents, in the order recorded.
     pub fn export(&self, rtype: &str, out: &mut impl std::io::Write) -> Result<usize> {
         let mut n = 0;
+        if rtype == "AuditEvent" {
+            self.store
+                .for_each(crate::audit::RECORDS.as_bytes(), |_, v| {
+                    let rec: crate::audit::Record = serde_json::from_slice(v)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    serde_json::to_writer(&mut *out, &rec.event)?;
+                    out.write_all(b"\n")?;
+                    n += 1;
+                    Ok(())
+                })?;
+            return Ok(n);
+        }
         let prefix = format!("r/{rtype}/");
         self.store.for_each(prefix.as_bytes(), |_, v| {
             out.write_all(v)?;
