@@ -120,6 +120,7 @@ pub fn router(state: AppState) -> Router {
             get(read).put(update).patch(patch).post(operation),
         )
         .route("/fhir/{rtype}/{id}/_history", get(history))
+        .route("/fhir/{rtype}/{id}/{op}", get(trail))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(vread))
         .fallback(|| async { ApiError(Error::not_found("no such endpoint")) })
         .method_not_allowed_fallback(|| async { ApiError(Error::MethodNotAllowed) })
@@ -934,6 +935,94 @@ fn audit_search(st: &AppState, headers: &HeaderMap, params: &[(String, String)])
         bundle["entry"] = json!(entries);
     }
     Ok(fhir_response(StatusCode::OK, &bundle))
+}
+
+/// `GET /fhir/ServiceRequest/{id}/$trail` (auditors): one referral's whole story in one
+/// Bundle: every version of the ServiceRequest, its Task, Patient and Observations, and
+/// every AuditEvent that touched any of them, in time order.
+async fn trail(
+    State(st): State<AppState>,
+    Path((rtype, id, op)): Path<(String, String, String)>,
+    who: Principal,
+    headers: HeaderMap,
+) -> ApiResult {
+    if rtype != "ServiceRequest" || op != "$trail" {
+        return Err(ApiError(Error::not_found("no such endpoint")));
+    }
+    if who.role != crate::config::Role::Auditor {
+        return Err(ApiError(Error::Forbidden));
+    }
+    let gw = &st.gateway;
+    let sr = gw.read(&who, "ServiceRequest", &id)?;
+    let mut refs = vec![format!("ServiceRequest/{id}")];
+    if let Some(p) = sr
+        .get("subject")
+        .and_then(|s| crate::fhir::ref_id(s, "Patient"))
+    {
+        refs.push(format!("Patient/{p}"));
+    }
+    let q = Query::parse("Task", &[("focus".to_string(), id.clone())], true)?;
+    for t in gw.search(&who, &q)?.matches {
+        refs.push(format!("Task/{}", t["id"].as_str().unwrap_or_default()));
+    }
+    let q = Query::parse(
+        "Observation",
+        &[
+            ("based-on".to_string(), id.clone()),
+            ("_count".to_string(), "200".to_string()),
+        ],
+        true,
+    )?;
+    for o in gw.search(&who, &q)?.matches {
+        refs.push(format!(
+            "Observation/{}",
+            o["id"].as_str().unwrap_or_default()
+        ));
+    }
+    let mut items: Vec<(String, u64, Value)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for r in &refs {
+        let (t, rid) = r.split_once('/').unwrap_or_default();
+        for v in gw.history(&who, t, rid)? {
+            let when = crate::fhir::last_updated_of(&v).to_string();
+            items.push((when, 0, v));
+        }
+        let q = crate::audit::Query {
+            entity: Some(r.clone()),
+            agent: None,
+            action: None,
+            after: None,
+            before: None,
+            cursor: 0,
+            count: 10_000,
+        };
+        for e in crate::audit::search(gw.store(), &q)?.events {
+            let seq: u64 = e["id"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+            if seen.insert(seq) {
+                let when = e["recorded"].as_str().unwrap_or_default().to_string();
+                items.push((when, seq, e));
+            }
+        }
+    }
+    let key = |w: &str| {
+        crate::ingest::parse_instant(w)
+            .map(|t| t.unix_timestamp_nanos())
+            .unwrap_or(0)
+    };
+    items.sort_by(|a, b| (key(&a.0), a.1).cmp(&(key(&b.0), b.1)));
+    let base = base_url(&headers);
+    let entries: Vec<Value> = items
+        .into_iter()
+        .map(|(_, _, r)| {
+            let t = r["resourceType"].as_str().unwrap_or_default().to_string();
+            let rid = r["id"].as_str().unwrap_or_default().to_string();
+            json!({ "fullUrl": format!("{base}/{t}/{rid}"), "resource": r })
+        })
+        .collect();
+    Ok(fhir_response(
+        StatusCode::OK,
+        &json!({ "resourceType": "Bundle", "type": "collection", "entry": entries }),
+    ))
 }
 
 /// `POST /fhir/{type}/$validate`.

@@ -448,3 +448,79 @@ async fn every_write_has_a_provenance() {
         403
     );
 }
+
+#[tokio::test]
+async fn a_referral_trail_in_one_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start(dir.path()).await;
+    let (pid, sid, tid) = gw.refer(GP, &fixture("referral-ada.json")).await;
+    assert_eq!(
+        gw.transition(CRAFTS, &tid, status_to("accepted"))
+            .await
+            .status,
+        200
+    );
+    let obs = json!({
+        "resourceType": "Observation", "status": "final",
+        "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "718466001" }] },
+        "subject": { "reference": format!("Patient/{pid}") },
+        "basedOn": [{ "reference": format!("ServiceRequest/{sid}") }],
+        "performer": [{ "reference": "Organization/pendle-crafts" }], "valueInteger": 25
+    });
+    assert_eq!(
+        gw.post_json(CRAFTS, "/fhir/Observation", &obs).await.status,
+        201
+    );
+    gw.get(
+        GP,
+        &format!("/fhir/Observation?based-on=ServiceRequest/{sid}"),
+    )
+    .await;
+    let r = gw
+        .get(AUDITOR, &format!("/fhir/ServiceRequest/{sid}/$trail"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let kinds: Vec<String> = r
+        .entries()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}/{}",
+                e["resourceType"].as_str().unwrap(),
+                e["meta"]["versionId"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    // Versions and events, in time order: the referral written (Patient, ServiceRequest,
+    // Task v1 and the create event), the provider's read and accept (Task v2 and its event),
+    // the Observation and its event.
+    for want in [
+        "Patient/1",
+        "ServiceRequest/1",
+        "Task/1",
+        "Task/2",
+        "Observation/1",
+    ] {
+        assert!(
+            kinds.contains(&want.to_string()),
+            "{want} missing from {kinds:?}"
+        );
+    }
+    let pos = |k: &str| kinds.iter().position(|x| x == k).unwrap();
+    assert!(
+        pos("Task/1") < pos("Task/2") && pos("Task/2") < pos("Observation/1"),
+        "{kinds:?}"
+    );
+    let events = r
+        .entries()
+        .iter()
+        .filter(|e| e["resourceType"] == "AuditEvent")
+        .count();
+    assert!(events >= 4, "{kinds:?}");
+    assert_eq!(
+        gw.get(GP, &format!("/fhir/ServiceRequest/{sid}/$trail"))
+            .await
+            .status,
+        403
+    );
+}
