@@ -1009,7 +1009,7 @@ async fn trail(
             .map(|t| t.unix_timestamp_nanos())
             .unwrap_or(0)
     };
-    items.sort_by(|a, b| (key(&a.0), a.1).cmp(&(key(&b.0), b.1)));
+    items.sort_by_key(|a| (key(&a.0), a.1));
     let base = base_url(&headers);
     let entries: Vec<Value> = items
         .into_iter()
