@@ -1,0 +1,357 @@
+//! sp-gateway load benchmark: starts the real gateway (the `sp-gateway` binary built beside
+//! this one) on a temp data dir and measures, over several runs, durable referral ingest at
+//! several concurrencies, provider polling latency at several store sizes, Task update +
+//! Observation throughput, peak RSS, store size and start-up time. Prints a Markdown table
+//! of medians with min and max.
+//!
+//!   cargo build --release && ./target/release/sp-gateway-bench            # full
+//!   ./target/release/sp-gateway-bench --quick                             # seconds
+//!   ./target/release/sp-gateway-bench --runs 3 --sizes 10000,100000
+//!
+//! Load comes from this process, on the same machine, over loopback.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const GP: &str = "demo-gp-token";
+const HUB: &str = "demo-provider-hub-token";
+
+struct Opts {
+    quick: bool,
+    runs: usize,
+    sizes: Vec<usize>,
+}
+
+fn opts() -> Opts {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let get = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let runs = get("--runs")
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(if quick { 1 } else { 3 });
+    let sizes = get("--sizes")
+        .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| {
+            if quick {
+                vec![300]
+            } else {
+                vec![10_000, 100_000]
+            }
+        });
+    Opts { quick, runs, sizes }
+}
+
+fn gateway_binary() -> PathBuf {
+    let me = std::env::current_exe().expect("own path");
+    me.parent().expect("dir").join("sp-gateway")
+}
+
+struct Gateway {
+    child: Child,
+    base: String,
+    data: PathBuf,
+}
+
+fn config(dir: &Path) -> PathBuf {
+    let text = include_str!("../config/gateway.toml").replacen(
+        "[[practices]]",
+        "[server.limits]\nrate_per_second = 10000000\nrate_burst = 10000000\nmax_concurrent_requests = 4096\n\n[[practices]]",
+        1,
+    );
+    let p = dir.join("bench.toml");
+    std::fs::write(&p, text).expect("config");
+    p
+}
+
+fn start(dir: &Path) -> (Gateway, Duration) {
+    let data = dir.join("data");
+    let t = Instant::now();
+    let mut child = Command::new(gateway_binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config(dir))
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sp-gateway (build it first: cargo build --release)");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listening line");
+    let took = t.elapsed();
+    let base = line.trim().trim_start_matches("listening on ").to_string();
+    (Gateway { child, base, data }, took)
+}
+
+fn stop(mut g: Gateway) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &g.child.id().to_string()])
+        .status();
+    let _ = g.child.wait();
+}
+
+fn nhs(n: usize) -> String {
+    let mut k = n * 3 + 1;
+    loop {
+        let n9 = format!("999{k:06}");
+        let sum: u32 = n9
+            .chars()
+            .zip((2..=10).rev())
+            .filter_map(|(d, w)| d.to_digit(10).map(|d| d * w))
+            .sum();
+        let c = (11 - sum % 11) % 11;
+        if c != 10 {
+            return format!("{n9}{c}");
+        }
+        k += 1;
+        if k > 999_999 {
+            k = 1;
+        }
+    }
+}
+
+fn referral(id: usize) -> String {
+    let mut r: Value =
+        serde_json::from_str(include_str!("../fixtures/referral-ada.json")).expect("fixture");
+    r["referralId"] = json!(format!("BENCH-{id}"));
+    r["patient"]["nhsNumber"] = json!(nhs(id % 300_000));
+    r["needs"] = json!(["employment"]); // no route matches: the hub, which has room
+    r["reasons"] = json!([]);
+    r.to_string()
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// POSTs `n` referrals (ids from `first`) with `conc` concurrent clients; returns
+/// (requests per second, latencies).
+async fn ingest(base: &str, first: usize, n: usize, conc: usize) -> (f64, Vec<Duration>) {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(conc)
+        .build()
+        .expect("client");
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(first));
+    let end = first + n;
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (http, base, next) = (http.clone(), base.to_string(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= end {
+                    return lat;
+                }
+                let s = Instant::now();
+                let r = http
+                    .post(format!("{base}/referrals"))
+                    .bearer_auth(GP)
+                    .header("content-type", "application/json")
+                    .body(referral(i))
+                    .send()
+                    .await
+                    .expect("request");
+                assert!(r.status().is_success(), "ingest: {}", r.status());
+                let _ = r.bytes().await;
+                lat.push(s.elapsed());
+            }
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("worker"));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    lat.sort();
+    (n as f64 / secs, lat)
+}
+
+async fn poll(base: &str, n: usize) -> Vec<Duration> {
+    let http = reqwest::Client::new();
+    let mut lat = Vec::new();
+    for _ in 0..n {
+        let s = Instant::now();
+        let r = http
+            .get(format!(
+                "{base}/fhir/Task?owner=pendle-cvs-hub&status=requested&_count=50"
+            ))
+            .bearer_auth(HUB)
+            .send()
+            .await
+            .expect("poll");
+        assert!(r.status().is_success());
+        let _ = r.bytes().await;
+        lat.push(s.elapsed());
+    }
+    lat.sort();
+    lat
+}
+
+/// Accepts `n` Tasks and posts an Observation for each, 16 at a time; pairs per second.
+async fn work(base: &str, n: usize) -> f64 {
+    let http = reqwest::Client::new();
+    let page: Value = http
+        .get(format!(
+            "{base}/fhir/Task?owner=pendle-cvs-hub&status=requested&_count={}",
+            n.min(200)
+        ))
+        .bearer_auth(HUB)
+        .send()
+        .await
+        .expect("tasks")
+        .json()
+        .await
+        .expect("bundle");
+    let tasks: Vec<Value> = page["entry"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| e["resource"].clone())
+        .collect();
+    let t = Instant::now();
+    let mut handles = Vec::new();
+    for chunk in tasks.chunks(tasks.len().div_ceil(16).max(1)) {
+        let (http, base, chunk) = (http.clone(), base.to_string(), chunk.to_vec());
+        handles.push(tokio::spawn(async move {
+            for mut task in chunk {
+                let id = task["id"].as_str().unwrap_or_default().to_string();
+                task["status"] = json!("accepted");
+                let r = http.put(format!("{base}/fhir/Task/{id}")).bearer_auth(HUB).header("content-type", "application/fhir+json").header("if-match", "W/\"1\"").body(task.to_string()).send().await.expect("put");
+                assert!(r.status().is_success(), "update {}", r.status());
+                let obs = json!({
+                    "resourceType": "Observation", "status": "final",
+                    "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "718466001" }] },
+                    "subject": task["for"], "basedOn": [task["focus"]],
+                    "performer": [{ "reference": "Organization/pendle-cvs-hub" }], "valueInteger": 20
+                });
+                let r = http.post(format!("{base}/fhir/Observation")).bearer_auth(HUB).header("content-type", "application/fhir+json").body(obs.to_string()).send().await.expect("obs");
+                assert!(r.status().is_success(), "observation {}", r.status());
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("worker");
+    }
+    tasks.len() as f64 / t.elapsed().as_secs_f64()
+}
+
+fn peak_rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<f64>()
+                    .unwrap_or(0.0)
+            })
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn dir_mb(p: &Path) -> f64 {
+    fn walk(p: &Path) -> u64 {
+        std::fs::read_dir(p)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| {
+                        e.metadata()
+                            .map(|m| if m.is_dir() { walk(&e.path()) } else { m.len() })
+                            .unwrap_or(0)
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    walk(p) as f64 / 1e6
+}
+
+/// Median, min and max of a metric over runs.
+fn summary(xs: &[f64]) -> String {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let med = v[v.len() / 2];
+    format!("{med:.1} ({:.1}–{:.1})", v[0], v[v.len() - 1])
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let o = opts();
+    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut push = |name: String, x: f64| match rows.iter_mut().find(|r| r.0 == name) {
+        Some(r) => r.1.push(x),
+        None => rows.push((name, vec![x])),
+    };
+    for run in 0..o.runs {
+        let dir =
+            std::env::temp_dir().join(format!("sp-gateway-bench-{}-{run}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let (g, _) = start(&dir);
+        let mut next = 0usize;
+        for conc in [1usize, 16, 64] {
+            let n = if o.quick {
+                50
+            } else {
+                match conc {
+                    1 => 1000,
+                    _ => 5000,
+                }
+            };
+            let (rps, lat) = ingest(&g.base, next, n, conc).await;
+            next += n;
+            push(format!("ingest c={conc}: referrals/s"), rps);
+            push(format!("ingest c={conc}: p50 ms"), pct(&lat, 0.5));
+            push(format!("ingest c={conc}: p99 ms"), pct(&lat, 0.99));
+            push(format!("ingest c={conc}: p99.9 ms"), pct(&lat, 0.999));
+        }
+        let pairs = work(&g.base, if o.quick { 20 } else { 200 }).await;
+        push("Task update + Observation: pairs/s (c=16)".into(), pairs);
+        let pid = g.child.id();
+        let data = g.data.clone();
+        for &size in &o.sizes {
+            if next < size {
+                let (_, _) = ingest(&g.base, next, size - next, 64).await;
+                next = size;
+            }
+            let lat = poll(&g.base, if o.quick { 20 } else { 300 }).await;
+            push(format!("poll at {size} stored: p50 ms"), pct(&lat, 0.5));
+            push(format!("poll at {size} stored: p99 ms"), pct(&lat, 0.99));
+            push(format!("peak RSS at {size} stored: MB"), peak_rss_mb(pid));
+            push(format!("store at {size} stored: MB on disk"), dir_mb(&data));
+        }
+        stop(g);
+        let (g, took) = start(&dir);
+        push(
+            format!("start-up at {} stored: ms", next),
+            took.as_secs_f64() * 1000.0,
+        );
+        stop(g);
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!("run {} of {} done", run + 1, o.runs);
+    }
+    println!("| metric | median (min–max) over {} run(s) |", o.runs);
+    println!("| --- | --- |");
+    for (name, xs) in &rows {
+        println!("| {name} | {} |", summary(xs));
+    }
+}

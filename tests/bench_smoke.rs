@@ -1,0 +1,27 @@
+//! The benchmark harness runs end to end in its quick mode (no timing is asserted: figures
+//! come from full runs, recorded in BENCHMARKS.md).
+
+use std::process::Command;
+
+#[test]
+fn the_benchmark_runs() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway-bench"))
+        .arg("--quick")
+        .output()
+        .expect("run the benchmark");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for metric in [
+        "ingest c=1: referrals/s",
+        "ingest c=64: p99.9 ms",
+        "poll at 300 stored: p99 ms",
+        "peak RSS",
+        "start-up at",
+    ] {
+        assert!(table.contains(metric), "no {metric} in:\n{table}");
+    }
+}
