@@ -62,6 +62,8 @@ pub fn chain_hash(prev: &str, event: &Value) -> String {
 pub struct Context {
     pub client: Option<String>,
     pub role: Option<String>,
+    /// The organisations the client acts for (`Organization/{id}`).
+    pub organisations: Vec<String>,
     pub peer: Option<String>,
     pub method: String,
     /// The path, with ids (not the query string).
@@ -90,11 +92,12 @@ pub async fn scope<F: std::future::Future>(ctx: Context, f: F) -> F::Output {
 }
 
 /// Sets who the caller is, once authentication has said.
-pub fn set_client(client: &str, role: &str) {
+pub fn set_client(client: &str, role: &str, organisations: Vec<String>) {
     let _ = REQUEST.try_with(|c| {
         let mut c = c.borrow_mut();
         c.client = Some(client.to_string());
         c.role = Some(role.to_string());
+        c.organisations = organisations;
     });
 }
 
@@ -143,6 +146,15 @@ pub fn event(ctx: &Context, status: u16, entities: &[String], now: &Now) -> Valu
     if let Some(p) = &ctx.peer {
         agent["network"] = json!({ "address": p, "type": "2" });
     }
+    let mut agents = vec![agent];
+    // The organisation(s) the client acts for: its provider, or its practices.
+    for org in &ctx.organisations {
+        agents.push(json!({
+            "type": { "text": "organisation the client acts for" },
+            "who": { "reference": org },
+            "requestor": false
+        }));
+    }
     let mut entity: Vec<Value> = entities
         .iter()
         .map(|e| json!({ "what": { "reference": e } }))
@@ -162,7 +174,7 @@ pub fn event(ctx: &Context, status: u16, entities: &[String], now: &Now) -> Valu
         "recorded": now.instant,
         "outcome": outcome,
         "outcomeDesc": format!("HTTP {status}"),
-        "agent": [agent],
+        "agent": agents,
         "source": {
             "observer": { "display": "sp-gateway" },
             "type": [{ "system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4", "display": "Application Server" }]

@@ -353,7 +353,13 @@ impl FromRequestParts<AppState> for Principal {
             .limiter
             .take(&p.client_id)
             .map_err(|secs| ApiError(Error::TooManyRequests(secs)))?;
-        crate::audit::set_client(&p.client_id, p.role.as_str());
+        let orgs = p
+            .provider
+            .iter()
+            .chain(p.practices.iter())
+            .map(|o| format!("Organization/{o}"))
+            .collect();
+        crate::audit::set_client(&p.client_id, p.role.as_str(), orgs);
         if let Some(slot) = parts.extensions.get::<ClientSlot>() {
             if let Ok(mut g) = slot.0.lock() {
                 *g = Some(p.client_id.clone());

@@ -104,6 +104,14 @@ async fn the_trail_of_a_referral_is_exact() {
             t("unauthenticated", "read", "4"),
         ]
     );
+    // The agent's organisation is recorded with the client.
+    let first = &r.entries()[0];
+    assert_eq!(first["agent"][0]["role"][0]["text"], "gp-system");
+    let orgs: Vec<&str> = first["agent"].as_array().unwrap()[1..]
+        .iter()
+        .map(|a| a["who"]["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(orgs, vec!["Organization/P81001", "Organization/P81002"]);
     // The Observation's trail: created by the provider, read by the GP.
     let r = gw
         .get(
