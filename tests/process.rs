@@ -409,3 +409,17 @@ async fn logs_never_hold_patient_data() {
         }
     }
 }
+
+/// README's quickstart is `cargo run --release -- serve`: with two binaries in the package,
+/// that only works while the gateway is the default one.
+#[test]
+fn the_quickstart_command_runs_the_gateway() {
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    assert!(manifest.contains("default-run = \"sp-gateway\""));
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(readme.contains("cargo run --release -- serve"));
+    let ci = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/run")).unwrap();
+    assert!(readme.contains("cargo test --locked") && ci.contains("\ncargo test --locked\n"));
+}
