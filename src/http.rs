@@ -182,82 +182,61 @@ fn status_of(e: &Error) -> StatusCode {
     }
 }
 
+/// A single issue, for the errors that have one.
+fn one(code: &'static str, diagnostics: impl Into<String>, expression: Option<&str>) -> Vec<Issue> {
+    vec![Issue {
+        code,
+        diagnostics: diagnostics.into(),
+        expression: expression.map(str::to_string),
+    }]
+}
+
 /// The OperationOutcome for an error.
 pub fn operation_outcome(e: &Error) -> Value {
     let issues: Vec<Issue> = match e {
         Error::Invalid(i) | Error::Unprocessable(i) => i.clone(),
-        Error::NotFound(what) => vec![Issue {
-            code: "not-found",
-            diagnostics: format!("{what} is not known"),
-            expression: None,
-        }],
-        Error::Unauthenticated => vec![Issue {
-            code: "login",
-            diagnostics: "authentication required: send Authorization: Bearer <token>".into(),
-            expression: None,
-        }],
-        Error::Forbidden => vec![Issue {
-            code: "forbidden",
-            diagnostics: "this client may not do that".into(),
-            expression: None,
-        }],
-        Error::Conflict(m) => vec![Issue {
-            code: "duplicate",
-            diagnostics: m.clone(),
-            expression: None,
-        }],
-        Error::PreconditionFailed(m) => vec![Issue {
-            code: "conflict",
-            diagnostics: m.clone(),
-            expression: Some("If-Match".into()),
-        }],
-        Error::PreconditionRequired(m) => vec![Issue {
-            code: "required",
-            diagnostics: m.clone(),
-            expression: Some("If-Match".into()),
-        }],
-        Error::PayloadTooLarge(n) => vec![Issue {
-            code: "too-costly",
-            diagnostics: format!("the request body is larger than the limit of {n} bytes"),
-            expression: None,
-        }],
-        Error::UnsupportedMediaType(m) => vec![Issue {
-            code: "not-supported",
-            diagnostics: m.clone(),
-            expression: Some("Content-Type".into()),
-        }],
-        Error::MethodNotAllowed => vec![Issue {
-            code: "not-supported",
-            diagnostics: "this method is not supported on this endpoint".into(),
-            expression: None,
-        }],
-        Error::NotAcceptable(m) => vec![Issue {
-            code: "not-supported",
-            diagnostics: m.clone(),
-            expression: Some("Accept".into()),
-        }],
-        Error::TooManyRequests(s) => vec![Issue {
-            code: "throttled",
-            diagnostics: format!("too many requests from this client; retry after {s} s"),
-            expression: None,
-        }],
-        Error::Overloaded => vec![Issue {
-            code: "transient",
-            diagnostics: "the gateway is at its limit of concurrent requests; retry shortly".into(),
-            expression: None,
-        }],
-        Error::Timeout => vec![Issue {
-            code: "timeout",
-            diagnostics: "the request was not completed in time (a body sent too slowly?)".into(),
-            expression: None,
-        }],
-        Error::Store(_) | Error::Internal(_) => vec![Issue {
-            code: "exception",
-            diagnostics:
-                "the gateway failed to process the request; nothing was changed; try again later"
-                    .into(),
-            expression: None,
-        }],
+        Error::NotFound(what) => one("not-found", format!("{what} is not known"), None),
+        Error::Unauthenticated => one(
+            "login",
+            "authentication required: send Authorization: Bearer <token>",
+            None,
+        ),
+        Error::Forbidden => one("forbidden", "this client may not do that", None),
+        Error::Conflict(m) => one("duplicate", m.clone(), None),
+        Error::PreconditionFailed(m) => one("conflict", m.clone(), Some("If-Match")),
+        Error::PreconditionRequired(m) => one("required", m.clone(), Some("If-Match")),
+        Error::PayloadTooLarge(n) => one(
+            "too-costly",
+            format!("the request body is larger than the limit of {n} bytes"),
+            None,
+        ),
+        Error::UnsupportedMediaType(m) => one("not-supported", m.clone(), Some("Content-Type")),
+        Error::MethodNotAllowed => one(
+            "not-supported",
+            "this method is not supported on this endpoint",
+            None,
+        ),
+        Error::NotAcceptable(m) => one("not-supported", m.clone(), Some("Accept")),
+        Error::TooManyRequests(s) => one(
+            "throttled",
+            format!("too many requests from this client; retry after {s} s"),
+            None,
+        ),
+        Error::Overloaded => one(
+            "transient",
+            "the gateway is at its limit of concurrent requests; retry shortly",
+            None,
+        ),
+        Error::Timeout => one(
+            "timeout",
+            "the request was not completed in time (a body sent too slowly?)",
+            None,
+        ),
+        Error::Store(_) | Error::Internal(_) => one(
+            "exception",
+            "the gateway failed to process the request; nothing was changed; try again later",
+            None,
+        ),
     };
     let issue: Vec<Value> = issues
         .iter()
