@@ -2,11 +2,9 @@
 //! evidence (altered, deleted, swapped, truncated records are each named by `audit
 //! verify`), and who may read it.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use sp_gateway::audit::{self, Verdict};
 use sp_gateway::store::{Abort, Store};

@@ -1,9 +1,7 @@
 //! Every route × every role × own/other tenant: the status each gets, and that nothing of
 //! another tenant's referral ever appears in a body.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 

@@ -1,9 +1,7 @@
 //! Every file in fixtures/bad/ (listed in its manifest.json) is answered with the expected
 //! 4xx, an OperationOutcome naming the element, and an unchanged store.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use reqwest::Method;
 use serde_json::Value;
 

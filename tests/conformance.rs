@@ -7,12 +7,10 @@
 //! fresh and stale ETags, patch, $validate — and validates every resource the server returned
 //! with `tests/conformance/validate.js`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 const FHIRPY: &str = "fhirpy==2.3.1";
 const FHIR_NPM: &str = "fhir@4.12.0";

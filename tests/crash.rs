@@ -3,17 +3,15 @@
 //! acknowledged referral and update is there exactly once, nothing unacknowledged is half
 //! there, and the store opened cleanly every time.
 //!
-//! Short form (CI): 10 kills. Long form: `SP_CRASH_KILLS=50 cargo test --release --test crash
-//! -- --nocapture`.
-
-mod common;
+//! Short form (CI): 10 kills. Long form: `SP_CRASH_KILLS=50 cargo test --release --test
+//! integration crash:: -- --nocapture`.
 
 use std::collections::{HashMap, HashSet};
 use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 fn spawn(data: &std::path::Path) -> (Child, String) {

@@ -1,9 +1,7 @@
 //! Every resource the gateway emits parses with fhir-sdk's R4B types and validates against
 //! the official R4 JSON Schema for its type (../shared/fhir, copied into profiles/).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 fn check(resource: &Value, seen: &mut Vec<String>) {

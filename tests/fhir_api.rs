@@ -2,9 +2,7 @@
 //! $validate, conditional reads, content negotiation, Prefer, search parameters, the
 //! CapabilityStatement, and the UK Core examples in ../shared/fhir.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 

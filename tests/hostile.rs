@@ -3,11 +3,9 @@
 //! Every one is answered 4xx (or, for slowloris, the connection is closed); none gets a
 //! 5xx, nothing is written, and the server goes on serving.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,9 +1,7 @@
 //! Tenants see only their own: a provider cannot read, update or search another provider's
 //! referrals, a GP system another practice's; outside its scope a resource is 404.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test]

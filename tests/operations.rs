@@ -2,14 +2,12 @@
 //! failed cleanly; exit 0), `export` to FHIR NDJSON, and the backup/restore procedure in
 //! README.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn referral(i: usize) -> Value {

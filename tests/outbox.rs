@@ -4,17 +4,15 @@
 //! failure is dead-lettered without blocking the others and can be retried by an operator;
 //! a gateway restart mid-retry loses nothing.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::*;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use common::*;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tower::ServiceExt;

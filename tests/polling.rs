@@ -1,12 +1,10 @@
 //! Incremental polling (`_lastUpdated=gt{last seen}`) while referrals are being written
 //! concurrently never misses one: lastUpdated follows commit order.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn polling_while_writing_misses_nothing() {

@@ -1,12 +1,10 @@
 //! The real binary: `serve` on a loopback port, killed with SIGKILL and started again on the
 //! same data dir with nothing acknowledged lost; `check-config` names file and key.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use common::*;
+use crate::common::*;
 
 fn spawn(data: &std::path::Path) -> (Child, String) {
     spawn_binary(data, None)

@@ -1,8 +1,6 @@
 //! The referral loop, end to end, over real HTTP against a real server on a real sled store.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use sp_gateway::fhir::{feedback_system, task_reason_system, CODE_SP_DECLINED, SNOMED};
 

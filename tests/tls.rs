@@ -3,12 +3,10 @@
 //! certificate no client owns, or one that contradicts the bearer token are refused; so is
 //! TLS 1.1. Bad certificate files are named at start-up.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, SanType,

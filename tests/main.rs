@@ -1,0 +1,22 @@
+//! The integration tests: one binary, one module per area, all sharing `common`.
+//!
+//! Run one area with `cargo test --test integration <module>::`, e.g. `crash::`.
+
+mod common;
+
+mod audit;
+mod authz_matrix;
+mod bad_input;
+mod bench_smoke;
+mod conformance;
+mod crash;
+mod emitted_resources;
+mod fhir_api;
+mod hostile;
+mod isolation;
+mod operations;
+mod outbox;
+mod polling;
+mod process;
+mod referral_loop;
+mod tls;
