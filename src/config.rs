@@ -61,12 +61,19 @@ pub struct Server {
     /// Largest accepted request body, in bytes.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Memory for the store's cache of tree nodes, in MiB (the process needs ~140 MB more).
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
     #[serde(default)]
     pub limits: Limits,
 }
 
 fn default_max_body() -> usize {
     256 * 1024
+}
+
+fn default_cache_mb() -> u64 {
+    crate::store::DEFAULT_CACHE_BYTES / (1024 * 1024)
 }
 
 /// Protection against slow, greedy or hostile clients.
@@ -367,6 +374,12 @@ impl Config {
             return Err(bad(
                 "server.max_body_bytes".into(),
                 "must be from 1024 to 1048576 (1 MiB)".into(),
+            ));
+        }
+        if !(16..=65536).contains(&self.server.cache_mb) {
+            return Err(bad(
+                "server.cache_mb".into(),
+                "must be from 16 to 65536 (MiB)".into(),
             ));
         }
         let mut seen = HashSet::new();

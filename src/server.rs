@@ -217,7 +217,7 @@ pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
         None => None,
     };
     let outbox = crate::outbox::Outbox::new(&cfg)?;
-    let store = Store::open(&cfg.server.data_dir)?;
+    let store = Store::open_with_cache(&cfg.server.data_dir, cfg.server.cache_mb * 1024 * 1024)?;
     crate::ingest::init();
     crate::schema::init().map_err(|e| ServeError::Schema(e.to_string()))?;
     let addr = cfg.server.listen;

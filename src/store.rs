@@ -11,15 +11,14 @@
 //! decide what a key means; the key scheme lives with the code that owns the data
 //! (`gateway::keys`).
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::thread;
 
 use sha2::{Digest, Sha256};
-use sled::transaction::{
-    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
-};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
@@ -39,18 +38,17 @@ impl From<sled::Error> for StoreError {
     }
 }
 
-/// Why a transaction closure stopped: the caller's own reason, or a conflict/storage error
-/// that the store handles (conflicts are retried by sled).
+/// Why a transaction closure stopped: the caller's own reason, or a storage error.
 pub enum Abort<E> {
     Caller(E),
-    Store(Conflict),
+    Store(ReadError),
 }
 
-/// A conflict or storage error inside a transaction; `?` turns it into [`Abort::Store`].
-pub struct Conflict(UnabortableTransactionError);
+/// A storage error inside a transaction; `?` turns it into [`Abort::Store`].
+pub struct ReadError(StoreError);
 
-impl<E> From<Conflict> for Abort<E> {
-    fn from(c: Conflict) -> Self {
+impl<E> From<ReadError> for Abort<E> {
+    fn from(c: ReadError) -> Self {
         Abort::Store(c)
     }
 }
@@ -62,26 +60,34 @@ pub enum TxError<E> {
     Store(StoreError),
 }
 
-/// A transaction in progress: reads see the transaction's own writes; all writes land
-/// together or not at all.
+/// A transaction in progress: reads see the store as last committed plus the
+/// transaction's own writes; all writes land together or not at all.
 pub struct Tx<'a> {
-    t: &'a TransactionalTree,
+    tree: &'a sled::Tree,
+    writes: RefCell<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
 }
 
 impl Tx<'_> {
-    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Conflict> {
-        self.t
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ReadError> {
+        if let Some(w) = self.writes.borrow().get(key) {
+            return Ok(w.clone());
+        }
+        self.tree
             .get(key)
             .map(|o| o.map(|v| v.to_vec()))
-            .map_err(Conflict)
+            .map_err(|e| ReadError(e.into()))
     }
 
-    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Conflict> {
-        self.t.insert(key, value).map(|_| ()).map_err(Conflict)
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), ReadError> {
+        self.writes
+            .borrow_mut()
+            .insert(key.to_vec(), Some(value.to_vec()));
+        Ok(())
     }
 
-    pub fn remove(&self, key: &[u8]) -> Result<(), Conflict> {
-        self.t.remove(key).map(|_| ()).map_err(Conflict)
+    pub fn remove(&self, key: &[u8]) -> Result<(), ReadError> {
+        self.writes.borrow_mut().insert(key.to_vec(), None);
+        Ok(())
     }
 }
 
@@ -94,6 +100,8 @@ type Waiter = oneshot::Sender<Result<(), StoreError>>;
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    /// Held for the whole of a transaction: writers run one at a time.
+    writer: Mutex<()>,
     commits: Option<mpsc::Sender<Waiter>>,
     committer: Option<thread::JoinHandle<()>>,
     dir: PathBuf,
@@ -115,6 +123,11 @@ impl Store {
     /// Opens (or creates) the store in `dir` and checks that it is one: a store this
     /// program created carries a format marker, and its keys and values can be read.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`Store::open`] with a cache of `cache_bytes` for tree nodes.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
         let open_err = |message: String| StoreError::Open {
             dir: dir.display().to_string(),
             message,
@@ -126,7 +139,7 @@ impl Store {
         // is enough. Values are bounded by MAX_VALUE_BYTES, well under a quarter segment.
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(256 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .segment_size(SEGMENT_BYTES)
             .open()
             .map_err(|e| open_err(e.to_string()))?;
@@ -142,6 +155,7 @@ impl Store {
         Ok(Store {
             db,
             tree,
+            writer: Mutex::new(()),
             commits: Some(commits),
             committer: Some(committer),
             dir: dir.to_path_buf(),
@@ -206,25 +220,44 @@ impl Store {
         Ok(out)
     }
 
-    /// Runs `f` as one atomic transaction. `f` may be run more than once (sled retries on
-    /// conflict), so it must have no effects outside the transaction.
+    /// Runs `f` as one atomic, isolated transaction: transactions run one at a time (the
+    /// writer lock), `f` reads the committed store plus its own writes, and its writes are
+    /// applied as one sled batch, which readers never see half-applied (sled's batch lock)
+    /// and which recovery replays whole or not at all. `f` runs exactly once.
+    ///
+    /// Not sled's `Tree::transaction`: that runs the whole closure under sled's global
+    /// write lock, blocking every reader, and reads each key before writing it; on the
+    /// ingest path that doubled the time spent inside the lock (see BENCHMARKS.md).
     pub fn transact<T, E>(
         &self,
-        f: impl Fn(&Tx<'_>) -> Result<T, Abort<E>>,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, Abort<E>>,
     ) -> Result<T, TxError<E>> {
-        let r = self.tree.transaction(|t| {
-            let tx = Tx { t };
-            match f(&tx) {
-                Ok(v) => Ok(v),
-                Err(Abort::Caller(e)) => Err(ConflictableTransactionError::Abort(e)),
-                Err(Abort::Store(Conflict(u))) => Err(u.into()),
+        // A panic inside `f` poisons the lock but applies nothing: the store is unchanged,
+        // so the next writer may go on.
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = Tx {
+            tree: &self.tree,
+            writes: RefCell::new(BTreeMap::new()),
+        };
+        let value = match f(&tx) {
+            Ok(v) => v,
+            Err(Abort::Caller(e)) => return Err(TxError::Caller(e)),
+            Err(Abort::Store(ReadError(e))) => return Err(TxError::Store(e)),
+        };
+        let writes = tx.writes.into_inner();
+        if !writes.is_empty() {
+            let mut batch = sled::Batch::default();
+            for (k, v) in writes {
+                match v {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
+                }
             }
-        });
-        match r {
-            Ok(v) => Ok(v),
-            Err(TransactionError::Abort(e)) => Err(TxError::Caller(e)),
-            Err(TransactionError::Storage(e)) => Err(TxError::Store(e.into())),
+            self.tree
+                .apply_batch(batch)
+                .map_err(|e| TxError::Store(e.into()))?;
         }
+        Ok(value)
     }
 
     /// Waits until every write committed before this call is on disk. Concurrent callers
@@ -301,6 +334,11 @@ impl Store {
         self.tree.is_empty()
     }
 }
+
+/// sled's cache of tree nodes, unless configured (`server.cache_mb`). The gateway's own
+/// footprint is ~140 MB (mostly the compiled FHIR schemas), so 128 MiB keeps the whole
+/// process near the 300 MB target; reads that miss it come from the OS page cache.
+pub const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
 
 /// sled segment size; items over a quarter of it would become unsynced blob files.
 const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
@@ -399,5 +437,58 @@ fn group_commit_loop(db: sled::Db, files: SyncFiles, rx: mpsc::Receiver<Waiter>)
         for w in batch {
             let _ = w.send(result.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transaction_reads_its_own_writes_and_lands_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let before = store.digest().expect("digest");
+        // Aborted by the caller after writing: nothing lands.
+        let r: Result<(), TxError<&str>> = store.transact(|tx| {
+            tx.put(b"k/a", b"1")?;
+            assert_eq!(tx.get(b"k/a")?.as_deref(), Some(&b"1"[..]));
+            Err(Abort::Caller("no"))
+        });
+        assert!(matches!(r, Err(TxError::Caller("no"))));
+        assert_eq!(store.digest().expect("digest"), before);
+        // Committed: every write lands; a removal inside the transaction is seen by it.
+        store
+            .transact(|tx| -> Result<(), Abort<()>> {
+                tx.put(b"k/a", b"1")?;
+                tx.put(b"k/b", b"2")?;
+                tx.remove(b"k/b")?;
+                assert_eq!(tx.get(b"k/b")?, None);
+                Ok(())
+            })
+            .map_err(|_| "commit")
+            .expect("commit");
+        assert_eq!(store.get(b"k/a").expect("get").as_deref(), Some(&b"1"[..]));
+        assert_eq!(store.get(b"k/b").expect("get"), None);
+    }
+
+    #[test]
+    fn a_panic_inside_a_transaction_writes_nothing_and_later_ones_still_run() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let before = store.digest().expect("digest");
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = store.transact(|tx| -> Result<(), Abort<()>> {
+                tx.put(b"k/x", b"1")?;
+                panic!("handler bug");
+            });
+        }));
+        assert!(caught.is_err());
+        assert_eq!(store.digest().expect("digest"), before);
+        store
+            .transact(|tx| -> Result<(), Abort<()>> { tx.put(b"k/y", b"1").map_err(Abort::from) })
+            .map_err(|_| "commit")
+            .expect("a later transaction runs");
+        assert!(store.get(b"k/y").expect("get").is_some());
     }
 }
