@@ -9,6 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use sp_gateway::config::Config;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc rather than glibc malloc: a profile of ingest spent about a quarter of its CPU
+/// in glibc's allocator (sled copies tree nodes on every write); see BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A FHIR R4 gateway for NHS social prescribing referrals.
 #[derive(Parser)]
 #[command(name = "sp-gateway", version, about)]
