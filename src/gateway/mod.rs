@@ -274,8 +274,10 @@ pub(crate) fn tx_put_resource(
         );
         tx.put(k.as_bytes(), b"")?;
     }
-    tx_put_json(tx, &keys::current(rtype, id), resource)?;
-    tx_put_json(tx, &keys::version(rtype, id, v), resource)
+    let bytes = serde_json::to_vec(resource).or_else(|e| fail(Error::Internal(e.to_string())))?;
+    tx.put(keys::current(rtype, id).as_bytes(), &bytes)?;
+    tx.put(keys::version(rtype, id, v).as_bytes(), &bytes)?;
+    Ok(())
 }
 
 pub(crate) fn org_of<'a>(resource: &'a Value, element: &str) -> Option<&'a str> {

@@ -356,7 +356,7 @@ impl Gateway {
                 "at least one identifier (system and value) is required: it makes resubmission safe",
             ));
         };
-        let (created, patient_written, rec) = self.commit(|tx| {
+        let (patient_written, rec, written) = self.commit(|tx| {
             if let Some(rec) = tx_json(tx, own_key)? {
                 let rec: ReferralRecord = serde_json::from_value(rec)
                     .or_else(|e| fail(Error::Internal(format!("referral record: {e}"))))?;
@@ -376,7 +376,7 @@ impl Gateway {
                     ],
                     &Now::current(),
                 )?;
-                return Ok((false, false, rec));
+                return Ok((false, rec, None));
             }
             for k in &plan.idem_keys[1..] {
                 if tx.get(k.as_bytes())?.is_some() {
@@ -392,8 +392,8 @@ impl Gateway {
                 return fail(Error::Internal("routed to an unknown provider".into()));
             };
             let both = scopes(Some(&provider.id), Some(ods));
-            let (patient_id, patient_written) = match &plan.patient {
-                PatientPlan::Existing(id) => (id.clone(), false),
+            let (patient_id, new_patient_resource) = match &plan.patient {
+                PatientPlan::Existing(id) => (id.clone(), None),
                 PatientPlan::New { body, nhs } => {
                     let mut p = body.clone();
                     fhir::stamp(&mut p, &new_patient, 1, &now.instant);
@@ -402,7 +402,7 @@ impl Gateway {
                         format!("{}{new_patient}", keys::patient_by_nhs(nhs)).as_bytes(),
                         b"",
                     )?;
-                    (new_patient.clone(), true)
+                    (new_patient.clone(), Some(p))
                 }
             };
             let mut sr = (plan.make_sr)(&patient_id, provider);
@@ -448,14 +448,27 @@ impl Gateway {
                 ],
                 &now,
             )?;
-            Ok((true, patient_written, rec))
+            let patient_written = new_patient_resource.is_some();
+            Ok((patient_written, rec, Some((new_patient_resource, sr, task))))
         })?;
         // Also for a resubmission: the first submission may still be on its way to disk.
         self.store.durable().await?;
-        let mut out = self.existing(&rec)?;
-        out.created = created;
-        out.patient_written = patient_written;
-        Ok(out)
+        match written {
+            // What this call wrote, as written: no need to read it back.
+            Some((patient, service_request, task)) => Ok(Submitted {
+                created: true,
+                patient_written,
+                patient: match patient {
+                    Some(p) => p,
+                    None => self.load("Patient", &rec.patient)?.ok_or_else(|| {
+                        Error::Internal(format!("Patient/{} missing after write", rec.patient))
+                    })?,
+                },
+                service_request,
+                task,
+            }),
+            None => self.existing(&rec),
+        }
     }
 }
 
