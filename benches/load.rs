@@ -23,6 +23,7 @@ const HUB: &str = "demo-provider-hub-token";
 
 struct Opts {
     quick: bool,
+    cache_mb: Option<u64>,
     runs: usize,
     sizes: Vec<usize>,
 }
@@ -48,7 +49,13 @@ fn opts() -> Opts {
                 vec![10_000, 100_000]
             }
         });
-    Opts { quick, runs, sizes }
+    let cache_mb = get("--cache-mb").and_then(|c| c.parse().ok());
+    Opts {
+        quick,
+        cache_mb,
+        runs,
+        sizes,
+    }
 }
 
 fn gateway_binary() -> PathBuf {
@@ -62,8 +69,16 @@ struct Gateway {
     data: PathBuf,
 }
 
-fn config(dir: &Path) -> PathBuf {
-    let text = include_str!("../config/gateway.toml").replacen(
+fn config(dir: &Path, cache_mb: Option<u64>) -> PathBuf {
+    let mut text = include_str!("../config/gateway.toml").to_string();
+    if let Some(mb) = cache_mb {
+        text = text.replacen(
+            "max_body_bytes = 262144",
+            &format!("max_body_bytes = 262144\ncache_mb = {mb}"),
+            1,
+        );
+    }
+    let text = text.replacen(
         "[[practices]]",
         "[server.limits]\nrate_per_second = 10000000\nrate_burst = 10000000\nmax_concurrent_requests = 4096\n\n[[practices]]",
         1,
@@ -73,12 +88,12 @@ fn config(dir: &Path) -> PathBuf {
     p
 }
 
-fn start(dir: &Path) -> (Gateway, Duration) {
+fn start(dir: &Path, cache_mb: Option<u64>) -> (Gateway, Duration) {
     let data = dir.join("data");
     let t = Instant::now();
     let mut child = Command::new(gateway_binary())
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(config(dir))
+        .arg(config(dir, cache_mb))
         .arg("--data-dir")
         .arg(&data)
         .stdout(Stdio::piped())
@@ -286,6 +301,20 @@ fn dir_mb(p: &Path) -> f64 {
     walk(p) as f64 / 1e6
 }
 
+/// CPU time (user + system) the process has used so far, in milliseconds.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0);
+    ticks * 1000.0 / 100.0 // USER_HZ is 100 on Linux
+}
+
 /// Median, min and max of a metric over runs.
 fn summary(xs: &[f64]) -> String {
     let mut v = xs.to_vec();
@@ -306,7 +335,7 @@ async fn main() {
         let dir =
             std::env::temp_dir().join(format!("sp-gateway-bench-{}-{run}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let (g, _) = start(&dir);
+        let (g, _) = start(&dir, o.cache_mb);
         let mut next = 0usize;
         for conc in [1usize, 16, 64] {
             let n = if o.quick {
@@ -317,9 +346,12 @@ async fn main() {
                     _ => 5000,
                 }
             };
+            let cpu0 = cpu_ms(g.child.id());
             let (rps, lat) = ingest(&g.base, next, n, conc).await;
+            let cpu = (cpu_ms(g.child.id()) - cpu0) / n as f64;
             next += n;
             push(format!("ingest c={conc}: referrals/s"), rps);
+            push(format!("ingest c={conc}: gateway CPU ms per referral"), cpu);
             push(format!("ingest c={conc}: p50 ms"), pct(&lat, 0.5));
             push(format!("ingest c={conc}: p99 ms"), pct(&lat, 0.99));
             push(format!("ingest c={conc}: p99.9 ms"), pct(&lat, 0.999));
@@ -340,7 +372,7 @@ async fn main() {
             push(format!("store at {size} stored: MB on disk"), dir_mb(&data));
         }
         stop(g);
-        let (g, took) = start(&dir);
+        let (g, took) = start(&dir, o.cache_mb);
         push(
             format!("start-up at {} stored: ms", next),
             took.as_secs_f64() * 1000.0,
