@@ -227,7 +227,8 @@ impl Store {
     ///
     /// Not sled's `Tree::transaction`: that runs the whole closure under sled's global
     /// write lock, blocking every reader, and reads each key before writing it; on the
-    /// ingest path that doubled the time spent inside the lock (see BENCHMARKS.md).
+    /// ingest path those reads were about a third of the time spent under that lock (see
+    /// BENCHMARKS.md).
     pub fn transact<T, E>(
         &self,
         f: impl FnOnce(&Tx<'_>) -> Result<T, Abort<E>>,
