@@ -183,9 +183,14 @@ pub struct Outbox {
     pub poll_ms: u64,
     /// A delivery request's deadline.
     pub request_timeout_ms: u64,
-    /// `/readyz` fails when a message has been due this long without the worker trying it
-    /// (the worker is stuck; a GP endpoint that keeps failing is not the gateway's fault).
+    /// `/readyz` fails when a practice's delivery worker has made no progress for this long
+    /// beyond the request timeout (the worker is stuck). A GP endpoint that keeps failing or
+    /// never answers is not the gateway's fault and does not make it unready: it shows in
+    /// `/metrics` and `GET /admin/outbox`.
     pub stuck_after_secs: u64,
+    /// Deliveries in flight at once per practice (each to a different referral: one
+    /// referral's messages go one at a time, in order).
+    pub concurrency: usize,
 }
 
 impl Default for Outbox {
@@ -197,6 +202,7 @@ impl Default for Outbox {
             poll_ms: 200,
             request_timeout_ms: 10_000,
             stuck_after_secs: 3600,
+            concurrency: 4,
         }
     }
 }
@@ -374,6 +380,12 @@ impl Config {
             return Err(bad(
                 "server.max_body_bytes".into(),
                 "must be from 1024 to 1048576 (1 MiB)".into(),
+            ));
+        }
+        if !(1..=64).contains(&self.outbox.concurrency) {
+            return Err(bad(
+                "outbox.concurrency".into(),
+                "must be from 1 to 64".into(),
             ));
         }
         if !(16..=65536).contains(&self.server.cache_mb) {

@@ -41,16 +41,24 @@ pub const SCHEME_HEADER: &str = "x-sp-gateway-scheme";
 pub struct AppState {
     pub gateway: Arc<Gateway>,
     pub auth: Arc<Authenticator>,
+    /// The outbox workers' health (readiness, metrics, the operator's view).
+    pub outbox: Arc<crate::outbox::Health>,
     limiter: Arc<RateLimiter>,
     slots: Arc<tokio::sync::Semaphore>,
     request_timeout: std::time::Duration,
 }
 
 impl AppState {
-    pub fn new(gateway: Arc<Gateway>, auth: Arc<Authenticator>, limits: &Limits) -> AppState {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        auth: Arc<Authenticator>,
+        outbox: Arc<crate::outbox::Health>,
+        limits: &Limits,
+    ) -> AppState {
         AppState {
             gateway,
             auth,
+            outbox,
             limiter: Arc::new(RateLimiter::new(limits.rate_per_second, limits.rate_burst)),
             slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests)),
             request_timeout: std::time::Duration::from_secs(limits.request_timeout_secs),
@@ -469,19 +477,19 @@ async fn healthz() -> Response {
     fhir_response(StatusCode::OK, &json!({ "status": "ok" }))
 }
 
-/// Ready: the store answers and the outbox is not stuck.
+/// Ready: the gateway's own health only. The store answers and every outbox worker is
+/// making progress; a GP endpoint that is down or silent is never the gateway's fault.
 async fn readyz(State(st): State<AppState>) -> Response {
     let gw = &st.gateway;
+    let limit = crate::outbox::stall_limit(&gw.config().outbox);
     let problem = match gw.store().get(b"ready-probe") {
         Err(e) => {
             tracing::error!(error = %e, "store not readable");
             Some("store unavailable".to_string())
         }
-        Ok(_) => match crate::outbox::stuck(gw) {
-            Ok(Some(seq)) => Some(format!("outbox stuck: message {seq} has waited too long")),
-            Ok(None) => None,
-            Err(e) => Some(format!("outbox unreadable: {e}")),
-        },
+        Ok(_) => st.outbox.stalled(limit).map(|ods| {
+            format!("outbox worker for practice {ods} has made no progress for over {limit:?}")
+        }),
     };
     match problem {
         None => fhir_response(StatusCode::OK, &json!({ "status": "ready" })),
@@ -494,7 +502,7 @@ async fn metrics(State(st): State<AppState>, who: Principal) -> Response {
     if let Err(e) = require_admin(&who) {
         return e.into_response();
     }
-    match crate::outbox::metrics(&st.gateway) {
+    match crate::outbox::metrics(&st.gateway, &st.outbox) {
         Ok(text) => {
             let mut r = (StatusCode::OK, text).into_response();
             r.headers_mut().insert(
@@ -518,7 +526,8 @@ fn require_admin(who: &Principal) -> Result<(), ApiError> {
 /// `GET /admin/outbox`: pending messages and dead letters (no clinical content).
 async fn admin_outbox(State(st): State<AppState>, who: Principal) -> ApiResult {
     require_admin(&who)?;
-    let s = crate::outbox::summary(&st.gateway)?;
+    let mut s = crate::outbox::summary(&st.gateway)?;
+    s.endpoints = st.outbox.endpoints();
     let body = serde_json::to_value(&s).map_err(|e| ApiError(Error::Internal(e.to_string())))?;
     Ok((StatusCode::OK, axum::Json(body)).into_response())
 }

@@ -12,9 +12,9 @@
 //! a receiver can de-duplicate the redelivery that follows a crash mid-request. It must not
 //! log anything of the Observation: only sequence numbers, practices and status codes.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -47,7 +47,8 @@ pub struct Message {
     pub observation: String,
     pub service_request: String,
     pub attempts: u32,
-    /// When the next attempt is due (µs since the epoch).
+    /// When the next attempt is planned (µs since the epoch, wall clock): shown to
+    /// operators, never used for scheduling (the worker schedules on the monotonic clock).
     pub next_at: i64,
     pub created_at: i64,
     /// The last failure: an HTTP status or an error kind, never content.
@@ -106,7 +107,8 @@ pub(crate) fn tx_enqueue(
         observation: obs_id.to_string(),
         service_request: sr_id.to_string(),
         attempts: 0,
-        next_at: now.micros,
+        // Wall clock, for the operator's view: a new message is due at once.
+        next_at: Now::current().micros,
         created_at: now.micros,
         last_error: None,
         delivered_at: None,
@@ -124,6 +126,9 @@ pub struct Summary {
     pub pending: Vec<Message>,
     pub dead_letters: Vec<Message>,
     pub delivered: usize,
+    /// Each practice endpoint's state (a running gateway only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<EndpointView>,
 }
 
 fn messages(gw: &Gateway, prefix: &str) -> Result<Vec<Message>> {
@@ -139,6 +144,7 @@ pub fn summary(gw: &Gateway) -> Result<Summary> {
         pending: messages(gw, QUEUE)?,
         dead_letters: messages(gw, DEAD)?,
         delivered: gw.store().count(DONE.as_bytes())?,
+        endpoints: Vec::new(),
     })
 }
 
@@ -190,23 +196,6 @@ pub async fn stop(gw: &Gateway, seq: u64) -> Result<Message> {
     })?;
     gw.store().durable().await?;
     Ok(m)
-}
-
-/// Whether the outbox workers are making progress: no message has been due for longer than
-/// `stuck_after_secs` without an attempt. Messages of practices no longer configured are
-/// not counted (nobody will deliver them; an operator sees them in the list).
-pub fn stuck(gw: &Gateway) -> Result<Option<u64>> {
-    let limit = gw.config().outbox.stuck_after_secs as i64 * 1_000_000;
-    let now = Now::current().micros;
-    let cfg = gw.config();
-    Ok(messages(gw, QUEUE)?
-        .into_iter()
-        .filter(|m| {
-            cfg.practice(&m.practice)
-                .is_some_and(|p| p.endpoint.is_some())
-        })
-        .find(|m| now - m.next_at > limit)
-        .map(|m| m.seq))
 }
 
 /// An HTTP client and credentials for one practice's endpoint.
@@ -305,6 +294,7 @@ fn target(ods: &str, e: &Endpoint, timeout: Duration) -> std::result::Result<Tar
 /// that a bad file stops start-up with its name).
 pub struct Outbox {
     targets: HashMap<String, Arc<Target>>,
+    health: Arc<Health>,
 }
 
 impl Outbox {
@@ -316,19 +306,28 @@ impl Outbox {
                 targets.insert(p.ods.clone(), Arc::new(target(&p.ods, e, timeout)?));
             }
         }
-        Ok(Outbox { targets })
+        let health = Arc::new(Health::default());
+        Ok(Outbox { targets, health })
+    }
+
+    /// What the workers report (readiness, metrics, the operator's view).
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     /// Starts one delivery worker per practice; they stop when `stop` fires.
     pub fn start(self, gw: Arc<Gateway>, stop: tokio::sync::watch::Receiver<bool>) {
         for (ods, t) in self.targets {
-            let (gw, mut stop) = (gw.clone(), stop.clone());
+            let (gw, mut stop, health) = (gw.clone(), stop.clone(), self.health.clone());
+            health.register(&ods);
             tokio::spawn(async move {
                 let poll = Duration::from_millis(gw.config().outbox.poll_ms.max(10));
+                let mut worker = Worker::default();
                 loop {
-                    if let Err(e) = deliver_due(&gw, &ods, &t).await {
+                    if let Err(e) = worker.pass(&gw, &ods, &t, &health).await {
                         tracing::error!(practice = %ods, error = %e, "outbox pass failed");
                     }
+                    health.progress(&ods);
                     tokio::select! {
                         _ = tokio::time::sleep(poll) => {}
                         _ = stop.changed() => return,
@@ -339,10 +338,133 @@ impl Outbox {
     }
 }
 
+/// How the delivery workers are doing, on the monotonic clock: readiness asks whether each
+/// worker is making progress (the gateway's own health), and operators see each practice's
+/// endpoint (failing or not, and why) in `/metrics` and `GET /admin/outbox`.
+#[derive(Default)]
+pub struct Health {
+    practices: Mutex<BTreeMap<String, PracticeState>>,
+}
+
+struct PracticeState {
+    /// When the worker last finished a pass or a batch of attempts.
+    progress: Instant,
+    consecutive_failures: u32,
+    last_error: Option<String>,
+    last_attempt: Option<String>,
+    last_delivery: Option<String>,
+}
+
+/// One practice's endpoint as an operator sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointView {
+    pub practice: String,
+    /// The last attempt failed in a way that will be retried (down, timeout, 5xx).
+    pub failing: bool,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+    pub last_attempt: Option<String>,
+    pub last_delivery: Option<String>,
+    /// Seconds since the worker last made progress.
+    pub idle_secs: u64,
+}
+
+impl Health {
+    fn with(&self, ods: &str, f: impl FnOnce(&mut PracticeState)) {
+        if let Ok(mut m) = self.practices.lock() {
+            if let Some(p) = m.get_mut(ods) {
+                f(p);
+            }
+        }
+    }
+
+    fn register(&self, ods: &str) {
+        if let Ok(mut m) = self.practices.lock() {
+            m.insert(
+                ods.to_string(),
+                PracticeState {
+                    progress: Instant::now(),
+                    consecutive_failures: 0,
+                    last_error: None,
+                    last_attempt: None,
+                    last_delivery: None,
+                },
+            );
+        }
+    }
+
+    fn progress(&self, ods: &str) {
+        self.with(ods, |p| p.progress = Instant::now());
+    }
+
+    fn attempted(&self, ods: &str, state: &State, note: Option<&str>) {
+        let now = Now::current().instant;
+        self.with(ods, |p| {
+            p.last_attempt = Some(now.clone());
+            match state {
+                State::Delivered => {
+                    p.consecutive_failures = 0;
+                    p.last_error = None;
+                    p.last_delivery = Some(now);
+                }
+                State::Retry => {
+                    p.consecutive_failures += 1;
+                    p.last_error = note.map(str::to_string);
+                }
+                // The endpoint answered (a refusal of this one message): it is up.
+                State::Failed => {
+                    p.consecutive_failures = 0;
+                    p.last_error = note.map(str::to_string);
+                }
+            }
+        });
+    }
+
+    /// A practice whose worker has made no progress for `limit`: the worker itself is stuck
+    /// (a failing endpoint is not: every attempt ends within the request timeout).
+    pub fn stalled(&self, limit: Duration) -> Option<String> {
+        let m = self.practices.lock().ok()?;
+        m.iter()
+            .find(|(_, p)| p.progress.elapsed() > limit)
+            .map(|(ods, _)| ods.clone())
+    }
+
+    pub fn endpoints(&self) -> Vec<EndpointView> {
+        let Ok(m) = self.practices.lock() else {
+            return Vec::new();
+        };
+        m.iter()
+            .map(|(ods, p)| EndpointView {
+                practice: ods.clone(),
+                failing: p.consecutive_failures > 0,
+                consecutive_failures: p.consecutive_failures,
+                last_error: p.last_error.clone(),
+                last_attempt: p.last_attempt.clone(),
+                last_delivery: p.last_delivery.clone(),
+                idle_secs: p.progress.elapsed().as_secs(),
+            })
+            .collect()
+    }
+}
+
+/// How long a worker may go without progress before readiness fails: the configured
+/// `stuck_after_secs` beyond the longest an attempt may take.
+pub fn stall_limit(cfg: &crate::config::Outbox) -> Duration {
+    Duration::from_secs(cfg.stuck_after_secs) + Duration::from_millis(cfg.request_timeout_ms)
+}
+
 enum Outcome {
     Delivered,
     Retry(String),
     Permanent(String),
+}
+
+/// What an attempt did to its message.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Delivered,
+    Retry,
+    Failed,
 }
 
 async fn send(gw: &Gateway, t: &Target, m: &Message) -> Result<Outcome> {
@@ -398,101 +520,194 @@ async fn send(gw: &Gateway, t: &Target, m: &Message) -> Result<Outcome> {
 
 /// Backoff for the `attempts`-th retry: base·2^attempts, capped, times a jitter in
 /// [0.5, 1.5).
-fn backoff(cfg: &crate::config::Outbox, attempts: u32) -> i64 {
+fn backoff(cfg: &crate::config::Outbox, attempts: u32) -> Duration {
     let exp = cfg
         .base_delay_ms
         .saturating_mul(1u64 << attempts.min(30))
         .min(cfg.max_delay_ms);
     let jitter = 0.5 + f64::from(uuid::Uuid::new_v4().as_bytes()[0]) / 256.0;
-    (exp as f64 * jitter * 1000.0) as i64
+    Duration::from_micros((exp as f64 * jitter * 1000.0) as u64)
 }
 
-/// One pass over a practice's queue: every referral's first message that is due is tried.
-async fn deliver_due(gw: &Gateway, ods: &str, t: &Target) -> Result<()> {
-    let prefix = queue_prefix(ods);
-    let queued = messages(gw, &prefix)?;
-    // A referral with a dead letter waits for the operator: delivering its later messages
-    // first would break its order.
-    let mut blocked: HashSet<String> = messages(gw, DEAD)?
-        .into_iter()
-        .filter(|d| d.practice == ods)
-        .map(|d| d.service_request)
-        .collect();
-    for m in queued {
-        if !blocked.insert(m.service_request.clone()) {
-            continue; // an earlier message of this referral is still queued
+/// One practice's delivery schedule. It lives in memory and runs on the monotonic clock:
+/// neither the stored commit clock nor a wall clock that steps back can hold a message
+/// back. After a restart every queued message is due at once; its stored attempt count
+/// keeps its backoff growing. (`Message::next_at` is the wall-clock time shown to
+/// operators, never read for scheduling.)
+#[derive(Default)]
+struct Worker {
+    /// When each message that failed may be tried again.
+    due: HashMap<u64, Instant>,
+    /// The endpoint failed a whole batch: the practice waits until then.
+    paused_until: Option<Instant>,
+    failed_batches: u32,
+}
+
+impl Worker {
+    /// One pass over a practice's queue: each referral's first message, if due, is tried,
+    /// up to `outbox.concurrency` at once. A referral with a dead letter waits for the
+    /// operator (delivering its later messages first would break its order). A batch in
+    /// which the endpoint failed every attempt pauses the practice with backoff, so a
+    /// down endpoint sees a trickle of attempts, not a storm.
+    async fn pass(
+        &mut self,
+        gw: &Arc<Gateway>,
+        ods: &str,
+        t: &Arc<Target>,
+        health: &Health,
+    ) -> Result<()> {
+        if self.paused_until.is_some_and(|p| p > Instant::now()) {
+            return Ok(());
         }
-        if m.next_at > Now::current().micros {
-            continue;
-        }
-        let outcome = send(gw, t, &m).await?;
-        let key = format!("{prefix}{:020}", m.seq);
+        let queued = messages(gw, &queue_prefix(ods))?;
+        let live: HashSet<u64> = queued.iter().map(|m| m.seq).collect();
+        self.due.retain(|seq, _| live.contains(seq));
+        let mut blocked: HashSet<String> = messages(gw, DEAD)?
+            .into_iter()
+            .filter(|d| d.practice == ods)
+            .map(|d| d.service_request)
+            .collect();
+        let now = Instant::now();
+        let heads: Vec<Message> = queued
+            .into_iter()
+            .filter(|m| blocked.insert(m.service_request.clone()))
+            .filter(|m| self.due.get(&m.seq).is_none_or(|d| *d <= now))
+            .collect();
         let cfg = gw.config().outbox.clone();
-        let (state, note) = match &outcome {
-            Outcome::Delivered => ("delivered", None),
-            Outcome::Retry(e) if m.attempts + 1 >= cfg.max_attempts => (
-                "failed",
-                Some(format!("{e}; gave up after {} attempts", m.attempts + 1)),
-            ),
-            Outcome::Retry(e) => ("retry", Some(e.clone())),
-            Outcome::Permanent(e) => ("failed", Some(e.clone())),
-        };
-        let applied = gw.commit(|tx| {
-            // An operator may have stopped (or retried) this message while it was being sent:
-            // then their decision stands and this attempt's result is dropped.
-            let still: Option<Message> = tx
-                .get(key.as_bytes())?
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            if still.as_ref() != Some(&m) {
-                return Ok(false);
+        for batch in heads.chunks(cfg.concurrency.max(1)) {
+            let mut running = tokio::task::JoinSet::new();
+            for m in batch {
+                let (gw, t, m) = (gw.clone(), t.clone(), m.clone());
+                running.spawn(async move { (m.seq, attempt(&gw, &t, &m).await) });
             }
-            let mut next = m.clone();
-            next.attempts += 1;
-            next.last_error = note.clone();
-            tx.remove(key.as_bytes())?;
-            match state {
-                "delivered" => {
-                    next.delivered_at = Some(Now::current().micros);
-                    tx.put(format!("{DONE}{:020}", m.seq).as_bytes(), &to_json(&next)?)?;
+            let (mut delivered, mut failed) = (false, false);
+            while let Some(joined) = running.join_next().await {
+                let (seq, result) = match joined {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(practice = %ods, error = %e, "outbox attempt panicked");
+                        continue;
+                    }
+                };
+                match result {
+                    Ok(Some((state, note, attempts))) => {
+                        health.attempted(ods, &state, note.as_deref());
+                        match state {
+                            State::Retry => {
+                                failed = true;
+                                self.due
+                                    .insert(seq, Instant::now() + backoff(&cfg, attempts - 1));
+                            }
+                            State::Delivered => {
+                                delivered = true;
+                                self.due.remove(&seq);
+                            }
+                            State::Failed => {
+                                self.due.remove(&seq);
+                            }
+                        }
+                    }
+                    // An operator's decision overtook the attempt.
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(practice = %ods, seq, error = %e, "outbox attempt not recorded");
+                        failed = true;
+                    }
                 }
-                "retry" => {
-                    next.next_at = Now::current().micros + backoff(&cfg, m.attempts);
-                    tx.put(key.as_bytes(), &to_json(&next)?)?;
+            }
+            health.progress(ods);
+            if failed {
+                if !delivered {
+                    self.failed_batches += 1;
+                    self.paused_until =
+                        Some(Instant::now() + backoff(&cfg, self.failed_batches - 1));
                 }
-                _ => tx.put(format!("{DEAD}{:020}", m.seq).as_bytes(), &to_json(&next)?)?,
+                // The endpoint is failing: leave the rest of this pass to a later one.
+                break;
             }
-            // The Observation says how its delivery went, in the same transaction.
-            if state != "retry" {
-                gw.tx_mark_delivery(tx, &m.observation, state)?;
-            }
-            Ok(true)
-        })?;
-        gw.store().durable().await?;
-        if !applied {
-            continue;
+            self.failed_batches = 0;
         }
-        match state {
-            "retry" => {
-                tracing::warn!(practice = %ods, seq = m.seq, attempt = m.attempts + 1, error = note.as_deref().unwrap_or(""), "outbox delivery failed; will retry")
-            }
-            "failed" => {
-                tracing::error!(practice = %ods, seq = m.seq, error = note.as_deref().unwrap_or(""), "outbox message dead-lettered")
-            }
-            _ => {}
-        }
-        if state == "retry" {
-            // The endpoint is failing: leave the rest of this pass to the next one.
-            break;
-        }
+        Ok(())
     }
-    Ok(())
 }
 
-/// Prometheus text for the outbox.
-pub fn metrics(gw: &Gateway) -> Result<String> {
+/// Sends one message and records the result (delivered, retry, dead letter) in one
+/// transaction, with the Observation's delivery state. `None` when an operator stopped or
+/// retried the message while it was being sent: their decision stands.
+async fn attempt(
+    gw: &Gateway,
+    t: &Target,
+    m: &Message,
+) -> Result<Option<(State, Option<String>, u32)>> {
+    let outcome = send(gw, t, m).await?;
+    let key = format!("{}{:020}", queue_prefix(&m.practice), m.seq);
+    let cfg = gw.config().outbox.clone();
+    let attempts = m.attempts + 1;
+    let (state, note) = match &outcome {
+        Outcome::Delivered => (State::Delivered, None),
+        Outcome::Retry(e) if attempts >= cfg.max_attempts => (
+            State::Failed,
+            Some(format!("{e}; gave up after {attempts} attempts")),
+        ),
+        Outcome::Retry(e) => (State::Retry, Some(e.clone())),
+        Outcome::Permanent(e) => (State::Failed, Some(e.clone())),
+    };
+    let applied = gw.commit(|tx| {
+        let still: Option<Message> = tx
+            .get(key.as_bytes())?
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if still.as_ref() != Some(m) {
+            return Ok(false);
+        }
+        let mut next = m.clone();
+        next.attempts = attempts;
+        next.last_error = note.clone();
+        tx.remove(key.as_bytes())?;
+        let wall = Now::current().micros;
+        match state {
+            State::Delivered => {
+                next.delivered_at = Some(wall);
+                tx.put(format!("{DONE}{:020}", m.seq).as_bytes(), &to_json(&next)?)?;
+            }
+            State::Retry => {
+                // For the operator's view only; the worker schedules on the monotonic clock.
+                next.next_at = wall + backoff(&cfg, m.attempts).as_micros() as i64;
+                tx.put(key.as_bytes(), &to_json(&next)?)?;
+            }
+            State::Failed => tx.put(format!("{DEAD}{:020}", m.seq).as_bytes(), &to_json(&next)?)?,
+        }
+        // The Observation says how its delivery went, in the same transaction.
+        match state {
+            State::Delivered => gw.tx_mark_delivery(tx, &m.observation, "delivered")?,
+            State::Failed => gw.tx_mark_delivery(tx, &m.observation, "failed")?,
+            State::Retry => {}
+        }
+        Ok(true)
+    })?;
+    gw.store().durable().await?;
+    if !applied {
+        return Ok(None);
+    }
+    let (ods, seq, error) = (&m.practice, m.seq, note.as_deref().unwrap_or(""));
+    match state {
+        State::Retry => {
+            tracing::warn!(practice = %ods, seq, attempt = attempts, error, "outbox delivery failed; will retry")
+        }
+        State::Failed => {
+            tracing::error!(practice = %ods, seq, error, "outbox message dead-lettered")
+        }
+        State::Delivered => {}
+    }
+    Ok(Some((state, note, attempts)))
+}
+
+/// Prometheus text for the outbox: totals, and each practice endpoint's state (whether it
+/// is failing, for how many attempts in a row, and its queue) so that an operator sees which
+/// GP endpoint is down without the gateway being taken out of service for it.
+pub fn metrics(gw: &Gateway, health: &Health) -> Result<String> {
     let count = |p: &str| gw.store().count(p.as_bytes());
     let (pending, dead, delivered) = (count(QUEUE)?, count(DEAD)?, count(DONE)?);
-    Ok(format!(
+    let mut out = format!(
         "# HELP sp_gateway_outbox_pending Observations waiting to be delivered to GP systems.\n\
          # TYPE sp_gateway_outbox_pending gauge\nsp_gateway_outbox_pending {}\n\
          # HELP sp_gateway_outbox_dead_letters Observations whose delivery failed for good.\n\
@@ -500,7 +715,43 @@ pub fn metrics(gw: &Gateway) -> Result<String> {
          # HELP sp_gateway_outbox_delivered Observations delivered to GP systems.\n\
          # TYPE sp_gateway_outbox_delivered counter\nsp_gateway_outbox_delivered {}\n",
         pending, dead, delivered
-    ))
+    );
+    let endpoints = health.endpoints();
+    if !endpoints.is_empty() {
+        out.push_str(
+            "# HELP sp_gateway_outbox_endpoint_failing 1 while a practice's endpoint fails (down, timeout, 5xx).\n\
+             # TYPE sp_gateway_outbox_endpoint_failing gauge\n",
+        );
+        for e in &endpoints {
+            out.push_str(&format!(
+                "sp_gateway_outbox_endpoint_failing{{practice=\"{}\"}} {}\n",
+                e.practice,
+                u8::from(e.failing)
+            ));
+        }
+        out.push_str(
+            "# HELP sp_gateway_outbox_endpoint_consecutive_failures Failed attempts in a row to a practice's endpoint.\n\
+             # TYPE sp_gateway_outbox_endpoint_consecutive_failures gauge\n",
+        );
+        for e in &endpoints {
+            out.push_str(&format!(
+                "sp_gateway_outbox_endpoint_consecutive_failures{{practice=\"{}\"}} {}\n",
+                e.practice, e.consecutive_failures
+            ));
+        }
+        out.push_str(
+            "# HELP sp_gateway_outbox_practice_pending Observations waiting for a practice's endpoint.\n\
+             # TYPE sp_gateway_outbox_practice_pending gauge\n",
+        );
+        for e in &endpoints {
+            let n = count(&queue_prefix(&e.practice))?;
+            out.push_str(&format!(
+                "sp_gateway_outbox_practice_pending{{practice=\"{}\"}} {n}\n",
+                e.practice
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// Tests and `$validate` of the delivery extension's shape.

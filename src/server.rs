@@ -229,7 +229,7 @@ pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
     let gateway = Arc::new(Gateway::new(Arc::new(cfg), store));
     Ok(Bound {
         listener,
-        state: AppState::new(gateway, auth, &limits),
+        state: AppState::new(gateway, auth, outbox.health(), &limits),
         tls,
         outbox,
     })

@@ -11,6 +11,7 @@ mod bench_smoke;
 mod conformance;
 mod crash;
 mod emitted_resources;
+mod faults;
 mod fhir_api;
 mod hostile;
 mod isolation;

@@ -388,3 +388,146 @@ async fn a_restart_mid_retry_loses_nothing() {
     .await;
     assert_eq!(rx.lock().unwrap().accepted, vec![a, b]);
 }
+
+/// A "GP endpoint" that accepts TCP connections and never answers; returns its base URL
+/// and how many connections it has taken.
+async fn silent_endpoint() -> (String, Arc<Mutex<Vec<tokio::net::TcpStream>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held: Arc<Mutex<Vec<tokio::net::TcpStream>>> = Arc::default();
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            keep.lock().unwrap().push(tcp);
+        }
+    });
+    (format!("http://127.0.0.1:{}/fhir", addr.port()), held)
+}
+
+/// Issue #10, fault 3: one practice's endpoint accepts connections and never answers. The
+/// gateway stays ready (a remote fault is not its own), the other practice's Observations
+/// are delivered as if nothing were wrong, and the silent endpoint shows as failing where
+/// an operator looks (/metrics, GET /admin/outbox).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_endpoint_delays_only_its_own_practice_and_never_makes_the_gateway_unready() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx: Shared = Arc::default();
+    let good = gp_endpoint(dir.path(), rx.clone()).await;
+    let (silent, held) = silent_endpoint().await;
+    // P81001 → the silent endpoint; P81002 → the working one. A short request timeout and
+    // stuck threshold, so that the old rule ("a message due for stuck_after_secs") would
+    // have failed readiness within the test.
+    let endpoint = |base: &str| {
+        format!(
+            "[practices.endpoint]\nbase_url = \"{base}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n",
+            dir.path().join("gp.token").display(),
+            dir.path().join("gp-ca.crt").display()
+        )
+    };
+    let cfg = config_text(|t| {
+        t.replacen(
+            "name = \"Nelson Health Centre\"\n",
+            &format!("name = \"Nelson Health Centre\"\n{}", endpoint(&silent)),
+            1,
+        )
+        .replacen(
+            "name = \"Burnley Wood Medical Centre\"\n",
+            &format!("name = \"Burnley Wood Medical Centre\"\n{}", endpoint(&good)),
+            1,
+        )
+        .replacen(
+            "[[practices]]",
+            "[outbox]\nbase_delay_ms = 40\nmax_delay_ms = 400\npoll_ms = 20\nmax_attempts = 1000\nrequest_timeout_ms = 800\nstuck_after_secs = 1\n\n[server.limits]\nrate_per_second = 100000\nrate_burst = 100000\n\n[[practices]]",
+            1,
+        )
+    });
+    let gw = TestGateway::start_with(&dir.path().join("data"), cfg).await;
+    let mut for_good = Vec::new();
+    for n in 0..6 {
+        let mut r = variant(
+            "referral-ada.json",
+            &format!("SILENT-{n}"),
+            Some(&nhs_number(7000 + n)),
+        );
+        // Four referrals from the silent practice, two from the working one.
+        if n >= 4 {
+            r["practice"]["odsCode"] = json!("P81002");
+        }
+        let (pid, sid, tid) = gw.refer(GP, &r).await;
+        assert_eq!(
+            gw.transition(CRAFTS, &tid, status_to("accepted"))
+                .await
+                .status,
+            200
+        );
+        for v in [20, 21] {
+            let id = outcome(&gw, &sid, &pid, v).await;
+            if n >= 4 {
+                for_good.push(id);
+            }
+        }
+    }
+    // The working practice's four Observations arrive promptly, whatever the silent one does.
+    wait_for("the working practice's deliveries", || {
+        rx.lock().unwrap().accepted.len() == 4
+    })
+    .await;
+    {
+        let acc = rx.lock().unwrap().accepted.clone();
+        assert!(for_good.iter().all(|k| acc.contains(k)), "{acc:?}");
+        // Each referral's two messages in the order posted.
+        for pair in for_good.chunks(2) {
+            let pos = |k: &String| acc.iter().position(|a| a == k).unwrap();
+            assert!(pos(&pair[0]) < pos(&pair[1]), "{acc:?}");
+        }
+    }
+    // Readiness, sampled over several stuck thresholds while the silent endpoint swallows
+    // one attempt after another: always ready.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        let r = gw
+            .request(reqwest::Method::GET, "/readyz", None, None, None, &[])
+            .await;
+        assert_eq!(
+            r.status, 200,
+            "a silent GP endpoint made the gateway unready: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the silent endpoint was never tried"
+    );
+    // The operator sees which endpoint is failing, and why.
+    let m = gw.get(ADMIN, "/metrics").await;
+    let text = m.body.as_str().unwrap_or_default().to_string();
+    assert!(
+        text.contains("sp_gateway_outbox_endpoint_failing{practice=\"P81001\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sp_gateway_outbox_endpoint_failing{practice=\"P81002\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sp_gateway_outbox_practice_pending{practice=\"P81001\"} 8"),
+        "{text}"
+    );
+    let admin = gw.get(ADMIN, "/admin/outbox").await;
+    let eps = admin.body["endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let silent_view = eps
+        .iter()
+        .find(|e| e["practice"] == "P81001")
+        .unwrap_or_else(|| panic!("no endpoint view: {}", admin.body));
+    assert_eq!(silent_view["failing"], true, "{}", admin.body);
+    assert_eq!(silent_view["last_error"], "timeout", "{}", admin.body);
+    let good_view = eps.iter().find(|e| e["practice"] == "P81002").unwrap();
+    assert_eq!(good_view["failing"], false, "{}", admin.body);
+    // Nothing of the silent practice was lost or dead-lettered: all eight wait.
+    assert_eq!(admin.body["pending"].as_array().unwrap().len(), 8);
+    assert!(admin.body["dead_letters"].as_array().unwrap().is_empty());
+}

@@ -132,6 +132,20 @@ impl TestGateway {
         }
     }
 
+    /// A client for a gateway running elsewhere (the real binary): the request helpers work,
+    /// the store-reading ones do not.
+    pub fn remote(base: &str) -> TestGateway {
+        TestGateway {
+            base: base.trim_end_matches('/').to_string(),
+            dir: PathBuf::new(),
+            gateway: None,
+            config: String::new(),
+            stop: None,
+            task: None,
+            http: reqwest::Client::new(),
+        }
+    }
+
     /// Stops the server (in-flight requests finish) and closes the store.
     pub async fn stop(&mut self) {
         if let Some(s) = self.stop.take() {
@@ -356,19 +370,21 @@ pub fn with_reason(status: &str, text: &str) -> impl Fn(&mut Value) {
 /// The real `sp-gateway` binary serving on a free loopback port; `config` (TOML text) is
 /// written beside the data dir when given.
 pub fn spawn_binary(data: &Path, config: Option<&str>) -> (std::process::Child, String) {
+    spawn_binary_env(data, config, &[])
+}
+
+/// [`spawn_binary`] with extra environment variables. The gateway's log (stderr) goes to
+/// `{data}.log`, appended, so that a test can read what it said.
+pub fn spawn_binary_env(
+    data: &Path,
+    config: Option<&str>,
+    env: &[(&str, &str)],
+) -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sp-gateway"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data);
-    if let Some(text) = config {
-        let path = data.with_extension("toml");
-        std::fs::write(&path, text).expect("write config");
-        cmd.arg("--config").arg(path);
-    }
+    let mut cmd = gateway_command(data, config);
+    cmd.envs(env.iter().copied());
     let mut child = cmd
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn sp-gateway");
     let mut line = String::new();
@@ -378,9 +394,73 @@ pub fn spawn_binary(data: &Path, config: Option<&str>) -> (std::process::Child, 
     let base = line
         .trim()
         .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("the gateway did not start: {line:?}"))
+        .unwrap_or_else(|| {
+            panic!(
+                "the gateway did not start: {line:?}; its log: {}",
+                std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
+            )
+        })
         .to_string();
     (child, base)
+}
+
+/// `sp-gateway serve` on a free loopback port over `data` (config written beside it when
+/// given), logging to `{data}.log`; not started.
+pub fn gateway_command(data: &Path, config: Option<&str>) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sp-gateway"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data);
+    if let Some(text) = config {
+        let path = data.with_extension("toml");
+        std::fs::write(&path, text).expect("write config");
+        cmd.arg("--config").arg(path);
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.with_extension("log"))
+        .expect("gateway log file");
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(std::process::Stdio::null())
+        .stderr(log);
+    cmd
+}
+
+/// Sends SIGTERM and waits; returns the exit code.
+pub fn terminate(child: &mut std::process::Child) -> Option<i32> {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().expect("wait for the gateway").code()
+}
+
+/// Installs a Debian package (as root, with apt) unless `probe` already exists: what a test
+/// needs, it installs itself, as the conformance suite does for its tools.
+pub fn ensure_debian_package(package: &str, probe: &str) {
+    if Path::new(probe).exists() {
+        return;
+    }
+    let install = || {
+        std::process::Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if !install() {
+        let _ = std::process::Command::new("apt-get")
+            .args(["update", "-qq"])
+            .output();
+        assert!(
+            install(),
+            "this test needs the Debian package {package} and could not install it with apt-get (run the tests as root on Debian, or install it by hand)"
+        );
+    }
+    assert!(
+        Path::new(probe).exists(),
+        "{package} was installed but {probe} is missing"
+    );
 }
 
 /// Demo config with a rate limit a test's few clients cannot reach.
