@@ -64,8 +64,31 @@ pub struct Server {
     /// Memory for the store's cache of tree nodes, in MiB (the process needs ~140 MB more).
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
+    /// The free-space floor of the data directory's filesystem: below the smaller of these
+    /// (but never below 32 MiB) new referrals are refused with 507 and the gateway is not
+    /// ready; reads, polls and Task updates go on, and it resumes by itself when space
+    /// returns.
+    #[serde(default = "default_min_free_mb")]
+    pub min_free_mb: u64,
+    #[serde(default = "default_min_free_percent")]
+    pub min_free_percent: u8,
+    /// Where `POST /admin/backup` writes online backups (one directory each).
+    #[serde(default = "default_backup_dir")]
+    pub backup_dir: PathBuf,
     #[serde(default)]
     pub limits: Limits,
+}
+
+fn default_min_free_mb() -> u64 {
+    1024
+}
+
+fn default_min_free_percent() -> u8 {
+    5
+}
+
+fn default_backup_dir() -> PathBuf {
+    PathBuf::from("./backups")
 }
 
 fn default_max_body() -> usize {
@@ -380,6 +403,12 @@ impl Config {
             return Err(bad(
                 "server.max_body_bytes".into(),
                 "must be from 1024 to 1048576 (1 MiB)".into(),
+            ));
+        }
+        if self.server.min_free_percent > 50 {
+            return Err(bad(
+                "server.min_free_percent".into(),
+                "must be from 0 to 50".into(),
             ));
         }
         if !(1..=64).contains(&self.outbox.concurrency) {

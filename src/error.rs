@@ -77,7 +77,10 @@ pub enum Error {
     /// The request was not handled within the request timeout (408).
     #[error("request timed out")]
     Timeout,
-    /// The store failed (500): never caused by client input.
+    /// Free space is below the floor: no new referrals until it returns (507).
+    #[error("free space below the floor")]
+    InsufficientStorage,
+    /// The store failed (503): never caused by client input. A write's outcome is unknown.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A bug: a resource in the store that cannot be read back, and the like (500).

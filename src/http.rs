@@ -117,6 +117,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/outbox", get(admin_outbox))
+        .route("/admin/backup", post(admin_backup))
         .route("/admin/outbox/{seq}/{action}", post(admin_outbox_action))
         .route("/fhir/metadata", get(metadata))
         .route("/referrals", post(post_referral))
@@ -186,7 +187,9 @@ fn status_of(e: &Error) -> StatusCode {
         Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
         Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         Error::Timeout => StatusCode::REQUEST_TIMEOUT,
-        Error::Store(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
+        Error::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -240,9 +243,24 @@ pub fn operation_outcome(e: &Error) -> Value {
             "the request was not completed in time (a body sent too slowly?)",
             None,
         ),
-        Error::Store(_) | Error::Internal(_) => one(
+        Error::InsufficientStorage => one(
+            "transient",
+            "the gateway is short of disk space and is not taking new referrals; nothing was \
+             stored; send it again later (the gateway resumes by itself when space returns)",
+            None,
+        ),
+        Error::Store(_) => one(
+            "no-store",
+            "the gateway's store failed while handling this request (a full disk or an I/O \
+             error). If this was a write, its outcome is unknown: it may or may not have been \
+             stored. Re-sending the same referral (same referralId or ServiceRequest \
+             identifier) is safe and returns what was stored; read before re-sending anything \
+             else. Try again later",
+            None,
+        ),
+        Error::Internal(_) => one(
             "exception",
-            "the gateway failed to process the request; nothing was changed; try again later",
+            "the gateway failed to process the request; try again later",
             None,
         ),
     };
@@ -263,7 +281,8 @@ pub fn operation_outcome(e: &Error) -> Value {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = status_of(&self.0);
-        if status.is_server_error() {
+        // A refusal for want of space is logged once, when the floor is crossed.
+        if status.is_server_error() && !matches!(self.0, Error::InsufficientStorage) {
             tracing::error!(error = %self.0, "request failed");
         }
         let mut resp = fhir_response(status, &operation_outcome(&self.0));
@@ -274,6 +293,8 @@ impl IntoResponse for ApiError {
         let retry = match self.0 {
             Error::TooManyRequests(s) => Some(s),
             Error::Overloaded => Some(1),
+            Error::Store(_) => Some(5),
+            Error::InsufficientStorage => Some(60),
             _ => None,
         };
         if let Some(v) = retry.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
@@ -482,12 +503,15 @@ async fn healthz() -> Response {
 async fn readyz(State(st): State<AppState>) -> Response {
     let gw = &st.gateway;
     let limit = crate::outbox::stall_limit(&gw.config().outbox);
-    let problem = match gw.store().get(b"ready-probe") {
-        Err(e) => {
-            tracing::error!(error = %e, "store not readable");
-            Some("store unavailable".to_string())
-        }
-        Ok(_) => st.outbox.stalled(limit).map(|ods| {
+    let problem = match (gw.store().get(b"ready-probe"), gw.store().space()) {
+        (Err(e), _) => Some(format!("store unavailable: {e}")),
+        (_, Err(e)) => Some(format!("free space unknown: {e}")),
+        (Ok(_), Ok(space)) if space.below_floor() => Some(format!(
+            "free space {} MiB is below the floor of {} MiB: new referrals are refused",
+            space.free_bytes / (1024 * 1024),
+            space.floor_bytes / (1024 * 1024)
+        )),
+        (Ok(_), Ok(_)) => st.outbox.stalled(limit).map(|ods| {
             format!("outbox worker for practice {ods} has made no progress for over {limit:?}")
         }),
     };
@@ -503,7 +527,8 @@ async fn metrics(State(st): State<AppState>, who: Principal) -> Response {
         return e.into_response();
     }
     match crate::outbox::metrics(&st.gateway, &st.outbox) {
-        Ok(text) => {
+        Ok(outbox) => {
+            let text = format!("{}{outbox}", store_metrics(st.gateway.store()));
             let mut r = (StatusCode::OK, text).into_response();
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -513,6 +538,68 @@ async fn metrics(State(st): State<AppState>, who: Principal) -> Response {
         }
         Err(e) => ApiError(e).into_response(),
     }
+}
+
+/// The store's disk and state, for operators.
+fn store_metrics(store: &crate::store::Store) -> String {
+    let mut out = String::new();
+    if let Ok(space) = store.space() {
+        out.push_str(&format!(
+            "# HELP sp_gateway_store_free_bytes Free space of the data directory's filesystem.\n\
+             # TYPE sp_gateway_store_free_bytes gauge\nsp_gateway_store_free_bytes {}\n\
+             # HELP sp_gateway_store_floor_bytes Below this free space new referrals are refused (507).\n\
+             # TYPE sp_gateway_store_floor_bytes gauge\nsp_gateway_store_floor_bytes {}\n\
+             # HELP sp_gateway_store_below_floor 1 while free space is below the floor.\n\
+             # TYPE sp_gateway_store_below_floor gauge\nsp_gateway_store_below_floor {}\n",
+            space.free_bytes,
+            space.floor_bytes,
+            u8::from(space.below_floor())
+        ));
+    }
+    out.push_str(&format!(
+        "# HELP sp_gateway_store_failed 1 while the store refuses every call after a storage failure.\n\
+         # TYPE sp_gateway_store_failed gauge\nsp_gateway_store_failed {}\n\
+         # HELP sp_gateway_store_committed The last commit sequence recorded as on disk.\n\
+         # TYPE sp_gateway_store_committed counter\nsp_gateway_store_committed {}\n",
+        u8::from(store.failure().is_some()),
+        store.committed_seq()
+    ));
+    out
+}
+
+/// `POST /admin/backup`: an online backup of the store, consistent to one commit, into a new
+/// directory under `server.backup_dir`, verified by opening it. Writers pause only for the
+/// final pass over the keys written while it ran.
+async fn admin_backup(State(st): State<AppState>, who: Principal) -> ApiResult {
+    require_admin(&who)?;
+    let now = crate::gateway::Now::current();
+    let name = format!(
+        "sp-gateway-{}",
+        now.instant.replace([':', '-'], "").replace('.', "-")
+    );
+    let to = st.gateway.config().server.backup_dir.join(name);
+    let gw = st.gateway.clone();
+    let made = tokio::task::spawn_blocking(move || {
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                Error::Store(crate::store::StoreError::Io(format!(
+                    "backup directory {}: {e}",
+                    parent.display()
+                )))
+            })?;
+        }
+        gw.store().backup(&to).map_err(Error::Store)
+    })
+    .await
+    .map_err(|e| ApiError(Error::Internal(e.to_string())))??;
+    tracing::info!(
+        commit = made.commit,
+        keys = made.keys,
+        ms = made.millis,
+        "online backup made"
+    );
+    let body = serde_json::to_value(&made).map_err(|e| ApiError(Error::Internal(e.to_string())))?;
+    Ok((StatusCode::OK, axum::Json(body)).into_response())
 }
 
 fn require_admin(who: &Principal) -> Result<(), ApiError> {
@@ -1348,7 +1435,10 @@ async fn audit_request(State(st): State<AppState>, req: Request, next: Next) -> 
         Ok(_) => resp,
         Err(e) => {
             tracing::error!(error = %e, "audit record failed; response withheld");
-            ApiError(Error::Internal("audit".into())).into_response()
+            match e {
+                Error::Store(_) => ApiError(e).into_response(),
+                _ => ApiError(Error::Internal("audit".into())).into_response(),
+            }
         }
     }
 }

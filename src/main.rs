@@ -64,6 +64,15 @@ enum Command {
         #[command(subcommand)]
         action: OutboxAction,
     },
+    /// Copy a stopped gateway's store to a new directory, verified by opening it (a running
+    /// gateway: POST /admin/backup). Restore: stop, replace the data directory with the copy.
+    Backup {
+        #[command(flatten)]
+        common: Common,
+        /// New (or empty) directory for the copy
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Export every stored resource as FHIR bulk-data NDJSON, one file per type, from a
     /// stopped gateway's data directory.
     Export {
@@ -188,6 +197,24 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Backup { common, to } => match open_gateway(&common)
+            .and_then(|gw| gw.store().backup(&to).map_err(|e| e.to_string()))
+        {
+            Ok(b) => {
+                println!(
+                    "backup verified: {} keys, consistent to commit {}, in {} ({} ms)",
+                    b.keys,
+                    b.commit,
+                    b.dir.display(),
+                    b.millis
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Export { common, out } => match export(&common, &out) {
             Ok(counts) => {
                 for (t, n) in counts {
@@ -240,8 +267,13 @@ fn main() -> ExitCode {
 
 fn open_gateway(common: &Common) -> Result<sp_gateway::gateway::Gateway, String> {
     let cfg = load(common, None)?;
-    let store = sp_gateway::store::Store::open(&cfg.server.data_dir).map_err(|e| {
-        format!("{e} (is a gateway still running on this data directory? stop it first)")
+    let store = sp_gateway::store::Store::open_with(
+        &cfg.server.data_dir,
+        sp_gateway::server::store_options(&cfg),
+    )
+    .map_err(|e| match e {
+        sp_gateway::store::StoreError::Lost { .. } => e.to_string(),
+        _ => format!("{e} (is a gateway still running on this data directory? stop it first)"),
     })?;
     Ok(sp_gateway::gateway::Gateway::new(
         std::sync::Arc::new(cfg),
@@ -320,6 +352,16 @@ async fn serve(cfg: Config) -> ExitCode {
         Ok(()) => {
             tracing::info!("sp-gateway stopped cleanly");
             ExitCode::SUCCESS
+        }
+        Err(sp_gateway::server::ServeError::Store(
+            e @ sp_gateway::store::StoreError::Failed(_),
+        )) => {
+            tracing::error!(error = %e, "stopped after a storage failure");
+            eprintln!(
+                "error: stopped after a storage failure: {e}. Writes answered 503 may or may \
+                 not have been stored. Free space (or fix the disk) and start again (exit 4)"
+            );
+            ExitCode::from(4)
         }
         Err(e) => {
             eprintln!("error: {e}");

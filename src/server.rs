@@ -91,6 +91,7 @@ impl Bound {
                 }
             });
         }
+        tokio::spawn(watch_storage(gateway.clone(), stop_outbox.subscribe()));
         let limits = gateway.config().server.limits.clone();
         let router = http::router(self.state);
         let graceful = GracefulShutdown::new();
@@ -168,6 +169,10 @@ impl Bound {
             }
         }
         gateway.store().durable().await?;
+        // The chain head at shutdown too: a cut tail is then detectable from the last log.
+        if let Ok((seq, hash)) = crate::audit::head(gateway.store()) {
+            tracing::info!(checkpoint = %format!("{seq}:{hash}"), commit = gateway.store().committed_seq(), "audit checkpoint at shutdown");
+        }
         Ok(())
     }
 }
@@ -208,6 +213,55 @@ fn service(
     })
 }
 
+/// The store's options from the config.
+pub fn store_options(cfg: &Config) -> crate::store::Options {
+    crate::store::Options {
+        cache_bytes: cfg.server.cache_mb * 1024 * 1024,
+        min_free_mb: cfg.server.min_free_mb,
+        min_free_percent: cfg.server.min_free_percent,
+    }
+}
+
+/// Watches the store's disk once a second: logs when free space crosses the floor (new
+/// referrals are refused below it, and taken again above it), and reopens a store that
+/// failed for want of space once space is back.
+async fn watch_storage(gw: Arc<Gateway>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut was_low = false;
+    loop {
+        match gw.store().space() {
+            Ok(space) => {
+                let low = space.below_floor();
+                if low && !was_low {
+                    tracing::warn!(
+                        free_mb = space.free_bytes / (1024 * 1024),
+                        floor_mb = space.floor_bytes / (1024 * 1024),
+                        "free space below the floor: refusing new referrals (507) and not ready; reads, polls and updates go on"
+                    );
+                } else if !low && was_low {
+                    tracing::info!(
+                        free_mb = space.free_bytes / (1024 * 1024),
+                        "free space back above the floor: taking new referrals again"
+                    );
+                }
+                was_low = low;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot measure free space"),
+        }
+        if gw.store().failure().is_some() {
+            let g = gw.clone();
+            match tokio::task::spawn_blocking(move || g.store().recover()).await {
+                Ok(Err(e)) => tracing::error!(error = %e, "store cannot recover"),
+                Err(e) => tracing::error!(error = %e, "store recovery panicked"),
+                Ok(Ok(_)) => {}
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 /// Loads TLS, opens the store in `cfg.server.data_dir` and binds `cfg.server.listen`.
 pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
     let tls = match &cfg.tls {
@@ -217,7 +271,7 @@ pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
         None => None,
     };
     let outbox = crate::outbox::Outbox::new(&cfg)?;
-    let store = Store::open_with_cache(&cfg.server.data_dir, cfg.server.cache_mb * 1024 * 1024)?;
+    let store = Store::open_with(&cfg.server.data_dir, store_options(&cfg))?;
     crate::ingest::init();
     crate::schema::init().map_err(|e| ServeError::Schema(e.to_string()))?;
     let addr = cfg.server.listen;

@@ -7,16 +7,28 @@
 //! directories, so the disk cache and file metadata are committed too), sharing one flush
 //! among all concurrent callers (group commit).
 //!
+//! It also keeps, outside sled, a synced record of what it has committed (`committed`, see
+//! [`CommitRecord`]): every transaction bumps a commit sequence inside sled, and each group
+//! commit, once on disk, records the sequence it covers. A store that opens short of its
+//! record has lost acknowledged writes (sled silently truncates a damaged log) and is
+//! refused. After a storage failure (a full disk, an I/O error) the store fails closed:
+//! every call errs until it is reopened ([`Store::recover`], for a full disk once space is
+//! back) or the process restarts. It measures the free space of its filesystem
+//! ([`Store::space`]) and takes online backups consistent to one commit ([`Store::backup`]).
+//!
 //! It knows nothing of FHIR, referrals or roles: callers give it keys and bytes. It must not
 //! decide what a key means; the key scheme lives with the code that owns the data
 //! (`gateway::keys`).
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::fs::File;
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -26,8 +38,26 @@ use tokio::sync::oneshot;
 pub enum StoreError {
     #[error("store at {dir}: {message}")]
     Open { dir: String, message: String },
+    /// The store opened short of its commit record: acknowledged writes are missing.
+    #[error(
+        "store at {dir} has lost acknowledged writes: it holds commits up to {found}, but \
+         commits up to {recorded} were acknowledged (the log was damaged or truncated, or the \
+         data directory was restored from an older copy without its commit record). Restore \
+         the whole data directory from the latest backup (README, Operations: Restore). To \
+         start on what remains instead, knowingly losing those writes, remove {dir}/committed"
+    )]
+    Lost {
+        dir: String,
+        found: u64,
+        recorded: u64,
+    },
     #[error("store I/O error: {0}")]
     Io(String),
+    /// A storage failure stopped the store; it refuses every call until it is reopened.
+    #[error(
+        "the store stopped after a storage failure ({0}); acknowledged writes are safe on disk"
+    )]
+    Failed(String),
     #[error("store is closed")]
     Closed,
 }
@@ -96,15 +126,131 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
 
-/// The store handle; cheap to share behind an `Arc`.
-pub struct Store {
+/// How a store is opened.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// sled's cache of tree nodes.
+    pub cache_bytes: u64,
+    /// The free-space floor: the smaller of these, but never below [`MIN_FLOOR_BYTES`].
+    pub min_free_mb: u64,
+    pub min_free_percent: u8,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            min_free_mb: 1024,
+            min_free_percent: 5,
+        }
+    }
+}
+
+/// The free space of the store's filesystem against its floor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Space {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    pub floor_bytes: u64,
+}
+
+impl Space {
+    pub fn below_floor(&self) -> bool {
+        self.free_bytes < self.floor_bytes
+    }
+}
+
+/// The smallest free-space floor: a few of sled's segments, so that the writes the gateway
+/// still makes below the floor (reads' audit records, Task updates) have room.
+pub const MIN_FLOOR_BYTES: u64 = 4 * SEGMENT_BYTES as u64;
+
+/// The open sled database; replaced whole when the store is reopened after a failure.
+struct Engine {
     db: sled::Db,
     tree: sled::Tree,
+    files: SyncFiles,
+}
+
+/// What the store and its commit thread share.
+struct Shared {
+    engine: RwLock<Option<Arc<Engine>>>,
+    /// The commit sequence of the last transaction applied (in memory, maybe not on disk).
+    applied: AtomicU64,
+    /// Why the store failed, and whether reopening may cure it (a full disk may; an fsync
+    /// error may not: the kernel may have dropped the pages it could not write).
+    failed: Mutex<Option<(String, bool)>>,
+    record: Mutex<CommitRecord>,
+}
+
+impl Shared {
+    fn engine(&self) -> Result<Arc<Engine>, StoreError> {
+        if let Ok(f) = self.failed.lock() {
+            if let Some((why, _)) = f.as_ref() {
+                return Err(StoreError::Failed(why.clone()));
+            }
+        }
+        self.engine
+            .read()
+            .ok()
+            .and_then(|e| e.clone())
+            .ok_or(StoreError::Closed)
+    }
+
+    /// Marks the store failed (the first failure's reason stands) and returns the error.
+    fn fail(&self, why: String, recoverable: bool) -> StoreError {
+        if let Ok(mut f) = self.failed.lock() {
+            if f.is_none() {
+                tracing::error!(error = %why, recoverable, "store failed; refusing every request that needs it until it recovers");
+                *f = Some((why.clone(), recoverable));
+            }
+            if let Some((first, _)) = f.as_ref() {
+                return StoreError::Failed(first.clone());
+            }
+        }
+        StoreError::Failed(why)
+    }
+
+    /// A sled error: sled's own write path failed (it refuses every later write until
+    /// reopened). A full disk there is curable by reopening once space is back.
+    fn fail_sled(&self, e: sled::Error) -> StoreError {
+        let full = matches!(&e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull)
+            || e.to_string().contains("No space left");
+        self.fail(e.to_string(), full)
+    }
+
+    /// One group commit: flush sled, sync its files, then record the sequence covered.
+    fn commit(&self) -> Result<(), StoreError> {
+        let engine = self.engine()?;
+        let upto = self.applied.load(Ordering::SeqCst);
+        engine.db.flush().map_err(|e| self.fail_sled(e))?;
+        engine
+            .files
+            .sync()
+            .map_err(|e| self.fail(format!("fsync: {e}"), false))?;
+        let mut record = self
+            .record
+            .lock()
+            .map_err(|_| StoreError::Io("commit record lock poisoned".into()))?;
+        if upto > record.seq {
+            record
+                .write(upto)
+                .map_err(|e| self.fail(format!("commit record: {e}"), false))?;
+        }
+        Ok(())
+    }
+}
+
+/// The store handle; cheap to share behind an `Arc`.
+pub struct Store {
+    shared: Arc<Shared>,
     /// Held for the whole of a transaction: writers run one at a time.
     writer: Mutex<()>,
     commits: Option<mpsc::Sender<Waiter>>,
     committer: Option<thread::JoinHandle<()>>,
     dir: PathBuf,
+    opts: Options,
+    /// While a backup runs: every key written since it began.
+    journal: Mutex<Option<HashSet<Vec<u8>>>>,
 }
 
 impl Drop for Store {
@@ -115,50 +261,96 @@ impl Drop for Store {
         if let Some(t) = self.committer.take() {
             let _ = t.join();
         }
-        let _ = self.db.flush();
+        if let Ok(e) = self.shared.engine() {
+            let _ = e.db.flush();
+        }
     }
+}
+
+/// The key, in sled's default tree, of the commit sequence.
+const COMMIT_KEY: &[u8] = b"meta/commit";
+
+fn read_seq(db: &sled::Db) -> Result<u64, String> {
+    match db.get(COMMIT_KEY).map_err(|e| format!("unreadable: {e}"))? {
+        None => Ok(0),
+        Some(v) => <[u8; 8]>::try_from(v.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| "its commit sequence is malformed".to_string()),
+    }
+}
+
+fn open_engine(dir: &Path, opts: &Options) -> Result<(Engine, u64), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create: {e}"))?;
+    let existed = dir.join("db").exists();
+    // Segments large enough that no value ever becomes a separate blob file (sled writes
+    // blobs without syncing them): the log file holds everything, and syncing it is enough.
+    // Values are bounded by MAX_VALUE_BYTES, well under a quarter segment.
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(opts.cache_bytes)
+        .segment_size(SEGMENT_BYTES)
+        .open()
+        .map_err(|e| e.to_string())?;
+    let tree = db.open_tree("fhir").map_err(|e| e.to_string())?;
+    check_format(&db, &tree, existed)?;
+    let seq = read_seq(&db)?;
+    let files = SyncFiles::open(dir).map_err(|e| format!("cannot open: {e}"))?;
+    Ok((Engine { db, tree, files }, seq))
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir` and checks that it is one: a store this
-    /// program created carries a format marker, and its keys and values can be read.
+    /// program created carries a format marker, its keys and values can be read, and it
+    /// holds every commit its commit record says was acknowledged.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        Store::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+        Store::open_with(dir, Options::default())
     }
 
     /// [`Store::open`] with a cache of `cache_bytes` for tree nodes.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        Store::open_with(
+            dir,
+            Options {
+                cache_bytes,
+                ..Options::default()
+            },
+        )
+    }
+
+    pub fn open_with(dir: &Path, opts: Options) -> Result<Store, StoreError> {
         let open_err = |message: String| StoreError::Open {
             dir: dir.display().to_string(),
             message,
         };
-        std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create: {e}")))?;
-        let existed = dir.join("db").exists();
-        // Segments large enough that no value ever becomes a separate blob file (sled
-        // writes blobs without syncing them): the log file holds everything, and syncing it
-        // is enough. Values are bounded by MAX_VALUE_BYTES, well under a quarter segment.
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .segment_size(SEGMENT_BYTES)
-            .open()
-            .map_err(|e| open_err(e.to_string()))?;
-        let tree = db.open_tree("fhir").map_err(|e| open_err(e.to_string()))?;
-        check_format(&db, &tree, existed).map_err(open_err)?;
-        let files = SyncFiles::open(dir).map_err(|e| open_err(format!("cannot open: {e}")))?;
+        let (engine, seq) = open_engine(dir, &opts).map_err(open_err)?;
+        let record = CommitRecord::open(dir, seq).map_err(|e| open_err(e.to_string()))?;
+        if seq < record.seq {
+            return Err(StoreError::Lost {
+                dir: dir.display().to_string(),
+                found: seq,
+                recorded: record.seq,
+            });
+        }
+        let shared = Arc::new(Shared {
+            engine: RwLock::new(Some(Arc::new(engine))),
+            applied: AtomicU64::new(seq),
+            failed: Mutex::new(None),
+            record: Mutex::new(record),
+        });
         let (commits, rx) = mpsc::channel::<Waiter>();
-        let flusher = db.clone();
+        let for_thread = shared.clone();
         let committer = thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || group_commit_loop(flusher, files, rx))
+            .spawn(move || group_commit_loop(for_thread, rx))
             .map_err(|e| open_err(format!("cannot start the commit thread: {e}")))?;
         Ok(Store {
-            db,
-            tree,
+            shared,
             writer: Mutex::new(()),
             commits: Some(commits),
             committer: Some(committer),
             dir: dir.to_path_buf(),
+            opts,
+            journal: Mutex::new(None),
         })
     }
 
@@ -166,8 +358,123 @@ impl Store {
         &self.dir
     }
 
+    fn engine(&self) -> Result<Arc<Engine>, StoreError> {
+        self.shared.engine()
+    }
+
+    /// Why the store has failed, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .failed
+            .lock()
+            .ok()
+            .and_then(|f| f.as_ref().map(|(why, _)| why.clone()))
+    }
+
+    /// The last commit sequence on disk (as the commit record says).
+    pub fn committed_seq(&self) -> u64 {
+        self.shared.record.lock().map(|r| r.seq).unwrap_or(0)
+    }
+
+    /// The free space of the store's filesystem, and the floor below which the gateway
+    /// takes no new work.
+    pub fn space(&self) -> Result<Space, StoreError> {
+        let io = |e: std::io::Error| {
+            StoreError::Io(format!("free space of {}: {e}", self.dir.display()))
+        };
+        let free = fs2::available_space(&self.dir).map_err(io)?;
+        let total = fs2::total_space(&self.dir).map_err(io)?;
+        let by_percent = total / 100 * u64::from(self.opts.min_free_percent);
+        let by_mb = self.opts.min_free_mb.saturating_mul(1024 * 1024);
+        Ok(Space {
+            free_bytes: free,
+            total_bytes: total,
+            floor_bytes: by_mb.min(by_percent).max(MIN_FLOOR_BYTES),
+        })
+    }
+
+    /// Reopens a store that failed for want of space, once space is back above the floor:
+    /// sled recovers from its log what reached the disk, which must include every
+    /// acknowledged commit. Returns whether the store is healthy afterwards. A failure that
+    /// reopening cannot cure (an fsync error) stays until the process restarts.
+    pub fn recover(&self) -> Result<bool, StoreError> {
+        let curable = match self.shared.failed.lock() {
+            Ok(f) => match f.as_ref() {
+                None => return Ok(true),
+                Some((_, curable)) => *curable,
+            },
+            Err(_) => false,
+        };
+        if !curable || self.space()?.below_floor() {
+            return Ok(false);
+        }
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self
+            .shared
+            .engine
+            .write()
+            .map_err(|_| StoreError::Io("engine lock poisoned".into()))?;
+        // Wait for calls still holding the old engine, then close it (and its file lock).
+        if let Some(mut old) = slot.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(engine) => {
+                        drop(engine);
+                        break;
+                    }
+                    Err(shared) if Instant::now() < deadline => {
+                        old = shared;
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(shared) => {
+                        *slot = Some(shared);
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        // sled's background writers may hold the file lock a moment longer.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (engine, seq) = loop {
+            match open_engine(&self.dir, &self.opts) {
+                Ok(opened) => break opened,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "store reopen: retrying");
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "store reopen failed");
+                    return Ok(false);
+                }
+            }
+        };
+        let recorded = self.committed_seq();
+        if seq < recorded {
+            let e = StoreError::Lost {
+                dir: self.dir.display().to_string(),
+                found: seq,
+                recorded,
+            };
+            if let Ok(mut f) = self.shared.failed.lock() {
+                *f = Some((e.to_string(), false));
+            }
+            return Err(e);
+        }
+        self.shared.applied.store(seq, Ordering::SeqCst);
+        *slot = Some(Arc::new(engine));
+        if let Ok(mut f) = self.shared.failed.lock() {
+            *f = None;
+        }
+        tracing::info!(
+            commit = seq,
+            "store recovered after a storage failure; serving again"
+        );
+        Ok(true)
+    }
+
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+        Ok(self.engine()?.tree.get(key)?.map(|v| v.to_vec()))
     }
 
     /// Keys and values under `prefix` whose key is strictly greater than `after` (when
@@ -178,14 +485,15 @@ impl Store {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
+        let engine = self.engine()?;
         let mut out = Vec::new();
         let iter = match after {
             Some(a) if a >= prefix => {
                 let mut start = a.to_vec();
                 start.push(0);
-                self.tree.range(start..)
+                engine.tree.range(start..)
             }
-            _ => self.tree.range(prefix.to_vec()..),
+            _ => engine.tree.range(prefix.to_vec()..),
         };
         for item in iter {
             let (k, v) = item?;
@@ -205,10 +513,11 @@ impl Store {
         before: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
+        let engine = self.engine()?;
         let mut out = Vec::new();
         let iter = match before {
-            Some(b) => self.tree.range(prefix.to_vec()..b.to_vec()),
-            None => self.tree.scan_prefix(prefix),
+            Some(b) => engine.tree.range(prefix.to_vec()..b.to_vec()),
+            None => engine.tree.scan_prefix(prefix),
         };
         for item in iter.rev() {
             let (k, v) = item?;
@@ -223,12 +532,17 @@ impl Store {
     /// Runs `f` as one atomic, isolated transaction: transactions run one at a time (the
     /// writer lock), `f` reads the committed store plus its own writes, and its writes are
     /// applied as one sled batch, which readers never see half-applied (sled's batch lock)
-    /// and which recovery replays whole or not at all. `f` runs exactly once.
+    /// and which recovery replays whole or not at all. `f` runs exactly once. Each
+    /// transaction that writes also advances the commit sequence (sled's default tree), so
+    /// that the commit record can tell whether a reopened store lost any of it.
     ///
     /// Not sled's `Tree::transaction`: that runs the whole closure under sled's global
     /// write lock, blocking every reader, and reads each key before writing it; on the
     /// ingest path those reads were about a third of the time spent under that lock (see
     /// BENCHMARKS.md).
+    ///
+    /// A sled failure while applying fails the whole store (sled does not roll back a
+    /// batch that failed half-way): every later call errs until [`Store::recover`].
     pub fn transact<T, E>(
         &self,
         f: impl FnOnce(&Tx<'_>) -> Result<T, Abort<E>>,
@@ -236,8 +550,9 @@ impl Store {
         // A panic inside `f` poisons the lock but applies nothing: the store is unchanged,
         // so the next writer may go on.
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let engine = self.engine().map_err(TxError::Store)?;
         let tx = Tx {
-            tree: &self.tree,
+            tree: &engine.tree,
             writes: RefCell::new(BTreeMap::new()),
         };
         let value = match f(&tx) {
@@ -247,6 +562,11 @@ impl Store {
         };
         let writes = tx.writes.into_inner();
         if !writes.is_empty() {
+            if let Ok(mut journal) = self.journal.lock() {
+                if let Some(j) = journal.as_mut() {
+                    j.extend(writes.keys().cloned());
+                }
+            }
             let mut batch = sled::Batch::default();
             for (k, v) in writes {
                 match v {
@@ -254,9 +574,16 @@ impl Store {
                     None => batch.remove(k),
                 }
             }
-            self.tree
+            engine
+                .tree
                 .apply_batch(batch)
-                .map_err(|e| TxError::Store(e.into()))?;
+                .map_err(|e| TxError::Store(self.shared.fail_sled(e)))?;
+            let seq = self.shared.applied.load(Ordering::SeqCst) + 1;
+            engine
+                .db
+                .insert(COMMIT_KEY, &seq.to_be_bytes())
+                .map_err(|e| TxError::Store(self.shared.fail_sled(e)))?;
+            self.shared.applied.store(seq, Ordering::SeqCst);
         }
         Ok(value)
     }
@@ -275,10 +602,7 @@ impl Store {
 
     /// Blocking form of [`Store::durable`] for command-line tools.
     pub fn durable_blocking(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        SyncFiles::open(&self.dir)
-            .and_then(|f| f.sync())
-            .map_err(|e| StoreError::Io(e.to_string()))
+        self.shared.commit()
     }
 
     /// Calls `f` with every key and value under `prefix`, in key order, without holding them
@@ -288,7 +612,7 @@ impl Store {
         prefix: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> std::io::Result<()>,
     ) -> Result<(), StoreError> {
-        for item in self.tree.scan_prefix(prefix) {
+        for item in self.engine()?.tree.scan_prefix(prefix) {
             let (k, v) = item?;
             f(&k, &v).map_err(|e| StoreError::Io(e.to_string()))?;
         }
@@ -303,7 +627,7 @@ impl Store {
     /// [`Store::digest`] leaving out keys under `prefixes`.
     pub fn digest_excluding(&self, prefixes: &[&[u8]]) -> Result<String, StoreError> {
         let mut h = Sha256::new();
-        for item in self.tree.iter() {
+        for item in self.engine()?.tree.iter() {
             let (k, v) = item?;
             if prefixes.iter().any(|p| k.starts_with(p)) {
                 continue;
@@ -319,7 +643,7 @@ impl Store {
     /// Number of keys under `prefix` (values are not read).
     pub fn count(&self, prefix: &[u8]) -> Result<usize, StoreError> {
         let mut n = 0;
-        for k in self.tree.scan_prefix(prefix).keys() {
+        for k in self.engine()?.tree.scan_prefix(prefix).keys() {
             k?;
             n += 1;
         }
@@ -328,12 +652,118 @@ impl Store {
 
     /// Number of keys (for integrity checks and tests).
     pub fn len(&self) -> usize {
-        self.tree.len()
+        self.engine().map(|e| e.tree.len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+        self.len() == 0
     }
+
+    /// Copies the store, consistent to one commit, into a new store at `to` (which must not
+    /// exist or be empty), while writers go on: the live tree is copied without blocking
+    /// anyone, every key written meanwhile is noted, and then, under the writer lock, those
+    /// keys are copied again as they are now. The copy is then the store as of the last
+    /// commit before that lock: each key was either untouched since the copy began or
+    /// copied afresh. The copy is synced, given its own commit record, and verified by
+    /// opening it again and counting its keys.
+    pub fn backup(&self, to: &Path) -> Result<Backup, StoreError> {
+        let started = Instant::now();
+        let io = |e: String| StoreError::Io(format!("backup to {}: {e}", to.display()));
+        if to.exists()
+            && std::fs::read_dir(to)
+                .map_err(|e| io(e.to_string()))?
+                .next()
+                .is_some()
+        {
+            return Err(io("the directory exists and is not empty".into()));
+        }
+        let (copy, _) = open_engine(to, &self.opts).map_err(io)?;
+        // Note every key written from now on (installed under the writer lock, so no
+        // transaction is half-noted).
+        {
+            let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            if let Ok(mut j) = self.journal.lock() {
+                *j = Some(HashSet::new());
+            }
+        }
+        let result = (|| -> Result<Backup, StoreError> {
+            let engine = self.engine()?;
+            let mut batch = sled::Batch::default();
+            let mut pending = 0usize;
+            for item in engine.tree.iter() {
+                let (k, v) = item?;
+                batch.insert(k, v);
+                pending += 1;
+                if pending == 10_000 {
+                    copy.tree.apply_batch(std::mem::take(&mut batch))?;
+                    pending = 0;
+                }
+            }
+            copy.tree.apply_batch(batch)?;
+            // The final pass: writers wait while the keys they changed are copied again.
+            let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let touched = self
+                .journal
+                .lock()
+                .ok()
+                .and_then(|mut j| j.take())
+                .unwrap_or_default();
+            let mut batch = sled::Batch::default();
+            for k in &touched {
+                match engine.tree.get(k)? {
+                    Some(v) => batch.insert(k.as_slice(), v),
+                    None => batch.remove(k.as_slice()),
+                }
+            }
+            copy.tree.apply_batch(batch)?;
+            let seq = self.shared.applied.load(Ordering::SeqCst);
+            copy.db.insert(COMMIT_KEY, &seq.to_be_bytes())?;
+            drop(_writer);
+            copy.db.flush()?;
+            copy.files.sync().map_err(|e| io(e.to_string()))?;
+            let keys = copy.tree.len();
+            Ok(Backup {
+                dir: to.to_path_buf(),
+                commit: seq,
+                keys,
+                rewritten: touched.len(),
+                millis: 0,
+            })
+        })();
+        if let Ok(mut j) = self.journal.lock() {
+            j.take();
+        }
+        let mut done = result?;
+        drop(copy);
+        // Verify: the copy opens as a store (format, commit record) with every key.
+        let mut record = CommitRecord::open(to, done.commit).map_err(|e| io(e.to_string()))?;
+        record.write(done.commit).map_err(|e| io(e.to_string()))?;
+        drop(record);
+        let reopened = Store::open_with(to, self.opts.clone())?;
+        if reopened.len() != done.keys || reopened.committed_seq() != done.commit {
+            return Err(io(format!(
+                "verification failed: the copy holds {} keys at commit {}, expected {} at {}",
+                reopened.len(),
+                reopened.committed_seq(),
+                done.keys,
+                done.commit
+            )));
+        }
+        done.millis = started.elapsed().as_millis() as u64;
+        Ok(done)
+    }
+}
+
+/// What [`Store::backup`] made.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Backup {
+    pub dir: PathBuf,
+    /// The commit the copy is consistent to.
+    pub commit: u64,
+    pub keys: usize,
+    /// Keys written during the copy and copied again at the end.
+    pub rewritten: usize,
+    pub millis: u64,
 }
 
 /// sled's cache of tree nodes, unless configured (`server.cache_mb`). The gateway's own
@@ -382,6 +812,89 @@ fn check_format(db: &sled::Db, tree: &sled::Tree, existed: bool) -> Result<(), S
     Ok(())
 }
 
+/// The store's own record, outside sled, of the last commit sequence known to be on disk:
+/// the file `committed` in the data directory, two 64-byte slots written alternately (each
+/// with a generation and a SHA-256 check) and synced after every group commit, so that a
+/// torn write leaves the other slot readable. A store whose sled log holds less than this
+/// has lost acknowledged writes.
+pub struct CommitRecord {
+    file: File,
+    pub seq: u64,
+    generation: u64,
+}
+
+const RECORD_FILE: &str = "committed";
+const RECORD_MAGIC: &[u8; 8] = b"SPGWCMT1";
+const SLOT: usize = 64;
+
+impl CommitRecord {
+    /// Opens the record in `dir`; a store without one (new, or older than the record) gets
+    /// one at `seq`, synced with its directory.
+    fn open(dir: &Path, seq: u64) -> std::io::Result<CommitRecord> {
+        let path = dir.join(RECORD_FILE);
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        if existed {
+            let mut buf = [0u8; 2 * SLOT];
+            let n = file.read_at(&mut buf, 0)?;
+            let best = [0, SLOT]
+                .into_iter()
+                .filter(|o| o + SLOT <= n)
+                .filter_map(|o| parse_slot(&buf[o..o + SLOT]))
+                .max_by_key(|(generation, _)| *generation);
+            if let Some((generation, recorded)) = best {
+                return Ok(CommitRecord {
+                    file,
+                    seq: recorded,
+                    generation,
+                });
+            }
+            return Err(std::io::Error::other(format!(
+                "{} is unreadable (both slots damaged); restore the data directory from a backup",
+                path.display()
+            )));
+        }
+        let mut r = CommitRecord {
+            file,
+            seq: 0,
+            generation: 0,
+        };
+        r.write(seq)?;
+        File::open(dir)?.sync_all()?;
+        Ok(r)
+    }
+
+    fn write(&mut self, seq: u64) -> std::io::Result<()> {
+        let generation = self.generation + 1;
+        let mut slot = [0u8; SLOT];
+        slot[..8].copy_from_slice(RECORD_MAGIC);
+        slot[8..16].copy_from_slice(&generation.to_be_bytes());
+        slot[16..24].copy_from_slice(&seq.to_be_bytes());
+        let check = Sha256::digest(&slot[..24]);
+        slot[24..56].copy_from_slice(&check);
+        self.file
+            .write_all_at(&slot, (generation % 2) * SLOT as u64)?;
+        self.file.sync_data()?;
+        self.generation = generation;
+        self.seq = seq;
+        Ok(())
+    }
+}
+
+fn parse_slot(slot: &[u8]) -> Option<(u64, u64)> {
+    if &slot[..8] != RECORD_MAGIC || Sha256::digest(&slot[..24]).as_slice() != &slot[24..56] {
+        return None;
+    }
+    let generation = u64::from_be_bytes(slot[8..16].try_into().ok()?);
+    let seq = u64::from_be_bytes(slot[16..24].try_into().ok()?);
+    Some((generation, seq))
+}
+
 /// The files whose data and metadata must reach the disk after sled's flush: its log file
 /// (`db`), its blob directory and the data directory itself. Synced per file, not with
 /// `syncfs`, so that a commit does not also wait for every other writer on the filesystem.
@@ -415,26 +928,13 @@ impl SyncFiles {
     }
 }
 
-fn group_commit_loop(db: sled::Db, files: SyncFiles, rx: mpsc::Receiver<Waiter>) {
-    // After a failed sync the kernel may have dropped the pages it could not write, and a
-    // later sync can "succeed" without them: one failure makes every later commit fail.
-    let mut poisoned: Option<StoreError> = None;
+fn group_commit_loop(shared: Arc<Shared>, rx: mpsc::Receiver<Waiter>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
-        let result = match &poisoned {
-            Some(e) => Err(e.clone()),
-            None => db
-                .flush()
-                .map_err(StoreError::from)
-                .and_then(|_| files.sync().map_err(|e| StoreError::Io(e.to_string()))),
-        };
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "store flush failed; refusing further writes until restart");
-            poisoned = Some(e.clone());
-        }
+        let result = shared.commit();
         for w in batch {
             let _ = w.send(result.clone());
         }

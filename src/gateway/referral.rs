@@ -114,6 +114,17 @@ fn district_of(patient: &Value) -> String {
     pc.split(' ').next().unwrap_or_default().to_string()
 }
 
+/// Whether free space is below the floor (or cannot be measured: then refuse, safely).
+fn gw_space_low(gw: &Gateway) -> super::TxResult<bool> {
+    Ok(match gw.store().space() {
+        Ok(space) => space.below_floor(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot measure free space; refusing new referrals");
+            true
+        }
+    })
+}
+
 impl Gateway {
     /// `POST /referrals`: check, map, route and store an EMIS-style referral.
     pub async fn submit_referral(&self, who: &Principal, body: &[u8]) -> Result<Submitted> {
@@ -377,6 +388,11 @@ impl Gateway {
                     &Now::current(),
                 )?;
                 return Ok((false, rec, None));
+            }
+            // A new referral needs room: below the free-space floor it is refused (a
+            // resubmission, above, is still answered with what was stored).
+            if gw_space_low(self)? {
+                return fail(Error::InsufficientStorage);
             }
             for k in &plan.idem_keys[1..] {
                 if tx.get(k.as_bytes())?.is_some() {
