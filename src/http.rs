@@ -526,9 +526,15 @@ async fn metrics(State(st): State<AppState>, who: Principal) -> Response {
     if let Err(e) = require_admin(&who) {
         return e.into_response();
     }
-    match crate::outbox::metrics(&st.gateway, &st.outbox) {
+    // The store's own figures first: they matter most when the store has failed, and the
+    // outbox's (read from the store) are then left out.
+    let store = store_metrics(st.gateway.store());
+    match crate::outbox::metrics(&st.gateway, &st.outbox).or_else(|e| match e {
+        Error::Store(_) => Ok(String::new()),
+        e => Err(e),
+    }) {
         Ok(outbox) => {
-            let text = format!("{}{outbox}", store_metrics(st.gateway.store()));
+            let text = format!("{store}{outbox}");
             let mut r = (StatusCode::OK, text).into_response();
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -226,26 +226,9 @@ pub fn store_options(cfg: &Config) -> crate::store::Options {
 /// referrals are refused below it, and taken again above it), and reopens a store that
 /// failed for want of space once space is back.
 async fn watch_storage(gw: Arc<Gateway>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut was_low = false;
     loop {
-        match gw.store().space() {
-            Ok(space) => {
-                let low = space.below_floor();
-                if low && !was_low {
-                    tracing::warn!(
-                        free_mb = space.free_bytes / (1024 * 1024),
-                        floor_mb = space.floor_bytes / (1024 * 1024),
-                        "free space below the floor: refusing new referrals (507) and not ready; reads, polls and updates go on"
-                    );
-                } else if !low && was_low {
-                    tracing::info!(
-                        free_mb = space.free_bytes / (1024 * 1024),
-                        "free space back above the floor: taking new referrals again"
-                    );
-                }
-                was_low = low;
-            }
-            Err(e) => tracing::error!(error = %e, "cannot measure free space"),
+        if let Err(e) = gw.store().space() {
+            tracing::error!(error = %e, "cannot measure free space");
         }
         if gw.store().failure().is_some() {
             let g = gw.clone();

@@ -251,6 +251,8 @@ pub struct Store {
     opts: Options,
     /// While a backup runs: every key written since it began.
     journal: Mutex<Option<HashSet<Vec<u8>>>>,
+    /// Whether free space was below the floor when last measured (to log crossings once).
+    low: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Store {
@@ -351,6 +353,7 @@ impl Store {
             dir: dir.to_path_buf(),
             opts,
             journal: Mutex::new(None),
+            low: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -376,8 +379,8 @@ impl Store {
         self.shared.record.lock().map(|r| r.seq).unwrap_or(0)
     }
 
-    /// The free space of the store's filesystem, and the floor below which the gateway
-    /// takes no new work.
+    /// The free space of the store's filesystem (measured now), and the floor below which
+    /// the gateway takes no new work. Crossing the floor either way is logged once.
     pub fn space(&self) -> Result<Space, StoreError> {
         let io = |e: std::io::Error| {
             StoreError::Io(format!("free space of {}: {e}", self.dir.display()))
@@ -386,11 +389,25 @@ impl Store {
         let total = fs2::total_space(&self.dir).map_err(io)?;
         let by_percent = total / 100 * u64::from(self.opts.min_free_percent);
         let by_mb = self.opts.min_free_mb.saturating_mul(1024 * 1024);
-        Ok(Space {
+        let space = Space {
             free_bytes: free,
             total_bytes: total,
             floor_bytes: by_mb.min(by_percent).max(MIN_FLOOR_BYTES),
-        })
+        };
+        let low = space.below_floor();
+        if self.low.swap(low, Ordering::SeqCst) != low {
+            let (free_mb, floor_mb) = (free / (1024 * 1024), space.floor_bytes / (1024 * 1024));
+            if low {
+                tracing::warn!(free_mb, floor_mb, "free space below the floor: refusing new referrals (507) and not ready; reads, polls and updates go on");
+            } else {
+                tracing::info!(
+                    free_mb,
+                    floor_mb,
+                    "free space back above the floor: taking new referrals again"
+                );
+            }
+        }
+        Ok(space)
     }
 
     /// Reopens a store that failed for want of space, once space is back above the floor:

@@ -169,3 +169,314 @@ async fn a_clock_that_steps_back_does_not_stall_write_back() {
     assert_eq!(terminate(&mut child), Some(0));
     let _ = Path::new(&data);
 }
+
+/// A tmpfs of `mb` MiB mounted at `path` for the life of the value (the test machines run as
+/// root; a test that cannot mount says so and fails rather than skipping).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, mb: u64) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "the disk-full test mounts a small tmpfs and needs root to do so: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(path.to_path_buf())
+    }
+
+    fn resize(&self, mb: u64) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={mb}m")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount the tmpfs to {mb} MiB");
+    }
+
+    fn free_bytes(&self) -> u64 {
+        let out = std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn fill_referral(n: usize) -> Value {
+    hub_referral(&format!("FULL-{n}"), 20_000 + n)
+}
+
+async fn post_referral(gw: &TestGateway, n: usize) -> Resp {
+    gw.post_json(GP, "/referrals", &fill_referral(n)).await
+}
+
+async fn ready(gw: &TestGateway) -> Resp {
+    gw.request(reqwest::Method::GET, "/readyz", None, None, None, &[])
+        .await
+}
+
+async fn metrics_text(gw: &TestGateway) -> String {
+    gw.get(ADMIN, "/metrics")
+        .await
+        .body
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Fault 1: the data directory's disk fills up. Below the free-space floor new referrals
+/// get 507 with a plain reason while reads, polls and Task updates go on and /readyz says
+/// why it is not ready; when space returns the gateway resumes by itself. When the disk
+/// then fills completely (another program's file), writes fail honestly (503, Retry-After,
+/// "outcome unknown") and the gateway recovers by itself once the file is gone; a
+/// SIGTERM while the store is failed exits 4 with a plain message; every acknowledged
+/// referral is kept, and re-sending a refused one never makes a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_refuses_new_referrals_honestly_and_recovers_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    // The data directory is the tmpfs itself; the gateway's log ({data}.log) is beside it,
+    // on the real disk, so that it can say what happened.
+    let disk = Tmpfs::mount(&dir.path().join("data"), 64);
+    let data = disk.0.clone();
+    // Floor: the smaller of 20 MiB and 50 %, but never under 32 MiB: 32 MiB of 64.
+    let cfg = unthrottled_config().replacen(
+        "max_body_bytes = 262144\n",
+        "max_body_bytes = 262144\nmin_free_mb = 20\nmin_free_percent = 50\n",
+        1,
+    );
+    let (mut child, base) = spawn_binary(&data, Some(&cfg));
+    let gw = Arc::new(TestGateway::remote(&base));
+
+    // 8 clients post unique referrals until the floor stops them.
+    let acked: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    let refused: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        let (gw, acked, refused) = (gw.clone(), acked.clone(), refused.clone());
+        clients.push(tokio::spawn(async move {
+            for i in 0..2000 {
+                let n = c * 10_000 + i;
+                let r = post_referral(&gw, n).await;
+                match r.status.as_u16() {
+                    201 => acked
+                        .lock()
+                        .unwrap()
+                        .push((n, r.entries()[1]["id"].as_str().unwrap().to_string())),
+                    507 => {
+                        assert_eq!(r.body["resourceType"], "OperationOutcome");
+                        let why = r.body["issue"][0]["diagnostics"].as_str().unwrap();
+                        assert!(why.contains("short of disk space"), "{why}");
+                        assert!(why.contains("nothing was stored"), "{why}");
+                        assert!(r.headers.get("retry-after").is_some());
+                        refused.lock().unwrap().push(n);
+                        return;
+                    }
+                    s => panic!("referral {n}: {s} {}", r.body),
+                }
+            }
+            panic!("the floor was never reached");
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    let acked_n = acked.lock().unwrap().len();
+    assert!(acked_n > 100, "only {acked_n} referrals before the floor");
+    // Below the floor: not ready, and says why; metrics say so too.
+    let r = ready(&gw).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(
+        r.body["status"]
+            .as_str()
+            .unwrap()
+            .contains("below the floor"),
+        "{}",
+        r.body
+    );
+    let m = metrics_text(&gw).await;
+    assert!(m.contains("sp_gateway_store_below_floor 1"), "{m}");
+    assert!(m.contains("sp_gateway_store_free_bytes "), "{m}");
+    // Reads, polls and Task updates go on; a resubmission gets its stored result.
+    let (first_n, first_sr) = acked.lock().unwrap()[0].clone();
+    let sr = gw
+        .get(GP, &format!("/fhir/ServiceRequest/{first_sr}"))
+        .await;
+    assert_eq!(sr.status, 200, "{}", sr.body);
+    let again = post_referral(&gw, first_n).await;
+    assert_eq!(
+        again.status, 200,
+        "a resubmission below the floor: {}",
+        again.body
+    );
+    let poll = gw
+        .get(
+            HUB,
+            "/fhir/Task?owner=pendle-cvs-hub&status=requested&_count=5",
+        )
+        .await;
+    assert_eq!(poll.status, 200, "{}", poll.body);
+    let task_id = poll.entries()[0]["id"].as_str().unwrap().to_string();
+    let upd = gw.transition(HUB, &task_id, status_to("accepted")).await;
+    assert_eq!(
+        upd.status, 200,
+        "a Task update below the floor: {}",
+        upd.body
+    );
+
+    // Space returns: the gateway resumes by itself.
+    disk.resize(160);
+    let mut resumed = false;
+    for _ in 0..100 {
+        if ready(&gw).await.status == 200 {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(resumed, "not ready again after space returned");
+    let refused = refused.lock().unwrap().clone();
+    for n in refused.iter() {
+        // Refused with 507 means nothing was stored: now it is created afresh.
+        let r = post_referral(&gw, *n).await;
+        assert_eq!(
+            r.status, 201,
+            "referral {n} after space returned: {}",
+            r.body
+        );
+        acked
+            .lock()
+            .unwrap()
+            .push((*n, r.entries()[1]["id"].as_str().unwrap().to_string()));
+    }
+
+    // Another program fills the disk to the last byte: the gateway's own writes (a read's
+    // audit record, a Task update) now fail for real.
+    let ballast = disk.0.join("ballast");
+    let fill = disk.free_bytes();
+    let ok = std::process::Command::new("fallocate")
+        .args(["-l", &fill.to_string()])
+        .arg(&ballast)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "fill the disk");
+    let mut failures = 0;
+    let mut unknown = Vec::new();
+    for i in 0..200 {
+        let n = 90_000 + i;
+        let r = post_referral(&gw, n).await;
+        match r.status.as_u16() {
+            507 => {}
+            503 => {
+                let why = r.body["issue"][0]["diagnostics"]
+                    .as_str()
+                    .unwrap_or_default();
+                assert!(why.contains("outcome is unknown"), "{why}");
+                assert!(!why.contains("nothing was changed"), "{why}");
+                assert!(r.headers.get("retry-after").is_some());
+                failures += 1;
+            }
+            s => panic!("referral on a full disk: {s} {}", r.body),
+        }
+        // Reads and updates write (audit, versions): on a full disk they fail.
+        let r = gw
+            .get(GP, &format!("/fhir/ServiceRequest/{first_sr}"))
+            .await;
+        match r.status.as_u16() {
+            200 => {}
+            503 => {
+                failures += 1;
+                unknown.push(n);
+            }
+            s => panic!("read on a full disk: {s} {}", r.body),
+        }
+        if failures >= 3 {
+            break;
+        }
+    }
+    assert!(failures >= 3, "the full disk never made a write fail");
+    let r = ready(&gw).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let m = metrics_text(&gw).await;
+    assert!(m.contains("sp_gateway_store_failed 1"), "{m}");
+    // The other program's file goes: the gateway recovers by itself.
+    std::fs::remove_file(&ballast).unwrap();
+    let mut recovered = false;
+    for _ in 0..200 {
+        if ready(&gw).await.status == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "the store did not recover after space returned");
+    let r = post_referral(&gw, 95_000).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // A SIGTERM while the store is failed: exit 4 and a plain line, not a raw I/O error.
+    let fill = disk.free_bytes();
+    assert!(std::process::Command::new("fallocate")
+        .args(["-l", &fill.to_string()])
+        .arg(&ballast)
+        .status()
+        .unwrap()
+        .success());
+    // sled reuses space it already holds, so this time it takes more writing to meet the
+    // full disk: requests with long (refused) queries, each audited with its query.
+    let junk = "x".repeat(12_000);
+    let mut failed = false;
+    for _ in 0..3000 {
+        let r = gw.get(GP, &format!("/fhir/Task?junk={junk}")).await;
+        if r.status == 503 {
+            failed = true;
+            break;
+        }
+        assert!(r.status.is_client_error(), "{} {}", r.status, r.body);
+    }
+    assert!(failed, "the full disk did not fail the store again");
+    let code = terminate(&mut child);
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    assert_eq!(code, Some(4), "exit code on a failed store; log:\n{log}");
+    assert!(log.contains("stopped after a storage failure"), "{log}");
+    std::fs::remove_file(&ballast).unwrap();
+
+    // After a restart every acknowledged referral is there, once.
+    let (mut child, base) = spawn_binary(&data, Some(&cfg));
+    let gw = TestGateway::remote(&base);
+    let all = acked.lock().unwrap().clone();
+    for (n, sr) in all.iter() {
+        let r = gw.get(GP, &format!("/fhir/ServiceRequest/{sr}")).await;
+        assert_eq!(r.status, 200, "acknowledged referral {n} lost: {}", r.body);
+    }
+    assert_eq!(terminate(&mut child), Some(0));
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    for (n, _) in acked.lock().unwrap().iter() {
+        let nhs = nhs_number(20_000 + n);
+        let line = log.lines().find(|l| l.contains(&nhs));
+        assert!(line.is_none(), "a log line names an NHS number: {line:?}");
+    }
+    if let Ok(keep) = std::env::var("SP_KEEP_LOG") {
+        std::fs::write(keep, &log).unwrap();
+    }
+}
