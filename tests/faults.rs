@@ -480,3 +480,125 @@ async fn a_full_disk_refuses_new_referrals_honestly_and_recovers_by_itself() {
         std::fs::write(keep, &log).unwrap();
     }
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Inverts `len` bytes of `file` from `at`.
+fn invert(file: &Path, at: u64, len: usize) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, at).unwrap();
+    for b in &mut buf {
+        *b = !*b;
+    }
+    f.write_all_at(&buf, at).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Starts the real gateway on `data` expecting it to refuse: returns its exit code and log.
+fn refused_start(data: &Path) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = gateway_command(data, None)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    if out.starts_with("listening") {
+        let _ = child.kill();
+        panic!("the gateway started and served on a damaged store");
+    }
+    let code = child.wait().unwrap().code();
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
+    (code, log)
+}
+
+/// Fault 2: a stopped store is damaged (64 bytes inverted half-way through sled's log, or
+/// its last 16 written bytes inverted). sled recovers what it can and silently drops the
+/// rest; the gateway compares what it recovered with its own synced commit record and
+/// refuses to start (exit 3), saying what is missing and how to restore, and `audit verify`
+/// refuses too. The undamaged copy still opens and holds every referral.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_store_is_refused_and_a_clean_copy_still_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut gw = TestGateway::start_with(&data, unthrottled_config()).await;
+    let mut referrals = Vec::new();
+    for i in 0..300 {
+        let (_, sr, _) = gw
+            .refer(GP, &hub_referral(&format!("DMG-{i}"), 30_000 + i))
+            .await;
+        referrals.push(sr);
+    }
+    gw.stop().await;
+    let pristine = dir.path().join("pristine");
+    copy_dir(&data, &pristine);
+
+    // 64 bytes inverted half-way through the log.
+    let mid = dir.path().join("mid");
+    copy_dir(&pristine, &mid);
+    let len = std::fs::metadata(mid.join("db")).unwrap().len();
+    invert(&mid.join("db"), len / 2, 64);
+    let (code, log) = refused_start(&mid);
+    assert_eq!(code, Some(3), "exit code on a damaged store; log:\n{log}");
+    assert!(log.contains("lost acknowledged writes"), "{log}");
+    assert!(log.contains("Restore"), "{log}");
+    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+        .args(["audit", "verify", "--data-dir"])
+        .arg(&mid)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        !verify.status.success(),
+        "audit verify passed a damaged store"
+    );
+    assert!(
+        String::from_utf8_lossy(&verify.stderr).contains("lost acknowledged writes"),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // The last 16 bytes written inverted.
+    let end = dir.path().join("end");
+    copy_dir(&pristine, &end);
+    let bytes = std::fs::read(end.join("db")).unwrap();
+    let last = bytes.iter().rposition(|b| *b != 0).unwrap() as u64;
+    invert(&end.join("db"), last - 15, 16);
+    let (code, log) = refused_start(&end);
+    assert_eq!(
+        code,
+        Some(3),
+        "exit code on a store missing its tail; log:\n{log}"
+    );
+    assert!(log.contains("lost acknowledged writes"), "{log}");
+
+    // The undamaged copy opens and holds every referral.
+    let (mut child, base) = spawn_binary(&pristine, Some(&unthrottled_config()));
+    let gw = TestGateway::remote(&base);
+    for sr in &referrals {
+        let r = gw.get(GP, &format!("/fhir/ServiceRequest/{sr}")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert_eq!(terminate(&mut child), Some(0));
+}

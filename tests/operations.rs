@@ -278,3 +278,175 @@ fn an_unusable_store_stops_startup_with_a_clear_message() {
         "it must not start listening"
     );
 }
+
+/// Issue #10: an online backup taken while referrals pour in is consistent to one commit:
+/// restored, it holds every referral acknowledged before the backup began, each referral
+/// whole or not at all, and an intact audit chain; the gateway was never stopped for it.
+/// The command-line backup of a stopped store is verified the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_online_backup_under_load_restores_consistent_to_one_commit() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let backups = dir.path().join("backups");
+    let cfg = unthrottled_config().replacen(
+        "max_body_bytes = 262144\n",
+        &format!(
+            "max_body_bytes = 262144\nbackup_dir = \"{}\"\n",
+            backups.display()
+        ),
+        1,
+    );
+    let (mut child, base) = spawn_binary(&data, Some(&cfg));
+    let gw = Arc::new(TestGateway::remote(&base));
+    let acked: Arc<Mutex<Vec<(usize, String, String)>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (gw, acked, done) = (gw.clone(), acked.clone(), done.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !done.load(Ordering::SeqCst) {
+                let n = w * 10_000 + i;
+                i += 1;
+                let r = gw
+                    .post_json(
+                        GP,
+                        "/referrals",
+                        &hub_referral(&format!("BAK-{n}"), 40_000 + n),
+                    )
+                    .await;
+                assert_eq!(r.status, 201, "{}", r.body);
+                let e = r.entries();
+                acked.lock().unwrap().push((
+                    n,
+                    e[1]["id"].as_str().unwrap().to_string(),
+                    e[2]["id"].as_str().unwrap().to_string(),
+                ));
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        gw.request(
+            reqwest::Method::POST,
+            "/admin/backup",
+            Some(GP),
+            None,
+            None,
+            &[]
+        )
+        .await
+        .status,
+        403
+    );
+    let before = acked.lock().unwrap().clone();
+    let b = gw
+        .request(
+            reqwest::Method::POST,
+            "/admin/backup",
+            Some(ADMIN),
+            None,
+            None,
+            &[],
+        )
+        .await;
+    let after = acked.lock().unwrap().clone();
+    assert_eq!(b.status, 200, "{}", b.body);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    done.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let all = acked.lock().unwrap().clone();
+    assert!(all.len() > after.len(), "writes went on after the backup");
+    assert!(before.len() > 10, "too few writes before the backup");
+    assert!(b.body["commit"].as_u64().unwrap() > 0, "{}", b.body);
+    let copy = std::path::PathBuf::from(b.body["dir"].as_str().unwrap());
+    assert!(copy.starts_with(&backups), "{}", copy.display());
+    assert_eq!(terminate(&mut child), Some(0));
+
+    // Restore: stop, replace the data directory with the copy, start.
+    std::fs::remove_dir_all(&data).unwrap();
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&copy)
+        .arg(&data)
+        .status()
+        .unwrap()
+        .success());
+    let verify = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+        .args(["audit", "verify", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let (mut child, base) = spawn_binary(&data, Some(&cfg));
+    let gw = TestGateway::remote(&base);
+    let mut present = 0;
+    for (i, (n, sr, task)) in all.iter().enumerate() {
+        let s = gw
+            .get(AUDITOR, &format!("/fhir/ServiceRequest/{sr}"))
+            .await
+            .status;
+        let t = gw.get(AUDITOR, &format!("/fhir/Task/{task}")).await.status;
+        assert_eq!(
+            s, t,
+            "referral {n}: ServiceRequest {s} but Task {t} (half a referral)"
+        );
+        if i < before.len() {
+            assert_eq!(
+                s, 200,
+                "referral {n}, acknowledged before the backup, is missing"
+            );
+        }
+        if s == 200 {
+            present += 1;
+        }
+    }
+    eprintln!(
+        "online backup: {} acknowledged before it, {present} in it, {} by its end, {} in all; {}",
+        before.len(),
+        after.len(),
+        all.len(),
+        b.body
+    );
+    assert!(
+        present >= before.len() && present <= after.len(),
+        "{present} referrals restored; {} acknowledged before the backup, {} by its end",
+        before.len(),
+        after.len()
+    );
+    assert_eq!(terminate(&mut child), Some(0));
+
+    // The command-line backup of a stopped store, verified by opening it.
+    let offline = dir.path().join("offline");
+    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+        .args(["backup", "--data-dir"])
+        .arg(&data)
+        .arg("--to")
+        .arg(&offline)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("backup verified"));
+    // Into a directory that is not empty: refused, nothing touched.
+    let again = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+        .args(["backup", "--data-dir"])
+        .arg(&data)
+        .arg("--to")
+        .arg(&offline)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+}
