@@ -272,8 +272,12 @@ fn open_gateway(common: &Common) -> Result<sp_gateway::gateway::Gateway, String>
         sp_gateway::server::store_options(&cfg),
     )
     .map_err(|e| match e {
-        sp_gateway::store::StoreError::Lost { .. } => e.to_string(),
-        _ => format!("{e} (is a gateway still running on this data directory? stop it first)"),
+        ref open @ sp_gateway::store::StoreError::Open { ref message, .. }
+            if message.contains("lock") =>
+        {
+            format!("{open} (is a gateway still running on this data directory? stop it first)")
+        }
+        e => e.to_string(),
     })?;
     Ok(sp_gateway::gateway::Gateway::new(
         std::sync::Arc::new(cfg),

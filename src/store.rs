@@ -287,12 +287,25 @@ fn open_engine(dir: &Path, opts: &Options) -> Result<(Engine, u64), String> {
     // Segments large enough that no value ever becomes a separate blob file (sled writes
     // blobs without syncing them): the log file holds everything, and syncing it is enough.
     // Values are bounded by MAX_VALUE_BYTES, well under a quarter segment.
-    let db = sled::Config::new()
+    // sled panics on some damaged logs while recovering (serialization.rs): that is a
+    // damaged store, to be refused with a message, not a crash.
+    let config = sled::Config::new()
         .path(dir)
         .cache_capacity(opts.cache_bytes)
-        .segment_size(SEGMENT_BYTES)
-        .open()
-        .map_err(|e| e.to_string())?;
+        .segment_size(SEGMENT_BYTES);
+    let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+        .map_err(|_| {
+            "is damaged: sled could not read its log (it failed while recovering); restore \
+             the data directory from a backup (README, Operations: Restore)"
+                .to_string()
+        })?
+        .map_err(|e| match e {
+            sled::Error::Corruption { .. } => format!(
+                "is damaged ({e}); restore the data directory from a backup (README, \
+                 Operations: Restore)"
+            ),
+            e => e.to_string(),
+        })?;
     let tree = db.open_tree("fhir").map_err(|e| e.to_string())?;
     check_format(&db, &tree, existed)?;
     let seq = read_seq(&db)?;

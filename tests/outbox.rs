@@ -448,7 +448,7 @@ async fn a_silent_endpoint_delays_only_its_own_practice_and_never_makes_the_gate
         )
         .replacen(
             "[[practices]]",
-            "[outbox]\nbase_delay_ms = 40\nmax_delay_ms = 400\npoll_ms = 20\nmax_attempts = 1000\nrequest_timeout_ms = 800\nstuck_after_secs = 1\n\n[server.limits]\nrate_per_second = 100000\nrate_burst = 100000\n\n[[practices]]",
+            "[outbox]\nbase_delay_ms = 40\nmax_delay_ms = 400\npoll_ms = 20\nmax_attempts = 1000\nrequest_timeout_ms = 800\nstuck_after_secs = 2\n\n[server.limits]\nrate_per_second = 100000\nrate_burst = 100000\n\n[[practices]]",
             1,
         )
     });
