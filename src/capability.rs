@@ -261,15 +261,27 @@ pub fn permitted(role: crate::config::Role, rtype: &str, i: Interaction) -> bool
     }
 }
 
-/// The CapabilityStatement, generated from [`RESOURCES`].
-pub fn capability_statement() -> Value {
+/// The CapabilityStatement, generated from [`RESOURCES`]; `require_if_match` is the
+/// deployment's `server.require_if_match`.
+pub fn capability_statement(require_if_match: bool) -> Value {
+    let if_match = if require_if_match {
+        "If-Match is required (428 without it) and honoured (412 when it names a version that is no longer current)"
+    } else {
+        "If-Match is honoured when sent (412 when it names a version that is no longer current) and not required: without it the change applies to the current version; the state machine judges every change"
+    };
     let resources: Vec<Value> = RESOURCES
         .iter()
         .map(|r| {
             let mut v = json!({
                 "type": r.rtype,
                 "supportedProfile": [r.profile],
-                "interaction": r.interactions.iter().map(|i| json!({ "code": i.code() })).collect::<Vec<_>>(),
+                "interaction": r.interactions.iter().map(|i| {
+                    if matches!(i, Update | Patch) {
+                        json!({ "code": i.code(), "documentation": if_match })
+                    } else {
+                        json!({ "code": i.code() })
+                    }
+                }).collect::<Vec<_>>(),
             });
             if r.interactions.contains(&Update) || r.interactions.contains(&Patch) {
                 v["versioning"] = json!("versioned-update");

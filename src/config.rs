@@ -72,6 +72,11 @@ pub struct Server {
     pub min_free_mb: u64,
     #[serde(default = "default_min_free_percent")]
     pub min_free_percent: u8,
+    /// Refuse Task updates without `If-Match` (428). Off by default: FHIR lets clients omit
+    /// it (a stale one is always refused with 412), and the state machine guards every
+    /// change either way.
+    #[serde(default)]
+    pub require_if_match: bool,
     /// Where `POST /admin/backup` writes online backups (one directory each).
     #[serde(default = "default_backup_dir")]
     pub backup_dir: PathBuf,

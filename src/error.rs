@@ -44,6 +44,9 @@ pub enum Error {
     /// No such resource, or none the caller may see (404).
     #[error("{0} not found")]
     NotFound(String),
+    /// No route at this path (404).
+    #[error("no such endpoint")]
+    NoEndpoint,
     /// No or unknown credentials (401).
     #[error("authentication required")]
     Unauthenticated,

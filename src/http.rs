@@ -131,7 +131,7 @@ pub fn router(state: AppState) -> Router {
         .route("/fhir/{rtype}/{id}/_history", get(history))
         .route("/fhir/{rtype}/{id}/{op}", get(trail))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(vread))
-        .fallback(|| async { ApiError(Error::not_found("no such endpoint")) })
+        .fallback(|| async { ApiError(Error::NoEndpoint) })
         .method_not_allowed_fallback(|| async { ApiError(Error::MethodNotAllowed) })
         .layer(middleware::from_fn(negotiate))
         .layer(middleware::from_fn(ensure_outcome))
@@ -174,7 +174,7 @@ fn status_of(e: &Error) -> StatusCode {
     match e {
         Error::Invalid(_) => StatusCode::BAD_REQUEST,
         Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::NotFound(_) | Error::NoEndpoint => StatusCode::NOT_FOUND,
         Error::Unauthenticated => StatusCode::UNAUTHORIZED,
         Error::Forbidden => StatusCode::FORBIDDEN,
         Error::Conflict(_) => StatusCode::CONFLICT,
@@ -207,6 +207,11 @@ pub fn operation_outcome(e: &Error) -> Value {
     let issues: Vec<Issue> = match e {
         Error::Invalid(i) | Error::Unprocessable(i) => i.clone(),
         Error::NotFound(what) => one("not-found", format!("{what} is not known"), None),
+        Error::NoEndpoint => one(
+            "not-found",
+            "there is no such endpoint: GET /fhir/metadata lists what this server supports",
+            None,
+        ),
         Error::Unauthenticated => one(
             "login",
             "authentication required: send Authorization: Bearer <token>",
@@ -645,8 +650,12 @@ async fn admin_outbox_action(
     Ok((StatusCode::OK, axum::Json(body)).into_response())
 }
 
-async fn metadata() -> Response {
-    fhir_response(StatusCode::OK, &crate::capability::capability_statement())
+async fn metadata(State(st): State<AppState>) -> Response {
+    let strict = st.gateway.config().server.require_if_match;
+    fhir_response(
+        StatusCode::OK,
+        &crate::capability::capability_statement(strict),
+    )
 }
 
 fn query_pairs(raw: Option<&str>) -> Vec<(String, String)> {
@@ -1034,7 +1043,7 @@ async fn trail(
     headers: HeaderMap,
 ) -> ApiResult {
     if rtype != "ServiceRequest" || op != "$trail" {
-        return Err(ApiError(Error::not_found("no such endpoint")));
+        return Err(ApiError(Error::NoEndpoint));
     }
     if who.role != crate::config::Role::Auditor {
         return Err(ApiError(Error::Forbidden));

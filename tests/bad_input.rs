@@ -149,6 +149,10 @@ async fn authentication_is_required() {
     let r = gw.get(GP, "/nope").await;
     assert_eq!(r.status, 404);
     assert_eq!(r.body["resourceType"], "OperationOutcome");
+    assert_eq!(
+        r.body["issue"][0]["diagnostics"],
+        "there is no such endpoint: GET /fhir/metadata lists what this server supports"
+    );
     let r = gw
         .request(Method::DELETE, "/fhir/Task/x", Some(GP), None, None, &[])
         .await;

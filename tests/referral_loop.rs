@@ -501,7 +501,7 @@ async fn the_service_request_follows_its_task_to_the_end() {
 }
 
 #[tokio::test]
-async fn if_match_is_required_and_checked() {
+async fn if_match_is_honoured_when_sent_and_required_only_when_configured() {
     let dir = tempfile::tempdir().unwrap();
     let gw = TestGateway::start(dir.path()).await;
     let (_, _, tid) = gw.refer(GP, &fixture("referral-ada.json")).await;
@@ -511,17 +511,44 @@ async fn if_match_is_required_and_checked() {
     let mut t = read.body.clone();
     t["status"] = json!("accepted");
     let before = gw.digest();
-    let r = gw.put_task(CRAFTS, &t, None).await;
-    assert_eq!(r.status, 428, "{}", r.body);
-    assert_eq!(r.expression(), "If-Match");
     assert_eq!(gw.put_task(CRAFTS, &t, Some("W/\"7\"")).await.status, 412);
     assert_eq!(gw.put_task(CRAFTS, &t, Some("garbage")).await.status, 400);
     assert_eq!(gw.digest(), before);
-    assert_eq!(gw.put_task(CRAFTS, &t, Some("W/\"1\"")).await.status, 200);
-    // The same stale ETag again: 412 now.
+    // No If-Match (as fhirpy's save() sends): the change applies to the current version.
+    let r = gw.put_task(CRAFTS, &t, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.etag(), "W/\"2\"");
+    // The ETag read before that change is stale now: 412.
     let r = gw.put_task(CRAFTS, &t, Some("W/\"1\"")).await;
     assert_eq!(r.status, 412);
     assert_eq!(r.body["resourceType"], "OperationOutcome");
+
+    // A deployment may require If-Match: then its absence is 428, naming the header.
+    let dir2 = tempfile::tempdir().unwrap();
+    let strict = TestGateway::start_with(
+        dir2.path(),
+        config_text(|c| {
+            c.replacen(
+                "max_body_bytes = 262144\n",
+                "max_body_bytes = 262144\nrequire_if_match = true\n",
+                1,
+            )
+        }),
+    )
+    .await;
+    let (_, _, tid2) = strict.refer(GP, &fixture("referral-ada.json")).await;
+    let mut t2 = strict.get(CRAFTS, &format!("/fhir/Task/{tid2}")).await.body;
+    t2["status"] = json!("accepted");
+    let before = strict.digest();
+    let r = strict.put_task(CRAFTS, &t2, None).await;
+    assert_eq!(r.status, 428, "{}", r.body);
+    assert_eq!(r.expression(), "If-Match");
+    assert_eq!(strict.digest(), before);
+    assert_eq!(
+        strict.put_task(CRAFTS, &t2, Some("W/\"1\"")).await.status,
+        200
+    );
+
     // Elements a client may not change.
     let mut t = gw.get(CRAFTS, &format!("/fhir/Task/{tid}")).await.body;
     t["owner"] = json!({ "reference": "Organization/burnley-money-advice" });

@@ -103,7 +103,17 @@ impl Gateway {
         else {
             return Err(Error::Forbidden);
         };
-        let posted = crate::schema::parse_json(body)?;
+        let mut posted = crate::schema::parse_json(body)?;
+        // The performer is the caller's organisation: set when absent, refused below when it
+        // names someone else.
+        if let Some(o) = posted.as_object_mut() {
+            if !o.contains_key("performer") {
+                o.insert(
+                    "performer".into(),
+                    serde_json::json!([{ "reference": format!("Organization/{provider_id}") }]),
+                );
+            }
+        }
         fhir::check_structure(&posted, "Observation")?;
         let (kind, sr_id) = fhir::check_feedback(&posted, &self.cfg)?;
         let obs_id = uuid::Uuid::new_v4().to_string();

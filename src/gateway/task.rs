@@ -1,5 +1,7 @@
-//! Task updates: `PUT` (a whole Task) and `PATCH` (JSON Patch), both guarded by `If-Match`
-//! and judged by `workflow`; a rejection because the patient declined also writes the
+//! Task updates: `PUT` (a whole Task) and `PATCH` (JSON Patch or merge patch), judged by
+//! `workflow`. `If-Match` is honoured when sent (412 when stale) and required only when the
+//! config says so (`server.require_if_match`): FHIR lets clients omit it, and common clients
+//! (fhirpy's `save()`) do; a rejection because the patient declined also writes the
 //! declined Observation, in the same transaction.
 
 use serde_json::Value;
@@ -11,9 +13,13 @@ use crate::error::{Error, Result};
 use crate::fhir;
 use crate::workflow;
 
-/// The version an `If-Match` header names (`W/"3"` or `"3"`).
-pub(crate) fn parse_if_match(h: Option<&str>) -> Result<u64> {
+/// The version an `If-Match` header names (`W/"3"` or `"3"`); `None` when there is none and
+/// none is required.
+pub(crate) fn parse_if_match(h: Option<&str>, required: bool) -> Result<Option<u64>> {
     let Some(h) = h else {
+        if !required {
+            return Ok(None);
+        }
         return Err(Error::PreconditionRequired(
             "If-Match is required: send the ETag of the version you read, e.g. If-Match: W/\"1\""
                 .into(),
@@ -21,13 +27,43 @@ pub(crate) fn parse_if_match(h: Option<&str>) -> Result<u64> {
     };
     let v = h.trim();
     let v = v.strip_prefix("W/").unwrap_or(v);
-    v.trim_matches('"').parse().map_err(|_| {
+    v.trim_matches('"').parse().map(Some).map_err(|_| {
         Error::invalid(
             "value",
             "If-Match",
             "must be an ETag such as W/\"3\" (the version you read)",
         )
     })
+}
+
+/// What a request proposes: a whole Task, or a patch to apply to the version it changes.
+enum Change {
+    Whole(Value),
+    Patch {
+        json_patch: Option<json_patch::Patch>,
+        doc: Value,
+    },
+}
+
+impl Change {
+    fn proposed(&self, id: &str, current: &Value) -> Result<Value> {
+        match self {
+            Change::Whole(v) => Ok(v.clone()),
+            Change::Patch { json_patch, doc } => {
+                let mut proposed = current.clone();
+                match json_patch {
+                    Some(p) => json_patch::patch(&mut proposed, p).map_err(|e| {
+                        Error::rule(
+                            "",
+                            format!("the JSON Patch cannot be applied to Task/{id}: {e}"),
+                        )
+                    })?,
+                    None => json_patch::merge(&mut proposed, doc),
+                }
+                Ok(proposed)
+            }
+        }
+    }
 }
 
 fn task_in_scope(who: &Principal, task: &Value) -> bool {
@@ -53,8 +89,10 @@ impl Gateway {
             return Err(Error::Forbidden);
         }
         let proposed = crate::schema::parse_json(body)?;
-        let expected = parse_if_match(if_match)?;
-        self.apply_task(who, id, expected, proposed).await
+        let expected = parse_if_match(if_match, self.cfg.server.require_if_match)?;
+        fhir::check_structure(&proposed, "Task")?;
+        self.apply_task(who, id, expected, Change::Whole(proposed))
+            .await
     }
 
     /// `PATCH /fhir/Task/{id}`: a JSON Patch (RFC 6902, an array of operations) or a JSON
@@ -87,42 +125,30 @@ impl Gateway {
                 })?,
             )
         };
-        let expected = parse_if_match(if_match)?;
-        let current = match self.load("Task", id)? {
-            Some(t) if task_in_scope(who, &t) => t,
-            _ => return Err(Error::not_found(format!("Task/{id}"))),
-        };
-        let version = fhir::version_of(&current);
-        if version != expected {
-            return Err(stale(id, expected, version));
-        }
-        let mut proposed = current;
-        match &patch {
-            Some(p) => json_patch::patch(&mut proposed, p).map_err(|e| {
-                Error::rule(
-                    "",
-                    format!("the JSON Patch cannot be applied to Task/{id}: {e}"),
-                )
-            })?,
-            None => json_patch::merge(&mut proposed, &doc),
-        }
-        self.apply_task(who, id, expected, proposed).await
+        let expected = parse_if_match(if_match, self.cfg.server.require_if_match)?;
+        self.apply_task(
+            who,
+            id,
+            expected,
+            Change::Patch {
+                json_patch: patch,
+                doc,
+            },
+        )
+        .await
     }
 
+    /// Judges and writes a change to the Task's current version, or to the version
+    /// `If-Match` named (412 if that is no longer current).
     async fn apply_task(
         &self,
         who: &Principal,
         id: &str,
-        expected: u64,
-        proposed: Value,
+        expected: Option<u64>,
+        change: Change,
     ) -> Result<Value> {
-        fhir::check_structure(&proposed, "Task")?;
-        if proposed.get("id").and_then(Value::as_str) != Some(id) {
-            return Err(Error::invalid(
-                "invariant",
-                "Task.id",
-                format!("must be present and equal the id in the URL ({id})"),
-            ));
+        if let Change::Whole(proposed) = &change {
+            check_id(proposed, id)?;
         }
         let cfg = &self.cfg;
         let task = self.commit(|tx| {
@@ -131,8 +157,13 @@ impl Gateway {
                 _ => return fail(Error::not_found(format!("Task/{id}"))),
             };
             let version = fhir::version_of(&current);
-            if version != expected {
+            if let Some(expected) = expected.filter(|e| *e != version) {
                 return fail(stale(id, expected, version));
+            }
+            let proposed = change.proposed(id, &current).or_else(fail)?;
+            if let Change::Patch { .. } = &change {
+                fhir::check_structure(&proposed, "Task").or_else(fail)?;
+                check_id(&proposed, id).or_else(fail)?;
             }
             if let Some(path) = fhir::task_immutable_change(&current, &proposed) {
                 return fail(Error::rule(
@@ -233,6 +264,17 @@ impl Gateway {
         self.store.durable().await?;
         Ok(task)
     }
+}
+
+fn check_id(proposed: &Value, id: &str) -> Result<()> {
+    if proposed.get("id").and_then(Value::as_str) != Some(id) {
+        return Err(Error::invalid(
+            "invariant",
+            "Task.id",
+            format!("must be present and equal the id in the URL ({id})"),
+        ));
+    }
+    Ok(())
 }
 
 fn stale(id: &str, expected: u64, version: u64) -> Error {
