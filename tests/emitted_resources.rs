@@ -1,5 +1,5 @@
 //! Every resource the gateway emits parses with fhir-sdk's R4B types and validates against
-//! the official R4 JSON Schema for its type (../shared/fhir, copied into profiles/).
+//! the official R4 JSON Schema for its type (profiles/fhir-r4.schema.json).
 
 use crate::common::*;
 use serde_json::{json, Value};

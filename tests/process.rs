@@ -421,3 +421,36 @@ fn the_quickstart_command_runs_the_gateway() {
     let ci = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/run")).unwrap();
     assert!(readme.contains("cargo test --locked") && ci.contains("\ncargo test --locked\n"));
 }
+
+/// The repository builds, tests and explains itself with nothing beside it: no file in it
+/// (but build output) names a path in the directory that sits beside it in development.
+#[test]
+fn no_file_refers_outside_the_repository() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let needle = format!("..{}shared", '/');
+    let mut offenders = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().unwrap().is_dir() {
+                if !matches!(name.as_str(), "target" | ".git" | "data" | "backups") {
+                    stack.push(path);
+                }
+                continue;
+            }
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                if text.contains(&needle) {
+                    offenders.push(path.strip_prefix(root).unwrap().display().to_string());
+                }
+            }
+        }
+    }
+    offenders.sort();
+    assert!(
+        offenders.is_empty(),
+        "these files refer to {needle}: copy what they need into the repository: {offenders:?}"
+    );
+}
