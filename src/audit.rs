@@ -71,6 +71,9 @@ pub struct Context {
     pub query: Option<String>,
     /// Set once a write has recorded this request in its own transaction.
     pub recorded: bool,
+    /// The resources a read or search disclosed, and their Patients (IHE BALP): recorded
+    /// as entities of its AuditEvent, so that each one's trail shows who saw it, and when.
+    pub disclosed: Vec<String>,
 }
 
 /// Key prefixes of the audit trail (left out of the clinical data's digest).
@@ -98,6 +101,18 @@ pub fn set_client(client: &str, role: &str, organisations: Vec<String>) {
         c.client = Some(client.to_string());
         c.role = Some(role.to_string());
         c.organisations = organisations;
+    });
+}
+
+/// Notes resources (`Type/id`) the current request is disclosing to its caller.
+pub fn disclose(entities: impl IntoIterator<Item = String>) {
+    let _ = REQUEST.try_with(|c| {
+        let mut c = c.borrow_mut();
+        for e in entities {
+            if !c.disclosed.contains(&e) {
+                c.disclosed.push(e);
+            }
+        }
     });
 }
 
@@ -155,9 +170,22 @@ pub fn event(ctx: &Context, status: u16, entities: &[String], now: &Now) -> Valu
             "requestor": false
         }));
     }
+    // As IHE BALP does: the patient as a Person in the role of Patient, every other resource
+    // as a domain resource.
     let mut entity: Vec<Value> = entities
         .iter()
-        .map(|e| json!({ "what": { "reference": e } }))
+        .map(|e| {
+            let (ty, role) = if e.starts_with("Patient/") {
+                (("1", "Person"), ("1", "Patient"))
+            } else {
+                (("2", "System Object"), ("4", "Domain Resource"))
+            };
+            json!({
+                "what": { "reference": e },
+                "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": ty.0, "display": ty.1 },
+                "role": { "system": "http://terminology.hl7.org/CodeSystem/object-role", "code": role.0, "display": role.1 }
+            })
+        })
         .collect();
     if let Some(q) = ctx.query.as_deref().filter(|q| !q.is_empty()) {
         entity.push(json!({

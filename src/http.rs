@@ -311,6 +311,57 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// Notes, for the audit trail, the patient-data resources in `v` (a resource or a Bundle of
+/// them) and the Patient each is about: what this response discloses to its caller.
+fn disclose(v: &Value) {
+    let mut out = Vec::new();
+    collect_disclosed(v, &mut out);
+    crate::audit::disclose(out);
+}
+
+fn collect_disclosed(v: &Value, out: &mut Vec<String>) {
+    let rtype = v
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if rtype == "Bundle" {
+        for e in v
+            .get("entry")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(r) = e.get("resource") {
+                collect_disclosed(r, out);
+            }
+        }
+        return;
+    }
+    if !gateway::STORED_TYPES.contains(&rtype) {
+        return;
+    }
+    let Some(id) = v.get("id").and_then(Value::as_str) else {
+        return;
+    };
+    let patient = match rtype {
+        "Patient" => None,
+        "Task" => v.get("for"),
+        _ => v.get("subject"),
+    }
+    .and_then(|r| crate::fhir::ref_id(r, "Patient"));
+    for e in [
+        Some(format!("{rtype}/{id}")),
+        patient.map(|p| format!("Patient/{p}")),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    }
+}
+
 fn fhir_response(status: StatusCode, body: &Value) -> Response {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut resp = (status, bytes).into_response();
@@ -892,6 +943,7 @@ async fn search(
     let q = Query::parse(&rtype, &params, !prefer(&headers).lenient)?;
     let result = st.gateway.search(&who, &q)?;
     let bundle = gateway::searchset(&base_url(&headers), &q, result);
+    disclose(&bundle);
     Ok(fhir_response(StatusCode::OK, &bundle))
 }
 
@@ -1115,10 +1167,9 @@ async fn trail(
             json!({ "fullUrl": format!("{base}/{t}/{rid}"), "resource": r })
         })
         .collect();
-    Ok(fhir_response(
-        StatusCode::OK,
-        &json!({ "resourceType": "Bundle", "type": "collection", "entry": entries }),
-    ))
+    let bundle = json!({ "resourceType": "Bundle", "type": "collection", "entry": entries });
+    disclose(&bundle);
+    Ok(fhir_response(StatusCode::OK, &bundle))
 }
 
 /// `POST /fhir/{type}/$validate`.
@@ -1238,6 +1289,7 @@ async fn read(
             .filter(|c: &usize| (1..=200).contains(c))
             .unwrap_or(50);
         let versions = st.gateway.type_history(&who, &rtype, count)?;
+        versions.iter().for_each(disclose);
         return Ok(history_bundle(&headers, versions));
     }
     require(&rtype, Interaction::Read, &who)?;
@@ -1251,6 +1303,7 @@ async fn read(
     if let Some(resp) = conditional_read(&headers, &r) {
         return Ok(resp);
     }
+    disclose(&r);
     Ok(resource_response(StatusCode::OK, &r, None))
 }
 
@@ -1261,6 +1314,7 @@ async fn vread(
 ) -> ApiResult {
     require(&rtype, Interaction::Vread, &who)?;
     let r = st.gateway.vread(&who, &rtype, &id, &vid)?;
+    disclose(&r);
     Ok(resource_response(StatusCode::OK, &r, None))
 }
 
@@ -1296,6 +1350,7 @@ async fn history(
 ) -> ApiResult {
     require(&rtype, Interaction::HistoryInstance, &who)?;
     let versions = st.gateway.history(&who, &rtype, &id)?;
+    versions.iter().for_each(disclose);
     Ok(history_bundle(&headers, versions))
 }
 
@@ -1445,7 +1500,15 @@ async fn audit_request(State(st): State<AppState>, req: Request, next: Next) -> 
     if resp.status().is_success() && ctx.recorded {
         return resp;
     }
-    let entities = crate::audit::path_entities(&ctx.path);
+    let mut entities = crate::audit::path_entities(&ctx.path);
+    // What a successful read or search disclosed (only a 2xx discloses anything).
+    if resp.status().is_success() {
+        for e in &ctx.disclosed {
+            if !entities.contains(e) {
+                entities.push(e.clone());
+            }
+        }
+    }
     match crate::audit::append(&st.gateway, &ctx, resp.status().as_u16(), &entities) {
         Ok(_) => resp,
         Err(e) => {

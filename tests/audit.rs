@@ -530,3 +530,109 @@ async fn a_referral_trail_in_one_request() {
         403
     );
 }
+
+/// Issue #11: who saw a referral. A provider's poll that returns a Task is recorded, as IHE
+/// BALP does, with every resource it disclosed (the Task, the ServiceRequest it included,
+/// and their Patient) as entities: `AuditEvent?entity=Task/{id}`, `?entity=Patient/{id}` and
+/// the referral's `$trail` all show that poll, with the provider as agent and in time
+/// order. A poll that returns nothing, and a refused read, disclose nothing.
+#[tokio::test]
+async fn a_poll_that_returns_a_referral_is_on_its_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start(dir.path()).await;
+    let (pid, sid, tid) = gw.refer(GP, &fixture("referral-ada.json")).await;
+    // Another provider polls: it sees nothing, so nothing of this referral is disclosed.
+    let empty = gw
+        .get(
+            MONEY,
+            "/fhir/Task?owner=Organization/burnley-money-advice&status=requested",
+        )
+        .await;
+    assert_eq!(empty.status, 200);
+    assert!(empty.entries().is_empty());
+    let poll = gw
+        .get(
+            CRAFTS,
+            "/fhir/Task?owner=Organization/pendle-crafts&status=requested&_include=Task:focus",
+        )
+        .await;
+    assert_eq!(poll.status, 200, "{}", poll.body);
+    assert!(poll.entries().iter().any(|e| e["id"] == json!(tid)));
+
+    let by = |entity: String| {
+        let gw = &gw;
+        async move {
+            gw.get(
+                AUDITOR,
+                &format!("/fhir/AuditEvent?entity={entity}&_count=200"),
+            )
+            .await
+            .entries()
+        }
+    };
+    for entity in [
+        format!("Task/{tid}"),
+        format!("ServiceRequest/{sid}"),
+        format!("Patient/{pid}"),
+    ] {
+        let events = by(entity.clone()).await;
+        let polls: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["subtype"][0]["code"] == "search-type")
+            .collect();
+        assert_eq!(polls.len(), 1, "{entity}: {events:?}");
+        let p = polls[0];
+        assert_eq!(
+            p["agent"][0]["who"]["identifier"]["value"],
+            "provider-crafts"
+        );
+        assert_eq!(p["outcome"], "0");
+        // The patient is named as such (BALP): a Person in the role of Patient.
+        let patient = p["entity"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["what"]["reference"] == json!(format!("Patient/{pid}")))
+            .unwrap_or_else(|| panic!("no patient entity: {p}"));
+        assert_eq!(patient["type"]["code"], "1");
+        assert_eq!(patient["role"]["code"], "1");
+        assert!(
+            sp_gateway::schema::check_fhir("AuditEvent", p)
+                .unwrap()
+                .is_empty(),
+            "{p}"
+        );
+        // The other provider's empty poll disclosed none of it.
+        assert!(events
+            .iter()
+            .all(|e| e["agent"][0]["who"]["identifier"]["value"] != "provider-money"));
+    }
+    // The referral's trail shows the poll after the create, with the provider as agent.
+    let trail = gw
+        .get(AUDITOR, &format!("/fhir/ServiceRequest/{sid}/$trail"))
+        .await;
+    assert_eq!(trail.status, 200, "{}", trail.body);
+    let events: Vec<(String, String)> = trail
+        .entries()
+        .iter()
+        .filter(|e| e["resourceType"] == "AuditEvent")
+        .map(|e| {
+            (
+                e["agent"][0]["who"]["identifier"]["value"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                e["subtype"][0]["code"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let create = events
+        .iter()
+        .position(|e| e == &("gp-pennine".to_string(), "create".to_string()))
+        .unwrap_or_else(|| panic!("{events:?}"));
+    let seen = events
+        .iter()
+        .position(|e| e == &("provider-crafts".to_string(), "search-type".to_string()))
+        .unwrap_or_else(|| panic!("the provider's poll is not on the trail: {events:?}"));
+    assert!(create < seen, "{events:?}");
+}
