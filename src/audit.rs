@@ -170,21 +170,20 @@ pub fn event(ctx: &Context, status: u16, entities: &[String], now: &Now) -> Valu
             "requestor": false
         }));
     }
-    // As IHE BALP does: the patient as a Person in the role of Patient, every other resource
-    // as a domain resource.
+    // As IHE BALP does, the patient is named as a Person in the role of Patient; every other
+    // entity is the resource itself (kept short: a poll names many).
     let mut entity: Vec<Value> = entities
         .iter()
         .map(|e| {
-            let (ty, role) = if e.starts_with("Patient/") {
-                (("1", "Person"), ("1", "Patient"))
+            if e.starts_with("Patient/") {
+                json!({
+                    "what": { "reference": e },
+                    "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person" },
+                    "role": { "system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient" }
+                })
             } else {
-                (("2", "System Object"), ("4", "Domain Resource"))
-            };
-            json!({
-                "what": { "reference": e },
-                "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": ty.0, "display": ty.1 },
-                "role": { "system": "http://terminology.hl7.org/CodeSystem/object-role", "code": role.0, "display": role.1 }
-            })
+                json!({ "what": { "reference": e } })
+            }
         })
         .collect();
     if let Some(q) = ctx.query.as_deref().filter(|q| !q.is_empty()) {
