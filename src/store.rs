@@ -94,6 +94,7 @@ pub enum TxError<E> {
 /// transaction's own writes; all writes land together or not at all.
 pub struct Tx<'a> {
     tree: &'a sled::Tree,
+    shared: &'a Shared,
     writes: RefCell<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
 }
 
@@ -105,7 +106,7 @@ impl Tx<'_> {
         self.tree
             .get(key)
             .map(|o| o.map(|v| v.to_vec()))
-            .map_err(|e| ReadError(e.into()))
+            .map_err(|e| ReadError(self.shared.fail_sled(e)))
     }
 
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), ReadError> {
@@ -378,6 +379,13 @@ impl Store {
         self.shared.engine()
     }
 
+    /// Any sled error fails the store: sled's reads fail only once its write path has
+    /// failed (the error it keeps) or on a damaged page, and either way nothing it serves
+    /// afterwards can be trusted until it is reopened.
+    fn sled_err(&self, e: sled::Error) -> StoreError {
+        self.shared.fail_sled(e)
+    }
+
     /// Why the store has failed, if it has.
     pub fn failure(&self) -> Option<String> {
         self.shared
@@ -504,7 +512,12 @@ impl Store {
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.engine()?.tree.get(key)?.map(|v| v.to_vec()))
+        Ok(self
+            .engine()?
+            .tree
+            .get(key)
+            .map_err(|e| self.sled_err(e))?
+            .map(|v| v.to_vec()))
     }
 
     /// Keys and values under `prefix` whose key is strictly greater than `after` (when
@@ -526,7 +539,7 @@ impl Store {
             _ => engine.tree.range(prefix.to_vec()..),
         };
         for item in iter {
-            let (k, v) = item?;
+            let (k, v) = item.map_err(|e| self.sled_err(e))?;
             if !k.starts_with(prefix) || out.len() >= limit {
                 break;
             }
@@ -550,7 +563,7 @@ impl Store {
             None => engine.tree.scan_prefix(prefix),
         };
         for item in iter.rev() {
-            let (k, v) = item?;
+            let (k, v) = item.map_err(|e| self.sled_err(e))?;
             if !k.starts_with(prefix) || out.len() >= limit {
                 break;
             }
@@ -583,6 +596,7 @@ impl Store {
         let engine = self.engine().map_err(TxError::Store)?;
         let tx = Tx {
             tree: &engine.tree,
+            shared: &self.shared,
             writes: RefCell::new(BTreeMap::new()),
         };
         let value = match f(&tx) {
@@ -643,7 +657,7 @@ impl Store {
         mut f: impl FnMut(&[u8], &[u8]) -> std::io::Result<()>,
     ) -> Result<(), StoreError> {
         for item in self.engine()?.tree.scan_prefix(prefix) {
-            let (k, v) = item?;
+            let (k, v) = item.map_err(|e| self.sled_err(e))?;
             f(&k, &v).map_err(|e| StoreError::Io(e.to_string()))?;
         }
         Ok(())
@@ -658,7 +672,7 @@ impl Store {
     pub fn digest_excluding(&self, prefixes: &[&[u8]]) -> Result<String, StoreError> {
         let mut h = Sha256::new();
         for item in self.engine()?.tree.iter() {
-            let (k, v) = item?;
+            let (k, v) = item.map_err(|e| self.sled_err(e))?;
             if prefixes.iter().any(|p| k.starts_with(p)) {
                 continue;
             }
@@ -674,7 +688,7 @@ impl Store {
     pub fn count(&self, prefix: &[u8]) -> Result<usize, StoreError> {
         let mut n = 0;
         for k in self.engine()?.tree.scan_prefix(prefix).keys() {
-            k?;
+            k.map_err(|e| self.sled_err(e))?;
             n += 1;
         }
         Ok(n)
@@ -721,7 +735,7 @@ impl Store {
             let mut batch = sled::Batch::default();
             let mut pending = 0usize;
             for item in engine.tree.iter() {
-                let (k, v) = item?;
+                let (k, v) = item.map_err(|e| self.sled_err(e))?;
                 batch.insert(k, v);
                 pending += 1;
                 if pending == 10_000 {
@@ -740,7 +754,7 @@ impl Store {
                 .unwrap_or_default();
             let mut batch = sled::Batch::default();
             for k in &touched {
-                match engine.tree.get(k)? {
+                match engine.tree.get(k).map_err(|e| self.sled_err(e))? {
                     Some(v) => batch.insert(k.as_slice(), v),
                     None => batch.remove(k.as_slice()),
                 }

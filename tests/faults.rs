@@ -104,7 +104,8 @@ async fn a_clock_that_steps_back_does_not_stall_write_back() {
         // Only the wall clock moves: the monotonic clock is the machine's.
         ("DONT_FAKE_MONOTONIC", "1"),
     ];
-    let (mut child, base) = spawn_binary_env(&data, Some(&cfg), &env);
+    let (child, base) = spawn_binary_env(&data, Some(&cfg), &env);
+    let mut child = Guarded(child);
     let gw = TestGateway::remote(&base);
     let (pid, sid, tid) = gw
         .refer(GP, &variant("referral-ada.json", "CLOCK-1", None))
@@ -147,7 +148,8 @@ async fn a_clock_that_steps_back_does_not_stall_write_back() {
 
     // A restart with the wall clock five years behind the stored commit clock.
     std::fs::write(&clock, "@2021-06-01 00:00:00\n").unwrap();
-    let (mut child, base) = spawn_binary_env(&data, Some(&cfg), &env);
+    let (child, base) = spawn_binary_env(&data, Some(&cfg), &env);
+    let mut child = Guarded(child);
     let gw = TestGateway::remote(&base);
     let third = observation(&gw, &sid, &pid, 32).await;
     let third_id = third["id"].as_str().unwrap().to_string();
@@ -265,7 +267,8 @@ async fn a_full_disk_refuses_new_referrals_honestly_and_recovers_by_itself() {
         "max_body_bytes = 262144\nmin_free_mb = 20\nmin_free_percent = 50\n",
         1,
     );
-    let (mut child, base) = spawn_binary(&data, Some(&cfg));
+    let (child, base) = spawn_binary(&data, Some(&cfg));
+    let mut child = Guarded(child);
     let gw = Arc::new(TestGateway::remote(&base));
 
     // 8 clients post unique referrals until the floor stops them.
@@ -480,7 +483,8 @@ async fn a_full_disk_refuses_new_referrals_honestly_and_recovers_by_itself() {
     std::fs::remove_file(&ballast).unwrap();
 
     // After a restart every acknowledged referral is there, once.
-    let (mut child, base) = spawn_binary(&data, Some(&cfg));
+    let (child, base) = spawn_binary(&data, Some(&cfg));
+    let mut child = Guarded(child);
     let gw = TestGateway::remote(&base);
     let all = acked.lock().unwrap().clone();
     for (n, sr) in all.iter() {
@@ -671,7 +675,8 @@ async fn a_damaged_store_is_refused_and_a_clean_copy_still_opens() {
     eprintln!("damage sweep: {refused} refused, {harmless} harmless");
 
     // The undamaged copy opens and holds every referral.
-    let (mut child, base) = spawn_binary(&pristine, Some(&unthrottled_config()));
+    let (child, base) = spawn_binary(&pristine, Some(&unthrottled_config()));
+    let mut child = Guarded(child);
     let gw = TestGateway::remote(&base);
     for sr in &referrals {
         let r = gw.get(GP, &format!("/fhir/ServiceRequest/{sr}")).await;

@@ -297,7 +297,8 @@ async fn an_online_backup_under_load_restores_consistent_to_one_commit() {
         ),
         1,
     );
-    let (mut child, base) = spawn_binary(&data, Some(&cfg));
+    let (child, base) = spawn_binary(&data, Some(&cfg));
+    let mut child = Guarded(child);
     let gw = Arc::new(TestGateway::remote(&base));
     let acked: Arc<Mutex<Vec<(usize, String, String)>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
@@ -386,7 +387,8 @@ async fn an_online_backup_under_load_restores_consistent_to_one_commit() {
         String::from_utf8_lossy(&verify.stdout),
         String::from_utf8_lossy(&verify.stderr)
     );
-    let (mut child, base) = spawn_binary(&data, Some(&cfg));
+    let (child, base) = spawn_binary(&data, Some(&cfg));
+    let mut child = Guarded(child);
     let gw = TestGateway::remote(&base);
     let mut present = 0;
     for (i, (n, sr, task)) in all.iter().enumerate() {

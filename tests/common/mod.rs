@@ -156,8 +156,9 @@ impl TestGateway {
         }
         // Connection tasks may still be dropping their handles on the gateway: wait until
         // ours is the last, so that dropping it closes the store (and its lock) now.
+        // (Up to 30 s: on a loaded two-core machine connection tasks can be slow to go.)
         if let Some(mut g) = self.gateway.take() {
-            for _ in 0..500 {
+            for _ in 0..3000 {
                 match Arc::try_unwrap(g) {
                     Ok(only) => {
                         drop(only);
@@ -498,4 +499,30 @@ pub fn hub_referral(id: &str, n: usize) -> Value {
     r["needs"] = json!(["employment"]);
     r["reasons"] = json!([]);
     r
+}
+
+/// A gateway process that is killed if the test ends (or panics) before stopping it, so a
+/// failed test leaves no server behind.
+pub struct Guarded(pub std::process::Child);
+
+impl std::ops::Deref for Guarded {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Guarded {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
