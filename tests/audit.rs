@@ -144,7 +144,7 @@ async fn the_trail_of_a_referral_is_exact() {
                 .is_empty(),
             "{e}"
         );
-        sp_gateway::fhir::typed_parse(&e, "AuditEvent").ok();
+        fhir_sdk_parse(&e, "AuditEvent").unwrap_or_else(|err| panic!("{err}\n{e}"));
     }
     // Paging.
     let p1 = gw.get(AUDITOR, "/fhir/AuditEvent?_count=3").await;

@@ -14,7 +14,7 @@ fn check(resource: &Value, seen: &mut Vec<String>) {
         issues.is_empty(),
         "{rtype} fails the R4 schema: {issues:?}\n{resource:#}"
     );
-    if let Err(e) = sp_gateway::fhir::typed_parse(resource, &rtype) {
+    if let Err(e) = fhir_sdk_parse(resource, &rtype) {
         panic!("{rtype} does not parse with fhir-sdk: {e:?}\n{resource:#}");
     }
     if let Some(profile) = sp_gateway::fhir::profile_for(&rtype) {

@@ -526,3 +526,27 @@ impl Drop for Guarded {
         }
     }
 }
+
+/// Parses `resource` with fhir-sdk's typed R4B model of `rtype` (any type the gateway emits):
+/// the error names the element that failed.
+pub fn fhir_sdk_parse(resource: &Value, rtype: &str) -> Result<(), String> {
+    use fhir_sdk::r4b::resources as r;
+    fn parse<T: serde::de::DeserializeOwned>(v: &Value) -> Result<(), String> {
+        serde_path_to_error::deserialize::<_, T>(v.clone())
+            .map(drop)
+            .map_err(|e| format!("{}: {}", e.path(), e.inner()))
+    }
+    match rtype {
+        "Task" => parse::<r::Task>(resource),
+        "Observation" => parse::<r::Observation>(resource),
+        "ServiceRequest" => parse::<r::ServiceRequest>(resource),
+        "Patient" => parse::<r::Patient>(resource),
+        "Organization" => parse::<r::Organization>(resource),
+        "Bundle" => parse::<r::Bundle>(resource),
+        "OperationOutcome" => parse::<r::OperationOutcome>(resource),
+        "CapabilityStatement" => parse::<r::CapabilityStatement>(resource),
+        "AuditEvent" => parse::<r::AuditEvent>(resource),
+        "Provenance" => parse::<r::Provenance>(resource),
+        other => Err(format!("no typed parser for {other}")),
+    }
+}
