@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::clock::Now;
 use crate::error::Error;
-use crate::gateway::{Gateway, Now};
 use crate::store::{Abort, Store, Tx};
 
 const HEAD: &[u8] = b"c/audit-head";
@@ -382,14 +382,19 @@ pub fn provenance(store: &Store, target: &str) -> crate::error::Result<Vec<Value
 
 /// Records a request (a read, a search, a refusal) in its own transaction.
 pub fn append(
-    gw: &Gateway,
+    store: &Store,
     ctx: &Context,
     status: u16,
     entities: &[String],
 ) -> crate::error::Result<u64> {
     let now = Now::current();
     let ev = event(ctx, status, entities, &now);
-    gw.commit(|tx| tx_append(tx, ev.clone()))
+    store
+        .transact(|tx| tx_append(tx, ev.clone()))
+        .map_err(|e| match e {
+            crate::store::TxError::Caller(e) => e,
+            crate::store::TxError::Store(e) => Error::Store(e),
+        })
 }
 
 /// What `audit verify` found.

@@ -22,6 +22,22 @@ pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
 pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
 pub const TASK_CODE_SYSTEM: &str = "http://hl7.org/fhir/CodeSystem/task-code";
 /// Canonical base of what this gateway publishes (CodeSystems, extensions, identifiers).
+/// FHIR R4 Task.status codes (the TaskStatus value set).
+pub const TASK_STATUSES: [&str; 12] = [
+    "draft",
+    "requested",
+    "received",
+    "accepted",
+    "rejected",
+    "ready",
+    "cancelled",
+    "in-progress",
+    "on-hold",
+    "failed",
+    "completed",
+    "entered-in-error",
+];
+
 pub const CANONICAL: &str = "https://sp-gateway.example.org/fhir";
 
 pub const PROFILE_PATIENT: &str = "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Patient";
@@ -417,6 +433,34 @@ pub fn service_request_rules(sr: &Value) -> Vec<Issue> {
     issues
 }
 
+/// UK Core Patient rules for ingest: an NHS number with the right system and check digit.
+/// Returns the NHS number.
+pub fn check_patient(p: &Value) -> Result<String> {
+    let ids = p.get("identifier").and_then(Value::as_array);
+    let nhs = ids.and_then(|ids| {
+        ids.iter()
+            .enumerate()
+            .find(|(_, i)| i.get("system").and_then(Value::as_str) == Some(NHS_NUMBER_SYSTEM))
+    });
+    match nhs {
+        None => Err(Error::rule(
+            "Patient.identifier",
+            format!("must include an NHS number (system {})", NHS_NUMBER_SYSTEM),
+        )),
+        Some((i, id)) => {
+            let v = id.get("value").and_then(Value::as_str).unwrap_or_default();
+            if crate::ingest::nhs_number_valid(v) {
+                Ok(v.to_string())
+            } else {
+                Err(Error::rule(
+                    format!("Patient.identifier[{i}].value"),
+                    "is not a valid NHS number: 10 digits whose last is the Modulus 11 check digit",
+                ))
+            }
+        }
+    }
+}
+
 /// `$validate`: the R4 schema, fhir-sdk's typed parse, and the gateway's UK Core rules for
 /// `rtype`. Returns every issue found (empty: valid).
 pub fn validate(resource: &Value, rtype: &str, cfg: &Config) -> Result<Vec<Issue>> {
@@ -429,7 +473,7 @@ pub fn validate(resource: &Value, rtype: &str, cfg: &Config) -> Result<Vec<Issue
     match rtype {
         "ServiceRequest" => issues.extend(service_request_rules(resource)),
         "Patient" => {
-            if let Err(Error::Unprocessable(i)) = crate::gateway::check_patient(resource) {
+            if let Err(Error::Unprocessable(i)) = check_patient(resource) {
                 issues.extend(i);
             }
         }
@@ -438,7 +482,7 @@ pub fn validate(resource: &Value, rtype: &str, cfg: &Config) -> Result<Vec<Issue
                 .get("status")
                 .and_then(Value::as_str)
                 .unwrap_or_default();
-            if !crate::workflow::STATUSES.contains(&status) {
+            if !TASK_STATUSES.contains(&status) {
                 issues.push(Issue::new(
                     "code-invalid",
                     "Task.status",

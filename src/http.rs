@@ -1509,7 +1509,7 @@ async fn audit_request(State(st): State<AppState>, req: Request, next: Next) -> 
             }
         }
     }
-    match crate::audit::append(&st.gateway, &ctx, resp.status().as_u16(), &entities) {
+    match crate::audit::append(st.gateway.store(), &ctx, resp.status().as_u16(), &entities) {
         Ok(_) => resp,
         Err(e) => {
             tracing::error!(error = %e, "audit record failed; response withheld");

@@ -10,20 +10,7 @@ use serde_json::Value;
 use crate::config::Role;
 use crate::error::{Error, Result};
 
-pub const STATUSES: [&str; 12] = [
-    "draft",
-    "requested",
-    "received",
-    "accepted",
-    "rejected",
-    "ready",
-    "cancelled",
-    "in-progress",
-    "on-hold",
-    "failed",
-    "completed",
-    "entered-in-error",
-];
+use crate::fhir::TASK_STATUSES as STATUSES;
 
 /// Statuses that count against a provider's capacity.
 pub fn is_open(status: &str) -> bool {

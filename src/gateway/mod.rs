@@ -23,7 +23,6 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
-use time::OffsetDateTime;
 
 use crate::auth::Principal;
 use crate::config::{Config, Role};
@@ -32,7 +31,9 @@ use crate::fhir;
 use crate::ingest;
 use crate::store::{Abort, Store, Tx, TxError};
 
-pub use referral::{check_patient, check_transaction, Submitted};
+pub use crate::clock::Now;
+pub use crate::fhir::check_patient;
+pub use referral::{check_transaction, Submitted};
 pub use search::{searchset, Query, SearchResult};
 
 /// The store's key scheme. Every key is ASCII; ids are FHIR ids (`[A-Za-z0-9.-]`), so `/`
@@ -100,41 +101,6 @@ pub mod keys {
 
 /// Resource types the store holds.
 pub const STORED_TYPES: [&str; 4] = ["Patient", "ServiceRequest", "Task", "Observation"];
-
-/// The gateway's clock reading for one request: the FHIR instant and its microseconds.
-#[derive(Clone)]
-pub struct Now {
-    pub instant: String,
-    pub micros: i64,
-    pub time: OffsetDateTime,
-}
-
-impl Now {
-    pub fn current() -> Now {
-        let t = OffsetDateTime::now_utc();
-        let t = t
-            .replace_nanosecond(t.nanosecond() / 1000 * 1000)
-            .unwrap_or(t);
-        Now::at(t)
-    }
-
-    pub fn from_micros(micros: i64) -> Now {
-        let t = OffsetDateTime::from_unix_timestamp_nanos(micros as i128 * 1000)
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-        Now::at(t)
-    }
-
-    pub fn at(t: OffsetDateTime) -> Now {
-        let instant = t
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        Now {
-            instant,
-            micros: (t.unix_timestamp_nanos() / 1000) as i64,
-            time: t,
-        }
-    }
-}
 
 /// The write time of a transaction: the wall clock, but always after the previous write's
 /// (kept in the store), so that `lastUpdated` and every time index follow commit order

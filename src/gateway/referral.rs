@@ -183,7 +183,7 @@ impl Gateway {
         let (patient, sr, patient_url, (pi, si)) = split_transaction(&bundle)?;
         let at = |i: usize| format!("Bundle.entry[{i}].resource");
         let now = Now::current();
-        let nhs = check_patient(&patient).map_err(|e| reroot(e, "Patient", &at(pi)))?;
+        let nhs = fhir::check_patient(&patient).map_err(|e| reroot(e, "Patient", &at(pi)))?;
         let ods = check_service_request(&sr, who, &self.cfg)
             .map_err(|e| reroot(e, "ServiceRequest", &at(si)))?;
         // The ServiceRequest must name the Patient of this transaction.
@@ -515,7 +515,7 @@ fn reroot(e: Error, from: &str, to: &str) -> Error {
 /// practices.
 pub fn check_transaction(bundle: &Value) -> Result<()> {
     let (patient, sr, _, (pi, si)) = split_transaction(bundle)?;
-    check_patient(&patient)
+    fhir::check_patient(&patient)
         .map_err(|e| reroot(e, "Patient", &format!("Bundle.entry[{pi}].resource")))?;
     fhir::check_structure(&sr, "ServiceRequest")?;
     let issues = fhir::service_request_rules(&sr);
@@ -608,37 +608,6 @@ fn split_transaction(bundle: &Value) -> Result<(Value, Value, String, (usize, us
             "Bundle.entry",
             "a transaction here holds exactly one Patient and one ServiceRequest",
         )),
-    }
-}
-
-/// UK Core Patient rules for ingest: an NHS number with the right system and check digit.
-/// Returns the NHS number.
-pub fn check_patient(p: &Value) -> Result<String> {
-    let ids = p.get("identifier").and_then(Value::as_array);
-    let nhs = ids.and_then(|ids| {
-        ids.iter()
-            .enumerate()
-            .find(|(_, i)| i.get("system").and_then(Value::as_str) == Some(fhir::NHS_NUMBER_SYSTEM))
-    });
-    match nhs {
-        None => Err(Error::rule(
-            "Patient.identifier",
-            format!(
-                "must include an NHS number (system {})",
-                fhir::NHS_NUMBER_SYSTEM
-            ),
-        )),
-        Some((i, id)) => {
-            let v = id.get("value").and_then(Value::as_str).unwrap_or_default();
-            if ingest::nhs_number_valid(v) {
-                Ok(v.to_string())
-            } else {
-                Err(Error::rule(
-                    format!("Patient.identifier[{i}].value"),
-                    "is not a valid NHS number: 10 digits whose last is the Modulus 11 check digit",
-                ))
-            }
-        }
     }
 }
 

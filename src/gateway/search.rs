@@ -16,7 +16,6 @@ use crate::capability;
 use crate::config::{is_fhir_id, Role};
 use crate::error::{Error, Result};
 use crate::fhir;
-use crate::workflow;
 
 pub const DEFAULT_COUNT: usize = 50;
 pub const MAX_COUNT: usize = 200;
@@ -117,7 +116,7 @@ impl Query {
                 "status" => {
                     for s in value.split(',') {
                         let known = if rtype == "Task" {
-                            workflow::STATUSES.contains(&s)
+                            crate::fhir::TASK_STATUSES.contains(&s)
                         } else {
                             !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
                         };
