@@ -590,6 +590,9 @@ impl Store {
         &self,
         f: impl FnOnce(&Tx<'_>) -> Result<T, Abort<E>>,
     ) -> Result<T, TxError<E>> {
+        // A failed store answers at once, without queueing behind a reopen that holds the
+        // writer lock.
+        self.engine().map_err(TxError::Store)?;
         // A panic inside `f` poisons the lock but applies nothing: the store is unchanged,
         // so the next writer may go on.
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
