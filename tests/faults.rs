@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::common::*;
 
@@ -57,20 +57,6 @@ fn endpoint_config(base: &str, extra: &str) -> String {
     })
 }
 
-async fn observation(gw: &TestGateway, sid: &str, pid: &str, value: i64) -> Value {
-    let obs = json!({
-        "resourceType": "Observation", "status": "final",
-        "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "718426000" }] },
-        "subject": { "reference": format!("Patient/{pid}") },
-        "basedOn": [{ "reference": format!("ServiceRequest/{sid}") }],
-        "performer": [{ "reference": "Organization/pendle-crafts" }],
-        "valueInteger": value
-    });
-    let r = gw.post_json(CRAFTS, "/fhir/Observation", &obs).await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    r.body
-}
-
 async fn eventually(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while start.elapsed() < Duration::from_secs(secs) {
@@ -116,7 +102,7 @@ async fn a_clock_that_steps_back_does_not_stall_write_back() {
             .status,
         200
     );
-    let first = observation(&gw, &sid, &pid, 30).await;
+    let first = gw.post_outcome(&sid, &pid, 30).await;
     let first_id = first["id"].as_str().unwrap().to_string();
     eventually("the first Observation delivered", 10, || {
         accepted.lock().unwrap().contains(&first_id)
@@ -125,7 +111,7 @@ async fn a_clock_that_steps_back_does_not_stall_write_back() {
 
     // The wall clock steps back one day while the gateway runs.
     std::fs::write(&clock, "-1d\n").unwrap();
-    let second = observation(&gw, &sid, &pid, 31).await;
+    let second = gw.post_outcome(&sid, &pid, 31).await;
     let second_id = second["id"].as_str().unwrap().to_string();
     eventually(
         "an Observation posted after the clock stepped back delivered",
@@ -151,7 +137,7 @@ async fn a_clock_that_steps_back_does_not_stall_write_back() {
     let (child, base) = spawn_binary_env(&data, Some(&cfg), &env);
     let mut child = Guarded(child);
     let gw = TestGateway::remote(&base);
-    let third = observation(&gw, &sid, &pid, 32).await;
+    let third = gw.post_outcome(&sid, &pid, 32).await;
     let third_id = third["id"].as_str().unwrap().to_string();
     eventually(
         "an Observation posted after a restart in 2021 delivered",
@@ -585,12 +571,12 @@ async fn a_damaged_store_is_refused_and_a_clean_copy_still_opens() {
     assert_eq!(code, Some(3), "exit code on a damaged store; log:\n{log}");
     assert!(log.contains("lost acknowledged writes"), "{log}");
     assert!(log.contains("Restore"), "{log}");
-    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
-        .args(["audit", "verify", "--data-dir"])
-        .arg(&mid)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
+    let verify = cli([
+        std::ffi::OsStr::new("audit"),
+        "verify".as_ref(),
+        "--data-dir".as_ref(),
+        mid.as_os_str(),
+    ]);
     assert!(
         !verify.status.success(),
         "audit verify passed a damaged store"
@@ -619,14 +605,13 @@ async fn a_damaged_store_is_refused_and_a_clean_copy_still_opens() {
     // exactly what was acknowledged (damage in space sled no longer uses is harmless).
     // `export` opens the store as `serve` does; its output is compared with the clean one's.
     let export = |from: &Path, to: &Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
-            .args(["export", "--data-dir"])
-            .arg(from)
-            .arg("--out")
-            .arg(to)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .unwrap()
+        cli([
+            std::ffi::OsStr::new("export"),
+            "--data-dir".as_ref(),
+            from.as_os_str(),
+            "--out".as_ref(),
+            to.as_os_str(),
+        ])
     };
     let reference = dir.path().join("reference");
     copy_dir(&pristine, &reference);

@@ -376,11 +376,12 @@ async fn an_online_backup_under_load_restores_consistent_to_one_commit() {
         .status()
         .unwrap()
         .success());
-    let verify = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
-        .args(["audit", "verify", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let verify = cli([
+        std::ffi::OsStr::new("audit"),
+        "verify".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+    ]);
     assert!(
         verify.status.success(),
         "{}{}",
@@ -428,13 +429,16 @@ async fn an_online_backup_under_load_restores_consistent_to_one_commit() {
 
     // The command-line backup of a stopped store, verified by opening it.
     let offline = dir.path().join("offline");
-    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
-        .args(["backup", "--data-dir"])
-        .arg(&data)
-        .arg("--to")
-        .arg(&offline)
-        .output()
-        .unwrap();
+    let backup_to = |to: &std::path::Path| {
+        cli([
+            std::ffi::OsStr::new("backup"),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--to".as_ref(),
+            to.as_os_str(),
+        ])
+    };
+    let out = backup_to(&offline);
     assert!(
         out.status.success(),
         "{}",
@@ -442,13 +446,7 @@ async fn an_online_backup_under_load_restores_consistent_to_one_commit() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("backup verified"));
     // Into a directory that is not empty: refused, nothing touched.
-    let again = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
-        .args(["backup", "--data-dir"])
-        .arg(&data)
-        .arg("--to")
-        .arg(&offline)
-        .output()
-        .unwrap();
+    let again = backup_to(&offline);
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
 }

@@ -140,17 +140,10 @@ fn config(dir: &Path, base: &str) -> String {
 }
 
 async fn outcome(gw: &TestGateway, sid: &str, pid: &str, value: i64) -> String {
-    let obs = json!({
-        "resourceType": "Observation", "status": "final",
-        "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "718426000" }] },
-        "subject": { "reference": format!("Patient/{pid}") },
-        "basedOn": [{ "reference": format!("ServiceRequest/{sid}") }],
-        "performer": [{ "reference": "Organization/pendle-crafts" }],
-        "valueInteger": value
-    });
-    let r = gw.post_json(CRAFTS, "/fhir/Observation", &obs).await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    r.body["id"].as_str().unwrap().to_string()
+    gw.post_outcome(sid, pid, value).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {

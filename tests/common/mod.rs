@@ -331,6 +331,22 @@ impl TestGateway {
         self.put_task(token, &t, Some(&cur.etag())).await
     }
 
+    /// Posts a WEMWBS outcome Observation as pendle-crafts for a referral; returns it as
+    /// stored (201 asserted).
+    pub async fn post_outcome(&self, sid: &str, pid: &str, value: i64) -> Value {
+        let obs = json!({
+            "resourceType": "Observation", "status": "final",
+            "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "718426000" }] },
+            "subject": { "reference": format!("Patient/{pid}") },
+            "basedOn": [{ "reference": format!("ServiceRequest/{sid}") }],
+            "performer": [{ "reference": "Organization/pendle-crafts" }],
+            "valueInteger": value
+        });
+        let r = self.post_json(CRAFTS, "/fhir/Observation", &obs).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.body
+    }
+
     /// Submits a referral; returns (patient, service request, task) ids.
     pub async fn refer(&self, token: &str, referral: &Value) -> (String, String, String) {
         let r = self.post_json(token, "/referrals", referral).await;
@@ -549,4 +565,17 @@ pub fn fhir_sdk_parse(resource: &Value, rtype: &str) -> Result<(), String> {
         "Provenance" => parse::<r::Provenance>(resource),
         other => Err(format!("no typed parser for {other}")),
     }
+}
+
+/// Runs `sp-gateway ARGS…` (a command-line tool on a stopped store) and returns its output.
+pub fn cli<I, S>(args: I) -> std::process::Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    std::process::Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run sp-gateway")
 }
