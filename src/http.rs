@@ -644,13 +644,17 @@ async fn admin_backup(State(st): State<AppState>, who: Principal) -> ApiResult {
     let made = tokio::task::spawn_blocking(move || {
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(|e| {
-                Error::Store(crate::store::StoreError::Io(format!(
-                    "backup directory {}: {e}",
-                    parent.display()
-                )))
+                Error::rule(
+                    "backup_dir",
+                    format!("backup directory {}: {e}", parent.display()),
+                )
             })?;
         }
-        gw.store().backup(&to).map_err(Error::Store)
+        gw.store().backup(&to).map_err(|e| match e {
+            // The target's problem, said plainly; the live store is fine.
+            crate::store::StoreError::Backup(m) => Error::rule("backup_dir", m),
+            e => Error::Store(e),
+        })
     })
     .await
     .map_err(|e| ApiError(Error::Internal(e.to_string())))??;

@@ -166,6 +166,12 @@ fn main() -> ExitCode {
             };
             let gw = match open_gateway(&common) {
                 Ok(g) => g,
+                // A store that lost acknowledged writes is as broken as a broken chain.
+                Err(e) if e.contains("lost acknowledged writes") => {
+                    println!("store BROKEN: {e}");
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::from(2);

@@ -53,6 +53,9 @@ pub enum StoreError {
     },
     #[error("store I/O error: {0}")]
     Io(String),
+    /// A backup could not be made at its target (the live store is unaffected).
+    #[error("{0}")]
+    Backup(String),
     /// A storage failure stopped the store; it refuses every call until it is reopened.
     #[error(
         "the store stopped after a storage failure ({0}); acknowledged writes are safe on disk"
@@ -715,7 +718,7 @@ impl Store {
     /// opening it again and counting its keys.
     pub fn backup(&self, to: &Path) -> Result<Backup, StoreError> {
         let started = Instant::now();
-        let io = |e: String| StoreError::Io(format!("backup to {}: {e}", to.display()));
+        let io = |e: String| StoreError::Backup(format!("backup to {}: {e}", to.display()));
         if to.exists()
             && std::fs::read_dir(to)
                 .map_err(|e| io(e.to_string()))?
