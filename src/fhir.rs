@@ -602,30 +602,15 @@ pub fn check_structure(resource: &Value, expected: &str) -> Result<()> {
     typed_parse(resource, expected)
 }
 
-/// Parses with fhir-sdk's R4B types (the same JSON as R4 for these resources); an error
-/// names the element that failed. Only the types the gateway takes as input: each type
-/// parsed here is a deserializer instantiated in this crate, and `Bundle` would pull in
-/// every resource type there is (it was most of the release build's time). The tests check
-/// what the gateway emits (Bundles, OperationOutcomes, the CapabilityStatement) with
-/// fhir-sdk themselves.
+/// Parses with fhir-sdk's R4B types (the same JSON as R4 for these resources), in the
+/// `sp-gateway-fhir-check` crate (for build time: see its doc); an error names the element
+/// that failed. Only the types the gateway takes as input: the tests check what the gateway
+/// emits (Bundles, OperationOutcomes, the CapabilityStatement) with fhir-sdk themselves.
 pub fn typed_parse(resource: &Value, rtype: &str) -> Result<()> {
-    use fhir_sdk::r4b::resources as r;
-    fn parse<T: serde::de::DeserializeOwned>(
-        v: &Value,
-    ) -> std::result::Result<(), (String, String)> {
-        serde_path_to_error::deserialize::<_, T>(v.clone())
-            .map(drop)
-            .map_err(|e| (e.path().to_string(), e.inner().to_string()))
-    }
-    let res = match rtype {
-        "Task" => parse::<r::Task>(resource),
-        "Observation" => parse::<r::Observation>(resource),
-        "ServiceRequest" => parse::<r::ServiceRequest>(resource),
-        "Patient" => parse::<r::Patient>(resource),
-        other => {
-            return Err(Error::Internal(format!("no typed parser for {other}")));
-        }
+    let Some(res) = sp_gateway_fhir_check::typed_parse(resource, rtype) else {
+        return Err(Error::Internal(format!("no typed parser for {rtype}")));
     };
+    let res = res.map_err(|f| (f.path, f.message));
     res.map_err(|(path, msg)| {
         let expression = if path.is_empty() || path == "." {
             rtype.to_string()
