@@ -167,7 +167,7 @@ fn main() -> ExitCode {
             let gw = match open_gateway(&common) {
                 Ok(g) => g,
                 // A store that lost acknowledged writes is as broken as a broken chain.
-                Err(e) if e.contains("lost acknowledged writes") => {
+                Err(OpenError::Lost(e)) => {
                     println!("store BROKEN: {e}");
                     eprintln!("error: {e}");
                     return ExitCode::from(1);
@@ -204,6 +204,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Backup { common, to } => match open_gateway(&common)
+            .map_err(String::from)
             .and_then(|gw| gw.store().backup(&to).map_err(|e| e.to_string()))
         {
             Ok(b) => {
@@ -271,19 +272,43 @@ fn main() -> ExitCode {
     }
 }
 
-fn open_gateway(common: &Common) -> Result<sp_gateway::gateway::Gateway, String> {
-    let cfg = load(common, None)?;
+/// Why a command-line tool could not open the store: lost acknowledged writes (a broken
+/// store), or anything else.
+enum OpenError {
+    Lost(String),
+    Other(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Lost(e) | OpenError::Other(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<OpenError> for String {
+    fn from(e: OpenError) -> String {
+        e.to_string()
+    }
+}
+
+fn open_gateway(common: &Common) -> Result<sp_gateway::gateway::Gateway, OpenError> {
+    let cfg = load(common, None).map_err(OpenError::Other)?;
     let store = sp_gateway::store::Store::open_with(
         &cfg.server.data_dir,
         sp_gateway::server::store_options(&cfg),
     )
     .map_err(|e| match e {
+        sp_gateway::store::StoreError::Lost { .. } => OpenError::Lost(e.to_string()),
         ref open @ sp_gateway::store::StoreError::Open { ref message, .. }
             if message.contains("lock") =>
         {
-            format!("{open} (is a gateway still running on this data directory? stop it first)")
+            OpenError::Other(format!(
+                "{open} (is a gateway still running on this data directory? stop it first)"
+            ))
         }
-        e => e.to_string(),
+        e => OpenError::Other(e.to_string()),
     })?;
     Ok(sp_gateway::gateway::Gateway::new(
         std::sync::Arc::new(cfg),

@@ -571,12 +571,7 @@ async fn a_damaged_store_is_refused_and_a_clean_copy_still_opens() {
     assert_eq!(code, Some(3), "exit code on a damaged store; log:\n{log}");
     assert!(log.contains("lost acknowledged writes"), "{log}");
     assert!(log.contains("Restore"), "{log}");
-    let verify = cli([
-        std::ffi::OsStr::new("audit"),
-        "verify".as_ref(),
-        "--data-dir".as_ref(),
-        mid.as_os_str(),
-    ]);
+    let verify = audit_verify(&mid);
     assert_eq!(
         verify.status.code(),
         Some(1),

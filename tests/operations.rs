@@ -376,12 +376,7 @@ async fn an_online_backup_under_load_restores_consistent_to_one_commit() {
         .status()
         .unwrap()
         .success());
-    let verify = cli([
-        std::ffi::OsStr::new("audit"),
-        "verify".as_ref(),
-        "--data-dir".as_ref(),
-        data.as_os_str(),
-    ]);
+    let verify = audit_verify(&data);
     assert!(
         verify.status.success(),
         "{}{}",

@@ -115,14 +115,14 @@ fn district_of(patient: &Value) -> String {
 }
 
 /// Whether free space is below the floor (or cannot be measured: then refuse, safely).
-fn gw_space_low(gw: &Gateway) -> super::TxResult<bool> {
-    Ok(match gw.store().space() {
+fn space_low(gw: &Gateway) -> bool {
+    match gw.store().space() {
         Ok(space) => space.below_floor(),
         Err(e) => {
             tracing::error!(error = %e, "cannot measure free space; refusing new referrals");
             true
         }
-    })
+    }
 }
 
 impl Gateway {
@@ -391,7 +391,7 @@ impl Gateway {
             }
             // A new referral needs room: below the free-space floor it is refused (a
             // resubmission, above, is still answered with what was stored).
-            if gw_space_low(self)? {
+            if space_low(self) {
                 return fail(Error::InsufficientStorage);
             }
             for k in &plan.idem_keys[1..] {

@@ -579,3 +579,13 @@ where
         .output()
         .expect("run sp-gateway")
 }
+
+/// `sp-gateway audit verify --data-dir DATA` on a stopped store.
+pub fn audit_verify(data: &Path) -> std::process::Output {
+    cli([
+        std::ffi::OsStr::new("audit"),
+        "verify".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+    ])
+}
