@@ -288,6 +288,89 @@ pub fn tx_record(tx: &Tx<'_>, entities: &[String], now: &Now) -> TxResult<()> {
     Ok(())
 }
 
+/// Records something the gateway did by itself, outside any request (sending a letter to a
+/// practice, receiving its acknowledgement): an AuditEvent with the gateway as agent (DICOM
+/// "transmit"/"receive" as subtype), `entities` as what it was about (the Patient as BALP
+/// names it), and a Provenance on the current version of `target` so the Task's own trail
+/// shows it. `description` is ids and codes only, never patient data.
+pub fn tx_record_system(
+    tx: &Tx<'_>,
+    activity: SystemActivity,
+    description: &str,
+    entities: &[String],
+    success: bool,
+    target: &str,
+    now: &Now,
+) -> TxResult<u64> {
+    let (code, display, action) = match activity {
+        SystemActivity::Transmit => ("110106", "Export", "R"),
+        SystemActivity::Receive => ("110107", "Import", "C"),
+    };
+    let ctx = Context {
+        client: Some("sp-gateway".into()),
+        role: Some("system".into()),
+        ..Context::default()
+    };
+    let mut e = event(&ctx, if success { 200 } else { 500 }, entities, now);
+    e["type"] = json!({ "system": "http://dicom.nema.org/resources/ontology/DCM", "code": code, "display": display });
+    e["subtype"] = json!([{ "system": crate::fhir::CANONICAL.to_string() + "/CodeSystem/system-activity", "code": activity.code() }]);
+    e["action"] = json!(action);
+    e["outcome"] = json!(if success { "0" } else { "4" });
+    e["outcomeDesc"] = json!(description);
+    let seq = tx_append(tx, e)?;
+    let Some(cur) = tx.get(format!("r/{target}").as_bytes())? else {
+        return Ok(seq);
+    };
+    let version = serde_json::from_slice::<Value>(&cur)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/meta/versionId")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "1".into());
+    let id = format!("{seq}-0");
+    let p = json!({
+        "resourceType": "Provenance",
+        "id": id,
+        "meta": { "versionId": "1", "lastUpdated": now.instant },
+        "target": [{ "reference": format!("{target}/_history/{version}") }],
+        "recorded": now.instant,
+        "activity": { "coding": [{ "system": "http://dicom.nema.org/resources/ontology/DCM", "code": code, "display": display }], "text": description },
+        "agent": [{
+            "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "performer" }] },
+            "who": { "identifier": { "system": format!("{}/Id/client", crate::fhir::CANONICAL), "value": "sp-gateway" }, "display": "sp-gateway" }
+        }],
+        "entity": [{ "role": "source", "what": { "reference": format!("AuditEvent/{seq}") } }]
+    });
+    let bytes =
+        serde_json::to_vec(&p).map_err(|e| Abort::Caller(Error::Internal(e.to_string())))?;
+    tx.put(format!("r/Provenance/{id}").as_bytes(), &bytes)?;
+    tx.put(
+        format!("{}{seq:020}-0", provenance_index(target)).as_bytes(),
+        id.as_bytes(),
+    )?;
+    Ok(seq)
+}
+
+/// What the gateway did by itself.
+#[derive(Debug, Clone, Copy)]
+pub enum SystemActivity {
+    /// Sent patient data out (a letter to a practice).
+    Transmit,
+    /// Took something in (an acknowledgement).
+    Receive,
+}
+
+impl SystemActivity {
+    fn code(self) -> &'static str {
+        match self {
+            SystemActivity::Transmit => "letter-sent",
+            SystemActivity::Receive => "acknowledgement-received",
+        }
+    }
+}
+
 pub fn provenance_index(target: &str) -> String {
     format!("x/prov/{target}/")
 }

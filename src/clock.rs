@@ -42,3 +42,11 @@ impl Now {
         }
     }
 }
+
+/// Microseconds since the epoch of an RFC 3339 instant the gateway wrote (`lastUpdated`),
+/// 0 if it is not one.
+pub fn micros_of(instant: &str) -> i64 {
+    OffsetDateTime::parse(instant, &time::format_description::well_known::Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1000) as i64)
+        .unwrap_or(0)
+}

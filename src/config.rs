@@ -177,6 +177,81 @@ pub struct Practice {
     /// one, the GP system pulls (`Observation?based-on=`).
     #[serde(default)]
     pub endpoint: Option<Endpoint>,
+    /// The practice's MESH mailbox, for outcome letters (GP Connect Send Document) into the
+    /// patient's record. A practice has an `endpoint` or `mesh`, not both.
+    #[serde(default)]
+    pub mesh: Option<Mesh>,
+}
+
+/// Sending outcome letters to a practice over MESH (API v2), and reading the ITK3
+/// acknowledgements that come back to our mailbox.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mesh {
+    /// MESH's base URL; `https://`, or `http://` on a loopback address only (a local sandbox).
+    pub base_url: String,
+    /// Our own mailbox id.
+    pub mailbox: String,
+    /// Files holding our mailbox password and the environment's shared key (secrets: not in
+    /// this file).
+    pub password_file: PathBuf,
+    pub shared_key_file: PathBuf,
+    /// PEM CA certificate(s) to trust (needed for https), and our client certificate and
+    /// key for mutual TLS (live MESH requires them).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// The practice's mailbox id. Without it MESH's endpoint lookup finds the mailbox
+    /// registered for the practice's ODS code and the workflow.
+    #[serde(default)]
+    pub to_mailbox: Option<String>,
+    /// The workflow letters travel on (GP Connect Send Document's).
+    #[serde(default = "Mesh::default_workflow")]
+    pub workflow_id: String,
+    /// The Task statuses that send a letter.
+    #[serde(default = "Mesh::default_events")]
+    pub events: Vec<String>,
+    /// The largest chunk in one request; a larger letter is sent in several (MESH allows
+    /// up to 100 MB a chunk).
+    #[serde(default = "Mesh::default_chunk_bytes")]
+    pub chunk_bytes: usize,
+    /// How often our inbox is read for acknowledgements.
+    #[serde(default = "Mesh::default_inbox_poll_ms")]
+    pub inbox_poll_ms: u64,
+    /// The organisation that sends the letters (the gateway's operator): its ODS code and
+    /// name, as the ITK message's sender and the document's custodian.
+    pub sender_ods: String,
+    pub sender_name: String,
+    /// Also send the outcomes as coded Observations beside the PDF (GP Connect Messaging
+    /// 1.4's shape); only for practices whose system is known to accept them.
+    #[serde(default)]
+    pub structured_outcomes: bool,
+}
+
+impl Mesh {
+    pub const WORKFLOW: &'static str = "GPFED_CONSULT_REPORT";
+    fn default_workflow() -> String {
+        Self::WORKFLOW.to_string()
+    }
+    fn default_events() -> Vec<String> {
+        crate::letter::DEFAULT_EVENTS
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+    fn default_chunk_bytes() -> usize {
+        20 * 1024 * 1024
+    }
+    fn default_inbox_poll_ms() -> u64 {
+        60_000
+    }
+    /// Whether a Task reaching `status` sends a letter.
+    pub fn sends_on(&self, status: &str) -> bool {
+        self.events.iter().any(|e| e == status)
+    }
 }
 
 /// A GP system's FHIR endpoint and the gateway's credentials for it.
@@ -445,12 +520,33 @@ impl Config {
                     format!("`{}` is listed twice", p.ods),
                 ));
             }
-            if let Some(e) = &p.endpoint {
-                let key = format!("practices[{i}].endpoint.base_url");
-                let rest = e
-                    .base_url
+            let remote = p
+                .endpoint
+                .as_ref()
+                .map(|e| {
+                    (
+                        "endpoint",
+                        &e.base_url,
+                        &e.ca_file,
+                        &e.client_cert,
+                        &e.client_key,
+                    )
+                })
+                .into_iter()
+                .chain(p.mesh.as_ref().map(|m| {
+                    (
+                        "mesh",
+                        &m.base_url,
+                        &m.ca_file,
+                        &m.client_cert,
+                        &m.client_key,
+                    )
+                }));
+            for (section, base_url, ca_file, client_cert, client_key) in remote {
+                let key = format!("practices[{i}].{section}.base_url");
+                let rest = base_url
                     .strip_prefix("https://")
-                    .or_else(|| e.base_url.strip_prefix("http://"));
+                    .or_else(|| base_url.strip_prefix("http://"));
                 let host = rest
                     .and_then(|r| r.split(['/', ':']).next())
                     .unwrap_or_default();
@@ -461,22 +557,80 @@ impl Config {
                 if rest.is_none() || host.is_empty() {
                     return Err(bad(key, "must be an http(s):// URL".into()));
                 }
-                if e.base_url.starts_with("http://") && !loopback {
+                if base_url.starts_with("http://") && !loopback {
                     return Err(bad(
                         key,
                         "must be https:// (plain http only to loopback)".into(),
                     ));
                 }
-                if e.base_url.starts_with("https://") && e.ca_file.is_none() {
+                if base_url.starts_with("https://") && ca_file.is_none() {
                     return Err(bad(
-                        format!("practices[{i}].endpoint.ca_file"),
-                        "is needed for an https endpoint: the CA certificate(s) to trust".into(),
+                        format!("practices[{i}].{section}.ca_file"),
+                        format!("is needed for an https {section}: the CA certificate(s) to trust"),
                     ));
                 }
-                if e.client_cert.is_some() != e.client_key.is_some() {
+                if client_cert.is_some() != client_key.is_some() {
                     return Err(bad(
-                        format!("practices[{i}].endpoint.client_key"),
+                        format!("practices[{i}].{section}.client_key"),
                         "client_cert and client_key go together".into(),
+                    ));
+                }
+            }
+            if p.endpoint.is_some() && p.mesh.is_some() {
+                return Err(bad(
+                    format!("practices[{i}].mesh"),
+                    "a practice gets its outcomes over one channel: keep `endpoint` (FHIR) or \
+                     `mesh` (letters), not both"
+                        .into(),
+                ));
+            }
+            if let Some(m) = &p.mesh {
+                let mailbox_ok = |s: &str| {
+                    !s.is_empty()
+                        && s.len() <= 20
+                        && s.bytes()
+                            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+                };
+                if !mailbox_ok(&m.mailbox) {
+                    return Err(bad(
+                        format!("practices[{i}].mesh.mailbox"),
+                        "must be a MESH mailbox id (upper-case letters and digits, e.g. X26ABC1)"
+                            .into(),
+                    ));
+                }
+                if m.to_mailbox.as_deref().is_some_and(|t| !mailbox_ok(t)) {
+                    return Err(bad(
+                        format!("practices[{i}].mesh.to_mailbox"),
+                        "must be a MESH mailbox id (upper-case letters and digits)".into(),
+                    ));
+                }
+                for (j, e) in m.events.iter().enumerate() {
+                    if !crate::fhir::TASK_STATUSES.contains(&e.as_str()) {
+                        return Err(bad(
+                            format!("practices[{i}].mesh.events[{j}]"),
+                            format!(
+                                "`{e}` is not a Task status (one of {})",
+                                crate::fhir::TASK_STATUSES.join(", ")
+                            ),
+                        ));
+                    }
+                }
+                if !(1024..=100 * 1024 * 1024).contains(&m.chunk_bytes) {
+                    return Err(bad(
+                        format!("practices[{i}].mesh.chunk_bytes"),
+                        "must be from 1024 to 104857600 (MESH's 100 MB chunk limit)".into(),
+                    ));
+                }
+                if !is_ods_code(&m.sender_ods) {
+                    return Err(bad(
+                        format!("practices[{i}].mesh.sender_ods"),
+                        "must be the ODS code of the organisation sending the letters".into(),
+                    ));
+                }
+                if m.inbox_poll_ms < 50 {
+                    return Err(bad(
+                        format!("practices[{i}].mesh.inbox_poll_ms"),
+                        "must be at least 50".into(),
                     ));
                 }
             }

@@ -13,6 +13,8 @@ pub mod fhir;
 pub mod gateway;
 pub mod http;
 pub mod ingest;
+pub mod letter;
+pub mod mesh;
 pub mod outbox;
 pub mod routing;
 pub mod schema;

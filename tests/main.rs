@@ -15,6 +15,7 @@ mod faults;
 mod fhir_api;
 mod hostile;
 mod isolation;
+mod mesh;
 mod operations;
 mod outbox;
 mod polling;

@@ -129,6 +129,15 @@ pub(crate) fn micros_of(instant: &str) -> i64 {
         .unwrap_or(0)
 }
 
+/// The stored resources an outcome letter is written from (`Gateway::letter_sources`).
+pub struct LetterSources {
+    pub task: Value,
+    pub history: Vec<Value>,
+    pub patient: Value,
+    pub service_request: Value,
+    pub observations: Vec<Value>,
+}
+
 pub struct Gateway {
     cfg: Arc<Config>,
     store: Store,
@@ -282,6 +291,62 @@ impl Gateway {
                 .map(Some)
                 .map_err(|e| Error::Internal(format!("stored {rtype}/{id} unreadable: {e}"))),
         }
+    }
+
+    /// What an outcome letter is written from: Task `id` as it was at `version`, its versions
+    /// up to then (oldest first), its Patient and ServiceRequest, and the referral's
+    /// Observations. `None` when any of them is missing.
+    pub fn letter_sources(&self, id: &str, version: u64) -> Result<Option<LetterSources>> {
+        let parse = |b: Vec<u8>| {
+            serde_json::from_slice::<Value>(&b)
+                .map_err(|e| Error::Internal(format!("stored Task/{id} unreadable: {e}")))
+        };
+        let mut history = Vec::new();
+        for v in 1..=version {
+            match self.store.get(keys::version("Task", id, v).as_bytes())? {
+                Some(b) => history.push(parse(b)?),
+                None => return Ok(None),
+            }
+        }
+        let Some(task) = history.last().cloned() else {
+            return Ok(None);
+        };
+        let reference = |element: &str, rtype: &str| {
+            task.get(element)
+                .and_then(|r| crate::fhir::ref_id(r, rtype))
+                .map(str::to_string)
+        };
+        let (Some(sr_id), Some(patient_id)) = (
+            reference("focus", "ServiceRequest"),
+            reference("for", "Patient"),
+        ) else {
+            return Ok(None);
+        };
+        let (Some(sr), Some(patient)) = (
+            self.load("ServiceRequest", &sr_id)?,
+            self.load("Patient", &patient_id)?,
+        ) else {
+            return Ok(None);
+        };
+        let mut observations = Vec::new();
+        for (k, _) in self
+            .store
+            .scan(keys::obs_by_sr(&sr_id).as_bytes(), None, 10_000)?
+        {
+            let k = String::from_utf8_lossy(&k);
+            if let Some(obs) = k.rsplit('/').next().map(|o| self.load("Observation", o)) {
+                if let Some(o) = obs? {
+                    observations.push(o);
+                }
+            }
+        }
+        Ok(Some(LetterSources {
+            task,
+            history,
+            patient,
+            service_request: sr,
+            observations,
+        }))
     }
 
     fn has_key(&self, key: &str) -> Result<bool> {

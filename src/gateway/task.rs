@@ -216,6 +216,9 @@ impl Gateway {
             let owner = org_of(&current, "owner");
             let practice = org_of(&current, "requester");
             tx_put_resource(tx, "Task", &task, Some(&current), &scopes(owner, practice))?;
+            if to != from {
+                crate::outbox::mesh::tx_enqueue_letter(tx, cfg, practice, &task, &sr_id, &now)?;
+            }
             if let Some(owner) = owner {
                 let delta = workflow::is_open(to) as i64 - workflow::is_open(from) as i64;
                 if delta != 0 {

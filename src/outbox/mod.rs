@@ -1,16 +1,17 @@
-//! The outbox: Observations pushed back to the referring practice's FHIR endpoint.
+//! The outbox: outcomes on their way back to the referring practice, over its channel.
 //!
 //! Owns the durable queue (`o/q/{ODS}/{seq}`, written in the same transaction as the
-//! Observation it carries), one delivery worker per practice with an endpoint (so a practice
-//! that is down delays nobody else), per-referral order (a referral's later message waits for
-//! its earlier one), exponential backoff with jitter and a retry ceiling, dead letters
+//! change it carries), one delivery worker per practice with a channel (so a practice that
+//! is down delays nobody else), per-referral order (a referral's later message waits for its
+//! earlier one), exponential backoff with jitter and a retry ceiling, dead letters
 //! (`o/dead/{seq}`) for permanent failures, delivery records (`o/done/{seq}`), and the
-//! operator's view: list, retry, stop.
-//!
-//! Each delivery is `POST {base}/Observation` with an identifier
-//! (`{CANONICAL}/Id/observation|{id}`), `If-None-Exist` on it and an `X-Idempotency-Key`, so
-//! a receiver can de-duplicate the redelivery that follows a crash mid-request. It must not
-//! log anything of the Observation: only sequence numbers, practices and status codes.
+//! operator's view: list, retry, stop. The channels, one file each: [`fhir_push`] (each
+//! Observation POSTed to the practice's FHIR endpoint) and [`mesh`] (a letter per Task
+//! event over MESH, with its acknowledgements). It must not log anything of what it carries:
+//! only sequence numbers, practices, ids and status codes.
+
+mod fhir_push;
+pub mod mesh;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -20,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use thiserror::Error;
 
-use crate::config::{Config, Endpoint};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fhir;
 use crate::gateway::{Gateway, Now};
@@ -28,15 +29,20 @@ use crate::store::{Abort, Tx};
 
 #[derive(Debug, Error)]
 pub enum OutboxError {
-    #[error("practices[{ods}].endpoint.{key}: {path}: {message}")]
+    #[error("practices[{ods}].{section}.{key}: {path}: {message}")]
     File {
         ods: String,
+        section: &'static str,
         key: &'static str,
         path: String,
         message: String,
     },
-    #[error("practices[{ods}].endpoint: {0}", ods = .0)]
-    Client(String),
+    #[error("practices[{ods}].{section}: {message}")]
+    Client {
+        ods: String,
+        section: &'static str,
+        message: String,
+    },
 }
 
 /// A queued, delivered or dead message.
@@ -44,8 +50,13 @@ pub enum OutboxError {
 pub struct Message {
     pub seq: u64,
     pub practice: String,
+    /// The Observation it carries (the FHIR channel); empty for a letter.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub observation: String,
     pub service_request: String,
+    /// The letter it carries (the MESH channel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub letter: Option<mesh::Letter>,
     pub attempts: u32,
     /// When the next attempt is planned (µs since the epoch, wall clock): shown to
     /// operators, never used for scheduling (the worker schedules on the monotonic clock).
@@ -80,6 +91,18 @@ fn to_json(m: &Message) -> TxResult<Vec<u8>> {
     serde_json::to_vec(m).map_err(|e| Abort::Caller(Error::Internal(e.to_string())))
 }
 
+/// The next outbox sequence number, in the caller's transaction.
+fn tx_next_seq(tx: &Tx<'_>) -> TxResult<u64> {
+    let seq = tx
+        .get(SEQ.as_bytes())?
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0)
+        + 1;
+    tx.put(SEQ.as_bytes(), seq.to_string().as_bytes())?;
+    Ok(seq)
+}
+
 /// Queues `obs` for its practice, in the caller's transaction, if the practice has an
 /// endpoint; otherwise the GP system pulls and nothing is queued.
 pub(crate) fn tx_enqueue(
@@ -94,18 +117,13 @@ pub(crate) fn tx_enqueue(
     else {
         return Ok(());
     };
-    let seq = tx
-        .get(SEQ.as_bytes())?
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or(0)
-        + 1;
-    tx.put(SEQ.as_bytes(), seq.to_string().as_bytes())?;
+    let seq = tx_next_seq(tx)?;
     let m = Message {
         seq,
         practice: ods.to_string(),
         observation: obs_id.to_string(),
         service_request: sr_id.to_string(),
+        letter: None,
         attempts: 0,
         // Wall clock, for the operator's view: a new message is due at once.
         next_at: Now::current().micros,
@@ -191,109 +209,126 @@ pub async fn stop(gw: &Gateway, seq: u64) -> Result<Message> {
         m.last_error = Some("stopped by an operator".into());
         tx.remove(key.as_bytes())?;
         tx.put(format!("{DEAD}{seq:020}").as_bytes(), &to_json(&m)?)?;
-        gw.tx_mark_delivery(tx, &m.observation, "failed")?;
+        if m.observation.is_empty() {
+            // A letter: nothing to mark; its dead letter is the record.
+        } else {
+            gw.tx_mark_delivery(tx, &m.observation, "failed")?;
+        }
         Ok(m)
     })?;
     gw.store().durable().await?;
     Ok(m)
 }
 
-/// An HTTP client and credentials for one practice's endpoint.
-struct Target {
-    base: String,
-    token: Option<String>,
-    http: reqwest::Client,
-}
-
 fn read(
     ods: &str,
+    section: &'static str,
     key: &'static str,
     path: &std::path::Path,
 ) -> std::result::Result<Vec<u8>, OutboxError> {
     std::fs::read(path).map_err(|e| OutboxError::File {
         ods: ods.to_string(),
+        section,
         key,
         path: path.display().to_string(),
         message: format!("cannot read: {e}"),
     })
 }
 
-fn target(ods: &str, e: &Endpoint, timeout: Duration) -> std::result::Result<Target, OutboxError> {
+/// A secret from a file (a token, a password, a key), trimmed of surrounding whitespace.
+fn read_secret(
+    ods: &str,
+    section: &'static str,
+    key: &'static str,
+    path: &std::path::Path,
+) -> std::result::Result<String, OutboxError> {
+    Ok(String::from_utf8_lossy(&read(ods, section, key, path)?)
+        .trim()
+        .to_string())
+}
+
+/// Where a remote peer is and how to trust it: the CA to verify it by and our client
+/// certificate for mutual TLS.
+struct Peer<'a> {
+    ods: &'a str,
+    section: &'static str,
+    ca_file: Option<&'a std::path::Path>,
+    client_cert: Option<&'a std::path::Path>,
+    client_key: Option<&'a std::path::Path>,
+}
+
+/// An HTTP client for one practice's peer (its FHIR endpoint or MESH): TLS 1.2+ trusting
+/// only the configured CA, with our client certificate when configured, and a deadline on
+/// every request. Files are read now, so a bad one stops start-up with its name.
+fn http_client(
+    p: &Peer<'_>,
+    timeout: Duration,
+) -> std::result::Result<reqwest::Client, OutboxError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let token = match &e.token_file {
-        Some(p) => Some(
-            String::from_utf8_lossy(&read(ods, "token_file", p)?)
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
+    let (ods, section) = (p.ods, p.section);
+    let file_error =
+        |key: &'static str, path: &std::path::Path, message: String| OutboxError::File {
+            ods: ods.into(),
+            section,
+            key,
+            path: path.display().to_string(),
+            message,
+        };
     let mut roots = rustls::RootCertStore::empty();
-    if let Some(ca) = &e.ca_file {
-        let pem = read(ods, "ca_file", ca)?;
+    if let Some(ca) = p.ca_file {
+        let pem = read(ods, section, "ca_file", ca)?;
         for c in CertificateDer::pem_slice_iter(&pem) {
-            let c = c.map_err(|err| OutboxError::File {
-                ods: ods.into(),
-                key: "ca_file",
-                path: ca.display().to_string(),
-                message: format!("not PEM: {err}"),
-            })?;
-            roots.add(c).map_err(|err| OutboxError::File {
-                ods: ods.into(),
-                key: "ca_file",
-                path: ca.display().to_string(),
-                message: err.to_string(),
-            })?;
+            let c = c.map_err(|err| file_error("ca_file", ca, format!("not PEM: {err}")))?;
+            roots
+                .add(c)
+                .map_err(|err| file_error("ca_file", ca, err.to_string()))?;
         }
     }
+    let client_error = |err: String| OutboxError::Client {
+        ods: ods.into(),
+        section,
+        message: err,
+    };
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .map_err(|err| OutboxError::Client(err.to_string()))?
+    .map_err(|err| client_error(err.to_string()))?
     .with_root_certificates(roots);
-    let tls = match (&e.client_cert, &e.client_key) {
+    let tls = match (p.client_cert, p.client_key) {
         (Some(c), Some(k)) => {
-            let chain: Vec<_> = CertificateDer::pem_slice_iter(&read(ods, "client_cert", c)?)
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|err| OutboxError::File {
-                    ods: ods.into(),
-                    key: "client_cert",
-                    path: c.display().to_string(),
-                    message: err.to_string(),
-                })?;
-            let key =
-                PrivateKeyDer::from_pem_slice(&read(ods, "client_key", k)?).map_err(|err| {
-                    OutboxError::File {
-                        ods: ods.into(),
-                        key: "client_key",
-                        path: k.display().to_string(),
-                        message: err.to_string(),
-                    }
-                })?;
+            let chain: Vec<_> =
+                CertificateDer::pem_slice_iter(&read(ods, section, "client_cert", c)?)
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|err| file_error("client_cert", c, err.to_string()))?;
+            let key = PrivateKeyDer::from_pem_slice(&read(ods, section, "client_key", k)?)
+                .map_err(|err| file_error("client_key", k, err.to_string()))?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|err| OutboxError::Client(err.to_string()))?
+                .map_err(|err| client_error(err.to_string()))?
         }
         _ => builder.with_no_client_auth(),
     };
-    let http = reqwest::Client::builder()
+    reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .timeout(timeout)
         .build()
-        .map_err(|err| OutboxError::Client(err.to_string()))?;
-    Ok(Target {
-        base: e.base_url.trim_end_matches('/').to_string(),
-        token,
-        http,
-    })
+        .map_err(|err| client_error(err.to_string()))
+}
+
+/// How a practice gets its outcomes.
+enum Channel {
+    /// Observations POSTed to its FHIR endpoint.
+    Fhir(fhir_push::Target),
+    /// Letters over MESH (GP Connect Send Document).
+    Mesh(mesh::Target),
 }
 
 /// Builds a client per practice with an endpoint (reading token, CA and key files now, so
 /// that a bad file stops start-up with its name).
 pub struct Outbox {
-    targets: HashMap<String, Arc<Target>>,
+    targets: HashMap<String, Arc<Channel>>,
     health: Arc<Health>,
 }
 
@@ -303,7 +338,12 @@ impl Outbox {
         let mut targets = HashMap::new();
         for p in &cfg.practices {
             if let Some(e) = &p.endpoint {
-                targets.insert(p.ods.clone(), Arc::new(target(&p.ods, e, timeout)?));
+                let t = fhir_push::Target::new(&p.ods, e, timeout)?;
+                targets.insert(p.ods.clone(), Arc::new(Channel::Fhir(t)));
+            }
+            if let Some(m) = &p.mesh {
+                let t = mesh::Target::new(&p.ods, m, timeout)?;
+                targets.insert(p.ods.clone(), Arc::new(Channel::Mesh(t)));
             }
         }
         let health = Arc::new(Health::default());
@@ -317,6 +357,7 @@ impl Outbox {
 
     /// Starts one delivery worker per practice; they stop when `stop` fires.
     pub fn start(self, gw: Arc<Gateway>, stop: tokio::sync::watch::Receiver<bool>) {
+        mesh::start_inbox_readers(&gw, &self.targets, &stop);
         for (ods, t) in self.targets {
             let (gw, mut stop, health) = (gw.clone(), stop.clone(), self.health.clone());
             health.register(&ods);
@@ -455,6 +496,8 @@ pub fn stall_limit(cfg: &crate::config::Outbox) -> Duration {
 
 enum Outcome {
     Delivered,
+    /// A letter MESH accepted, with the message id it gave.
+    Sent(String),
     Retry(String),
     Permanent(String),
 }
@@ -465,57 +508,6 @@ enum State {
     Delivered,
     Retry,
     Failed,
-}
-
-async fn send(gw: &Gateway, t: &Target, m: &Message) -> Result<Outcome> {
-    let Some(mut obs) = gw.load("Observation", &m.observation)? else {
-        return Ok(Outcome::Permanent("the Observation is missing".into()));
-    };
-    // What the receiver needs to de-duplicate a redelivery.
-    let ident = json!({ "system": observation_identifier_system(), "value": m.observation });
-    if let Some(o) = obs.as_object_mut() {
-        o.remove("meta");
-        o.insert("identifier".into(), json!([ident]));
-        // The gateway's own delivery bookkeeping is not the GP's business.
-        let own = delivery_extension_url();
-        if let Some(Value::Array(exts)) = o.get_mut("extension") {
-            exts.retain(|e| e.get("url").and_then(Value::as_str) != Some(own.as_str()));
-        }
-        if o.get("extension")
-            .and_then(Value::as_array)
-            .is_some_and(|e| e.is_empty())
-        {
-            o.remove("extension");
-        }
-    }
-    let mut req = t
-        .http
-        .post(format!("{}/Observation", t.base))
-        .header("content-type", "application/fhir+json")
-        .header("accept", "application/fhir+json")
-        .header(
-            "if-none-exist",
-            format!(
-                "identifier={}|{}",
-                observation_identifier_system(),
-                m.observation
-            ),
-        )
-        .header("x-idempotency-key", &m.observation)
-        .body(obs.to_string());
-    if let Some(tok) = &t.token {
-        req = req.bearer_auth(tok);
-    }
-    Ok(match req.send().await {
-        Ok(r) if r.status().is_success() => Outcome::Delivered,
-        Ok(r) if matches!(r.status().as_u16(), 408 | 429) || r.status().is_server_error() => {
-            Outcome::Retry(format!("HTTP {}", r.status().as_u16()))
-        }
-        Ok(r) => Outcome::Permanent(format!("HTTP {}", r.status().as_u16())),
-        Err(e) if e.is_timeout() => Outcome::Retry("timeout".into()),
-        Err(e) if e.is_connect() => Outcome::Retry("connection refused or failed".into()),
-        Err(_) => Outcome::Retry("request failed".into()),
-    })
 }
 
 /// Backoff for the `attempts`-th retry: base·2^attempts, capped, times a jitter in
@@ -553,7 +545,7 @@ impl Worker {
         &mut self,
         gw: &Arc<Gateway>,
         ods: &str,
-        t: &Arc<Target>,
+        t: &Arc<Channel>,
         health: &Health,
     ) -> Result<()> {
         if self.paused_until.is_some_and(|p| p > Instant::now()) {
@@ -636,15 +628,23 @@ impl Worker {
 /// retried the message while it was being sent: their decision stands.
 async fn attempt(
     gw: &Gateway,
-    t: &Target,
+    t: &Channel,
     m: &Message,
 ) -> Result<Option<(State, Option<String>, u32)>> {
-    let outcome = send(gw, t, m).await?;
+    let (m, outcome) = match t {
+        Channel::Fhir(t) => (m.clone(), fhir_push::send(gw, t, m).await?),
+        Channel::Mesh(t) => match mesh::send(gw, t, m).await? {
+            Some(sent) => sent,
+            // An operator's decision overtook the attempt.
+            None => return Ok(None),
+        },
+    };
+    let m = &m;
     let key = format!("{}{:020}", queue_prefix(&m.practice), m.seq);
     let cfg = gw.config().outbox.clone();
     let attempts = m.attempts + 1;
     let (state, note) = match &outcome {
-        Outcome::Delivered => (State::Delivered, None),
+        Outcome::Delivered | Outcome::Sent(_) => (State::Delivered, None),
         Outcome::Retry(e) if attempts >= cfg.max_attempts => (
             State::Failed,
             Some(format!("{e}; gave up after {attempts} attempts")),
@@ -662,6 +662,10 @@ async fn attempt(
         let mut next = m.clone();
         next.attempts = attempts;
         next.last_error = note.clone();
+        if let (Some(l), Outcome::Sent(id)) = (next.letter.as_mut(), &outcome) {
+            l.message_id = Some(id.clone());
+            l.in_doubt = false;
+        }
         tx.remove(key.as_bytes())?;
         let wall = Now::current().micros;
         match state {
@@ -676,11 +680,13 @@ async fn attempt(
             }
             State::Failed => tx.put(format!("{DEAD}{:020}", m.seq).as_bytes(), &to_json(&next)?)?,
         }
-        // The Observation says how its delivery went, in the same transaction.
-        match state {
-            State::Delivered => gw.tx_mark_delivery(tx, &m.observation, "delivered")?,
-            State::Failed => gw.tx_mark_delivery(tx, &m.observation, "failed")?,
-            State::Retry => {}
+        // The Observation says how its delivery went, in the same transaction; a letter's
+        // sending is on its Task's trail.
+        match (state, m.letter.as_ref()) {
+            (State::Retry, _) => {}
+            (_, Some(l)) => mesh::tx_record_sending(tx, m, l, state == State::Delivered)?,
+            (State::Delivered, None) => gw.tx_mark_delivery(tx, &m.observation, "delivered")?,
+            (State::Failed, None) => gw.tx_mark_delivery(tx, &m.observation, "failed")?,
         }
         Ok(true)
     })?;
