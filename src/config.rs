@@ -194,8 +194,16 @@ pub struct Mesh {
     pub mailbox: String,
     /// Files holding our mailbox password and the environment's shared key (secrets: not in
     /// this file).
-    pub password_file: PathBuf,
-    pub shared_key_file: PathBuf,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub shared_key_file: Option<PathBuf>,
+    /// The same given inline: only for a MESH on loopback over plain http (the demo's local
+    /// sandbox, whose mailboxes and key are public test values).
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub shared_key: Option<String>,
     /// PEM CA certificate(s) to trust (needed for https), and our client certificate and
     /// key for mutual TLS (live MESH requires them).
     #[serde(default)]
@@ -620,6 +628,31 @@ impl Config {
                         format!("practices[{i}].mesh.chunk_bytes"),
                         "must be from 1024 to 104857600 (MESH's 100 MB chunk limit)".into(),
                     ));
+                }
+                let local_sandbox = m.base_url.starts_with("http://");
+                for (key, file, inline) in [
+                    ("password", m.password_file.is_some(), m.password.is_some()),
+                    (
+                        "shared_key",
+                        m.shared_key_file.is_some(),
+                        m.shared_key.is_some(),
+                    ),
+                ] {
+                    if file == inline {
+                        return Err(bad(
+                            format!("practices[{i}].mesh.{key}_file"),
+                            format!("give exactly one of {key}_file and {key}"),
+                        ));
+                    }
+                    if inline && !local_sandbox {
+                        return Err(bad(
+                            format!("practices[{i}].mesh.{key}"),
+                            format!(
+                                "an inline {key} is only for a local sandbox (http:// on \
+                                 loopback); use {key}_file"
+                            ),
+                        ));
+                    }
                 }
                 if !is_ods_code(&m.sender_ods) {
                     return Err(bad(

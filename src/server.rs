@@ -74,12 +74,17 @@ impl Bound {
     ) -> Result<(), ServeError> {
         let gateway = self.state.gateway.clone();
         let (stop_outbox, outbox_stopped) = tokio::sync::watch::channel(false);
-        self.outbox.start(gateway.clone(), outbox_stopped.clone());
+        // Background work (outbox workers, inbox readers, checkpoints, the storage watcher):
+        // stopped with the server and waited for, so that none holds the store once `run`
+        // returns.
+        let mut background = tokio::task::JoinSet::new();
+        self.outbox
+            .start(gateway.clone(), outbox_stopped.clone(), &mut background);
         // Audit checkpoints: the chain head, logged now and every minute, so that cutting
         // records off the end of the chain is detectable (`audit verify --checkpoint`).
         {
             let (gw, mut stop) = (gateway.clone(), outbox_stopped);
-            tokio::spawn(async move {
+            background.spawn(async move {
                 loop {
                     if let Ok((seq, hash)) = crate::audit::head(gw.store()) {
                         tracing::info!(checkpoint = %format!("{seq}:{hash}"), "audit checkpoint");
@@ -91,7 +96,7 @@ impl Bound {
                 }
             });
         }
-        tokio::spawn(watch_storage(gateway.clone(), stop_outbox.subscribe()));
+        background.spawn(watch_storage(gateway.clone(), stop_outbox.subscribe()));
         let limits = gateway.config().server.limits.clone();
         let router = http::router(self.state);
         let graceful = GracefulShutdown::new();
@@ -167,6 +172,17 @@ impl Bound {
             _ = tokio::time::sleep(DRAIN) => {
                 tracing::warn!("shutdown: in-flight requests still running after {DRAIN:?}; closing");
             }
+        }
+        // Background tasks end at their next step; one in the middle of a delivery gets the
+        // drain time, then is cut off (safe: a letter is marked in doubt before it is sent,
+        // and an Observation carries its idempotency key).
+        let joined = tokio::time::timeout(DRAIN, async {
+            while background.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!("shutdown: background work still running after {DRAIN:?}; cut off");
+            background.shutdown().await;
         }
         gateway.store().durable().await?;
         // The chain head at shutdown too: a cut tail is then detectable from the last log.

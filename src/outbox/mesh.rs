@@ -154,8 +154,16 @@ impl Target {
         let mailbox = Mailbox {
             base_url: m.base_url.clone(),
             mailbox: m.mailbox.clone(),
-            password: read_secret(ods, "mesh", "password_file", &m.password_file)?,
-            shared_key: read_secret(ods, "mesh", "shared_key_file", &m.shared_key_file)?,
+            password: match (&m.password, &m.password_file) {
+                (Some(p), _) => p.clone(),
+                (None, Some(f)) => read_secret(ods, "mesh", "password_file", f)?,
+                (None, None) => String::new(),
+            },
+            shared_key: match (&m.shared_key, &m.shared_key_file) {
+                (Some(k), _) => k.clone(),
+                (None, Some(f)) => read_secret(ods, "mesh", "shared_key_file", f)?,
+                (None, None) => String::new(),
+            },
             chunk_bytes: m.chunk_bytes,
             http: http_client(&peer, timeout)?,
         };
@@ -334,6 +342,7 @@ pub(super) fn start_inbox_readers(
     gw: &Arc<Gateway>,
     targets: &HashMap<String, Arc<Channel>>,
     stop: &tokio::sync::watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
 ) {
     let mut seen = HashSet::new();
     for t in targets.values() {
@@ -346,11 +355,21 @@ pub(super) fn start_inbox_readers(
         }
         let (gw, mailbox, poll, mut stop) =
             (gw.clone(), t.mailbox.clone(), t.inbox_poll, stop.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut skipped: HashSet<String> = HashSet::new();
+            let mut failing = false;
             loop {
-                if let Err(e) = read_inbox(&gw, &mailbox, &mut skipped).await {
-                    tracing::warn!(mailbox = %mailbox.mailbox, error = %e, "MESH inbox not read");
+                // A failure is logged when it starts and when it ends, not every poll.
+                match read_inbox(&gw, &mailbox, &mut skipped).await {
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(mailbox = %mailbox.mailbox, error = %e, "MESH inbox cannot be read; will keep trying");
+                    }
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!(mailbox = %mailbox.mailbox, "MESH inbox readable again");
+                    }
+                    _ => {}
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(poll) => {}

@@ -355,13 +355,20 @@ impl Outbox {
         self.health.clone()
     }
 
-    /// Starts one delivery worker per practice; they stop when `stop` fires.
-    pub fn start(self, gw: Arc<Gateway>, stop: tokio::sync::watch::Receiver<bool>) {
-        mesh::start_inbox_readers(&gw, &self.targets, &stop);
+    /// Starts one delivery worker per practice (and an inbox reader per MESH mailbox) in
+    /// `tasks`; they finish when `stop` fires (the server waits for them before it closes
+    /// the store).
+    pub fn start(
+        self,
+        gw: Arc<Gateway>,
+        stop: tokio::sync::watch::Receiver<bool>,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) {
+        mesh::start_inbox_readers(&gw, &self.targets, &stop, tasks);
         for (ods, t) in self.targets {
             let (gw, mut stop, health) = (gw.clone(), stop.clone(), self.health.clone());
             health.register(&ods);
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let poll = Duration::from_millis(gw.config().outbox.poll_ms.max(10));
                 let mut worker = Worker::default();
                 loop {

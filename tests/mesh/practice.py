@@ -3,8 +3,9 @@
 
 usage: practice.py CONFIG.json COMMAND ...
   receive OUTDIR      read every message in the practice's inbox (oldest first), write each
-                      body to OUTDIR/NNN.body and its MESH headers to OUTDIR/NNN.json,
-                      acknowledge it; prints one JSON line per message
+                      body to OUTDIR/NNN.body (and a letter's PDF to OUTDIR/NNN.pdf) and its
+                      MESH headers to OUTDIR/NNN.json, acknowledge it; prints one JSON line
+                      per message
   send FILE WORKFLOW  send FILE to our mailbox on WORKFLOW (an acknowledgement); prints the id
   validate FILE...    parse each file as a FHIR STU3 Bundle with fhir.resources (pydantic
                       models of the STU3 specification); prints "N passed, M failed"
@@ -23,8 +24,8 @@ def client(cfg):
         cfg["mailbox"],
         cfg["password"],
         shared_key=cfg["shared_key"].encode(),
-        cert=(cfg["cert"], cfg["key"]),
-        verify=cfg["ca"],
+        cert=(cfg["cert"], cfg["key"]) if cfg.get("cert") else None,
+        verify=cfg.get("ca"),
         max_retries=0,
     )
 
@@ -55,7 +56,26 @@ def receive(cfg, outdir):
                 f.write(body)
             with open(os.path.join(outdir, f"{n:03}.json"), "w") as f:
                 json.dump(headers, f)
+            pdf = letter_pdf(body)
+            if pdf:
+                with open(os.path.join(outdir, f"{n:03}.pdf"), "wb") as f:
+                    f.write(pdf)
             print(json.dumps(headers), flush=True)
+
+
+def letter_pdf(body):
+    """The PDF inside a GP Connect Send Document message, if it is one."""
+    import base64
+
+    try:
+        bundle = json.loads(body)
+        document = bundle["entry"][2]["resource"]
+        for e in document["entry"]:
+            if e["resource"]["resourceType"] == "Binary":
+                return base64.b64decode(e["resource"]["content"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return None
 
 
 def send(cfg, path, workflow):
