@@ -295,8 +295,12 @@ pub(super) fn tx_record_sending(tx: &Tx<'_>, m: &Message, l: &Letter, sent: bool
     let now = Now::current();
     let description = if sent {
         format!(
-            "{} letter (Task version {}) sent to practice {} over MESH, local id {}",
-            l.status, l.version, m.practice, l.local_id
+            "{} letter (Task version {}) sent to practice {} over MESH, local id {}, MESH message {}",
+            l.status,
+            l.version,
+            m.practice,
+            l.local_id,
+            l.message_id.as_deref().unwrap_or("?")
         )
     } else {
         format!(

@@ -689,9 +689,9 @@ async fn attempt(
         }
         // The Observation says how its delivery went, in the same transaction; a letter's
         // sending is on its Task's trail.
-        match (state, m.letter.as_ref()) {
+        match (state, next.letter.as_ref()) {
             (State::Retry, _) => {}
-            (_, Some(l)) => mesh::tx_record_sending(tx, m, l, state == State::Delivered)?,
+            (_, Some(l)) => mesh::tx_record_sending(tx, &next, l, state == State::Delivered)?,
             (State::Delivered, None) => gw.tx_mark_delivery(tx, &m.observation, "delivered")?,
             (State::Failed, None) => gw.tx_mark_delivery(tx, &m.observation, "failed")?,
         }
