@@ -455,10 +455,7 @@ async fn outcome_letters_reach_the_practice_over_mesh_and_acknowledgements_come_
     .await
     .unwrap();
     let data = dir.path().join("data");
-    let cfg = config(&sandbox.gateway_mesh(&sandbox.ours_password));
-    let (child, base) = spawn_binary(&data, Some(&cfg));
-    let mut child = Guarded(child);
-    let gw = TestGateway::remote(&base);
+    let (mut child, gw) = gateway(&data, &sandbox.gateway_mesh(&sandbox.ours_password));
 
     // The loop: referral → accepted → in progress → SWEMWBS 24 → completed.
     let (pid, sid, tid) = gw.refer(GP, &fixture("referral-ada.json")).await;
@@ -657,6 +654,13 @@ async fn outcome_letters_reach_the_practice_over_mesh_and_acknowledgements_come_
     drop(sandbox);
 }
 
+/// The real gateway on `data` with `[practices.mesh]` text `mesh`; killed if the test ends
+/// without stopping it.
+fn gateway(data: &Path, mesh: &str) -> (Guarded, TestGateway) {
+    let (child, base) = spawn_binary(data, Some(&config(mesh)));
+    (Guarded(child), TestGateway::remote(&base))
+}
+
 fn log_of(data: &Path) -> String {
     std::fs::read_to_string(format!("{}.log", data.display())).unwrap_or_default()
 }
@@ -693,9 +697,7 @@ async fn mesh_faults_never_duplicate_a_letter_or_storm_and_never_make_the_gatewa
     let data = dir.path().join("data");
 
     // 1. A wrong password: MESH refuses (403); the letter is dead-lettered at once.
-    let (child, base) = spawn_binary(&data, Some(&config(&sandbox.gateway_mesh("wrong"))));
-    let mut child = Guarded(child);
-    let gw = TestGateway::remote(&base);
+    let (mut child, gw) = gateway(&data, &sandbox.gateway_mesh("wrong"));
     accepted_referral(&gw, 1).await;
     let dead = eventually(
         "a dead letter for the refused credentials",
@@ -724,14 +726,8 @@ async fn mesh_faults_never_duplicate_a_letter_or_storm_and_never_make_the_gatewa
     assert_eq!(sandbox.delivered_to_practice(), 0);
     // The operator fixes the password and retries the dead letter: it goes, once.
     assert_eq!(terminate(&mut child), Some(0));
-    let (child, base) = spawn_binary(
-        &data,
-        Some(&config(
-            &sandbox.gateway_mesh(&sandbox.ours_password.clone()),
-        )),
-    );
-    let mut child = Guarded(child);
-    let gw = TestGateway::remote(&base);
+    let password = sandbox.ours_password.clone();
+    let (mut child, gw) = gateway(&data, &sandbox.gateway_mesh(&password));
     let seq = dead["seq"].as_u64().unwrap();
     let r = gw
         .post_json(ADMIN, &format!("/admin/outbox/{seq}/retry"), &json!({}))
@@ -797,14 +793,8 @@ async fn mesh_faults_never_duplicate_a_letter_or_storm_and_never_make_the_gatewa
     child.kill().unwrap(); // SIGKILL: the answer never arrives, nothing is recorded
     let _ = child.wait();
     sandbox.fault("hold-sends", None);
-    let (child, base) = spawn_binary(
-        &data,
-        Some(&config(
-            &sandbox.gateway_mesh(&sandbox.ours_password.clone()),
-        )),
-    );
-    let mut child = Guarded(child);
-    let gw = TestGateway::remote(&base);
+    let password = sandbox.ours_password.clone();
+    let (mut child, gw) = gateway(&data, &sandbox.gateway_mesh(&password));
     eventually("the fourth letter recorded as sent", 30, async || {
         (delivered(&gw).await == 4).then_some(())
     })

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    http_client, queue_prefix, read_secret, to_json, tx_next_seq, Channel, Message, OutboxError,
+    http_client, queue_prefix, read_secret, to_json, tx_queue, Channel, Message, OutboxError,
     Outcome, Peer, TxResult, DEAD, DONE,
 };
 use crate::audit::SystemActivity;
@@ -89,36 +89,21 @@ pub(crate) fn tx_enqueue_letter(
     }) else {
         return Ok(());
     };
-    let seq = tx_next_seq(tx)?;
     let local_id = uuid::Uuid::new_v4().to_string();
-    let m = Message {
-        seq,
-        practice: ods.to_string(),
-        observation: String::new(),
-        service_request: sr_id.to_string(),
-        letter: Some(Letter {
-            task: task
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            version: crate::fhir::version_of(task),
-            status: status.to_string(),
-            local_id: local_id.clone(),
-            message_id: None,
-            in_doubt: false,
-            acks: Vec::new(),
-        }),
-        attempts: 0,
-        next_at: Now::current().micros,
-        created_at: now.micros,
-        last_error: None,
-        delivered_at: None,
+    let letter = Letter {
+        task: task
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        version: crate::fhir::version_of(task),
+        status: status.to_string(),
+        local_id: local_id.clone(),
+        message_id: None,
+        in_doubt: false,
+        acks: Vec::new(),
     };
-    tx.put(
-        format!("{}{seq:020}", queue_prefix(ods)).as_bytes(),
-        &to_json(&m)?,
-    )?;
+    let seq = tx_queue(tx, ods, sr_id, "", Some(letter), now)?;
     tx.put(
         local_id_key(&local_id).as_bytes(),
         format!("{ods}/{seq}").as_bytes(),

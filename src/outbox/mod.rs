@@ -91,8 +91,16 @@ fn to_json(m: &Message) -> TxResult<Vec<u8>> {
     serde_json::to_vec(m).map_err(|e| Abort::Caller(Error::Internal(e.to_string())))
 }
 
-/// The next outbox sequence number, in the caller's transaction.
-fn tx_next_seq(tx: &Tx<'_>) -> TxResult<u64> {
+/// Queues a new message for practice `ods` (an Observation or a letter), due at once, in
+/// the caller's transaction; returns its sequence number.
+fn tx_queue(
+    tx: &Tx<'_>,
+    ods: &str,
+    sr_id: &str,
+    observation: &str,
+    letter: Option<mesh::Letter>,
+    now: &Now,
+) -> TxResult<u64> {
     let seq = tx
         .get(SEQ.as_bytes())?
         .and_then(|b| String::from_utf8(b).ok())
@@ -100,6 +108,23 @@ fn tx_next_seq(tx: &Tx<'_>) -> TxResult<u64> {
         .unwrap_or(0)
         + 1;
     tx.put(SEQ.as_bytes(), seq.to_string().as_bytes())?;
+    let m = Message {
+        seq,
+        practice: ods.to_string(),
+        observation: observation.to_string(),
+        service_request: sr_id.to_string(),
+        letter,
+        attempts: 0,
+        // Wall clock, for the operator's view: a new message is due at once.
+        next_at: Now::current().micros,
+        created_at: now.micros,
+        last_error: None,
+        delivered_at: None,
+    };
+    tx.put(
+        format!("{}{seq:020}", queue_prefix(ods)).as_bytes(),
+        &to_json(&m)?,
+    )?;
     Ok(seq)
 }
 
@@ -117,24 +142,7 @@ pub(crate) fn tx_enqueue(
     else {
         return Ok(());
     };
-    let seq = tx_next_seq(tx)?;
-    let m = Message {
-        seq,
-        practice: ods.to_string(),
-        observation: obs_id.to_string(),
-        service_request: sr_id.to_string(),
-        letter: None,
-        attempts: 0,
-        // Wall clock, for the operator's view: a new message is due at once.
-        next_at: Now::current().micros,
-        created_at: now.micros,
-        last_error: None,
-        delivered_at: None,
-    };
-    tx.put(
-        format!("{}{seq:020}", queue_prefix(ods)).as_bytes(),
-        &to_json(&m)?,
-    )?;
+    tx_queue(tx, ods, sr_id, obs_id, None, now)?;
     Ok(())
 }
 
