@@ -15,7 +15,8 @@ use crate::common::*;
 const FHIRPY: &str = "fhirpy==2.3.1";
 const FHIR_NPM: &str = "fhir@4.12.0";
 
-fn run(cmd: &mut Command, what: &str) -> String {
+/// Runs a tool; its output, or a panic with it when it fails.
+pub fn run(cmd: &mut Command, what: &str) -> String {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));

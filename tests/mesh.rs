@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::common::*;
+use crate::conformance::run;
 
 const PIP_PACKAGES: [&str; 3] = [
     "mesh-sandbox==1.0.137",
@@ -23,19 +24,6 @@ const PIP_PACKAGES: [&str; 3] = [
 ];
 const OURS: &str = "X26ABC1";
 const PRACTICE: &str = "X26ABC2";
-
-fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{what} failed:\n{text}");
-    text
-}
 
 /// The sandbox, mesh-client and fhir.resources in a virtualenv under cargo's target dir
 /// (installed once), and pdftotext; returns the venv's bin directory.
