@@ -4,13 +4,14 @@
 //! ServiceRequest and Task from a checked referral (DESIGN §5); the "declined" Observation;
 //! Organization resources for the configured directory; checking provider Observations and
 //! the parts of a Task a client may not change. Resources are `serde_json::Value` so that
-//! what a client sent is stored as sent (fhir-sdk drops unknown fields); fhir-sdk's R4B types
-//! are used to check that what a client sends parses as typed FHIR.
+//! what a client sent is stored as sent; their structure is checked by the R4 JSON Schema
+//! (`schema`) and FHIR's cardinality rules (`cardinality`).
 //!
 //! It must not read or write the store, and knows nothing of HTTP or roles.
 
 use serde_json::{json, Map, Value};
 
+use crate::cardinality;
 use crate::config::{Config, Provider};
 use crate::error::{Error, Issue, Result};
 use crate::ingest::CheckedReferral;
@@ -461,7 +462,7 @@ pub fn check_patient(p: &Value) -> Result<String> {
     }
 }
 
-/// `$validate`: the R4 schema, fhir-sdk's typed parse, and the gateway's UK Core rules for
+/// `$validate`: the R4 schema, R4's cardinality rules, and the gateway's UK Core rules for
 /// `rtype`. Returns every issue found (empty: valid).
 pub fn validate(resource: &Value, rtype: &str, cfg: &Config) -> Result<Vec<Issue>> {
     match check_structure(resource, rtype) {
@@ -575,8 +576,9 @@ pub fn is_patient_declined(task: &Value) -> bool {
     coded || text
 }
 
-/// Checks that a resource is structurally valid R4 and parses as fhir-sdk's typed R4B
-/// resource; `expected` is its required `resourceType`.
+/// Checks that a resource is structurally valid R4: the R4 JSON Schema, then the
+/// cardinality and choice rules the schema does not carry; `expected` is its required
+/// `resourceType`.
 pub fn check_structure(resource: &Value, expected: &str) -> Result<()> {
     match resource.get("resourceType").and_then(Value::as_str) {
         Some(t) if t == expected => {}
@@ -599,48 +601,11 @@ pub fn check_structure(resource: &Value, expected: &str) -> Result<()> {
     if !issues.is_empty() {
         return Err(Error::Invalid(issues));
     }
-    typed_parse(resource, expected)
-}
-
-/// Parses with fhir-sdk's R4B types (the same JSON as R4 for these resources), in the
-/// `sp-gateway-fhir-check` crate (for build time: see its doc); an error names the element
-/// that failed. Only the types the gateway takes as input: the tests check what the gateway
-/// emits (Bundles, OperationOutcomes, the CapabilityStatement) with fhir-sdk themselves.
-pub fn typed_parse(resource: &Value, rtype: &str) -> Result<()> {
-    let Some(res) = sp_gateway_fhir_check::typed_parse(resource, rtype) else {
-        return Err(Error::Internal(format!("no typed parser for {rtype}")));
-    };
-    let res = res.map_err(|f| (f.path, f.message));
-    res.map_err(|(path, msg)| {
-        let expression = if path.is_empty() || path == "." {
-            rtype.to_string()
-        } else {
-            format!("{rtype}.{path}")
-        };
-        Error::invalid(
-            "structure",
-            expression,
-            format!("is not valid FHIR: {}", redact_serde(&msg)),
-        )
-    })
-}
-
-/// serde messages can quote input values; keep only the part that names the problem.
-fn redact_serde(msg: &str) -> String {
-    let mut out = String::new();
-    let mut in_quote = false;
-    for ch in msg.chars() {
-        if ch == '"' || ch == '`' {
-            out.push(ch);
-            if !in_quote {
-                out.push('…');
-            }
-            in_quote = !in_quote;
-        } else if !in_quote {
-            out.push(ch);
-        }
+    let issues = cardinality::check(resource, expected)?;
+    if !issues.is_empty() {
+        return Err(Error::Invalid(issues));
     }
-    out
+    Ok(())
 }
 
 /// The elements of a Task a client may change (DESIGN §4).

@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod auth;
 pub mod capability;
+pub mod cardinality;
 pub mod clock;
 pub mod config;
 pub mod error;

@@ -121,9 +121,45 @@ pub fn pointer_to_path(root: &str, pointer: &str) -> String {
 fn fhir_root() -> &'static Value {
     static ROOT: OnceLock<Value> = OnceLock::new();
     ROOT.get_or_init(|| match serde_json::from_str(FHIR_R4_SCHEMA) {
-        Ok(v) => v,
+        Ok(mut v) => {
+            patch_types(&mut v);
+            v
+        }
         Err(e) => panic!("profiles/fhir-r4.schema.json is not JSON: {e}"),
     })
+}
+
+/// Patches 2 and 3 of `profiles/README.md`, made as the schema is loaded. The published
+/// schema gives its complex types and resources no `"type": "object"` (so a string or an
+/// array where an object belongs would pass), `xhtml` no type at all, and its integer
+/// types only `"type": "number"` with a pattern (which applies to strings, so `-1.5` passes
+/// as a `positiveInt`).
+fn patch_types(root: &mut Value) {
+    let Some(defs) = root.get_mut("definitions").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for def in defs.values_mut() {
+        if let Some(def) = def.as_object_mut() {
+            if def.contains_key("properties") && !def.contains_key("type") {
+                def.insert("type".into(), Value::String("object".into()));
+            }
+        }
+    }
+    let integers = [
+        ("integer", -2_147_483_648_i64),
+        ("unsignedInt", 0),
+        ("positiveInt", 1),
+    ];
+    for (name, minimum) in integers {
+        if let Some(def) = defs.get_mut(name).and_then(Value::as_object_mut) {
+            def.insert("type".into(), Value::String("integer".into()));
+            def.insert("minimum".into(), Value::from(minimum));
+            def.insert("maximum".into(), Value::from(2_147_483_647_i64));
+        }
+    }
+    if let Some(def) = defs.get_mut("xhtml").and_then(Value::as_object_mut) {
+        def.insert("type".into(), Value::String("string".into()));
+    }
 }
 
 /// Compiles the schemas the request paths use, so that a broken embedded schema stops

@@ -273,6 +273,7 @@ pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
     let store = Store::open_with(&cfg.server.data_dir, store_options(&cfg))?;
     crate::ingest::init();
     crate::schema::init().map_err(|e| ServeError::Schema(e.to_string()))?;
+    crate::cardinality::init().map_err(|e| ServeError::Schema(e.to_string()))?;
     let addr = cfg.server.listen;
     let listener = TcpListener::bind(addr)
         .await

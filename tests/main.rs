@@ -21,4 +21,5 @@ mod outbox;
 mod polling;
 mod process;
 mod referral_loop;
+mod structure;
 mod tls;
