@@ -74,6 +74,14 @@ pub struct Context {
     /// The resources a read or search disclosed, and their Patients (IHE BALP): recorded
     /// as entities of its AuditEvent, so that each one's trail shows who saw it, and when.
     pub disclosed: Vec<String>,
+    /// A person signed in to the provider inbox: account id and email. They are the agent
+    /// (with their organisation), not a client system.
+    pub person: Option<(String, String)>,
+    /// The FHIR interaction a page request amounts to (`read`, `search-type`, `update`…),
+    /// when its method and path do not say (pages are not FHIR URLs).
+    pub interaction: Option<(&'static str, &'static str)>,
+    /// A sign-in step (DICOM 110122 Login) or sign-out (110123 Logout).
+    pub login: Option<&'static str>,
 }
 
 /// Key prefixes of the audit trail (left out of the clinical data's digest).
@@ -102,6 +110,27 @@ pub fn set_client(client: &str, role: &str, organisations: Vec<String>) {
         c.role = Some(role.to_string());
         c.organisations = organisations;
     });
+}
+
+/// Sets the person (account id, email) a page request acts for, and their organisation.
+pub fn set_person(id: &str, email: &str, provider: &str) {
+    let _ = REQUEST.try_with(|c| {
+        let mut c = c.borrow_mut();
+        c.client = Some(format!("person/{id}"));
+        c.role = Some("provider-person".into());
+        c.organisations = vec![format!("Organization/{provider}")];
+        c.person = Some((id.to_string(), email.to_string()));
+    });
+}
+
+/// Says which FHIR interaction a page request amounts to (`("update", "U")`).
+pub fn set_interaction(subtype: &'static str, action: &'static str) {
+    let _ = REQUEST.try_with(|c| c.borrow_mut().interaction = Some((subtype, action)));
+}
+
+/// Marks the request as a sign-in step (`"110122"`, Login) or a sign-out (`"110123"`).
+pub fn set_login(code: &'static str) {
+    let _ = REQUEST.try_with(|c| c.borrow_mut().login = Some(code));
 }
 
 /// Notes resources (`Type/id`) the current request is disclosing to its caller.
@@ -138,23 +167,15 @@ fn interaction(method: &str, path: &str) -> (&'static str, &'static str) {
 
 /// The AuditEvent for the current request, with its outcome and the entities it touched.
 pub fn event(ctx: &Context, status: u16, entities: &[String], now: &Now) -> Value {
-    let (sub, action) = interaction(&ctx.method, &ctx.path);
+    let (sub, action) = ctx
+        .interaction
+        .unwrap_or_else(|| interaction(&ctx.method, &ctx.path));
     let outcome = match status {
         200..=399 => "0",
         400..=499 => "4",
         _ => "8",
     };
-    let client = ctx
-        .client
-        .clone()
-        .unwrap_or_else(|| "unauthenticated".into());
-    let mut agent = json!({
-        "who": {
-            "identifier": { "system": format!("{}/Id/client", crate::fhir::CANONICAL), "value": client },
-            "display": client
-        },
-        "requestor": true
-    });
+    let mut agent = json!({ "who": agent_who(ctx), "requestor": true });
     if let Some(r) = &ctx.role {
         agent["role"] = json!([{ "text": r }]);
     }
@@ -193,11 +214,21 @@ pub fn event(ctx: &Context, status: u16, entities: &[String], now: &Now) -> Valu
             "description": format!("{} {}", ctx.method, ctx.path)
         }));
     }
+    let (typ, subtype) = match ctx.login {
+        Some(code) => (
+            json!({ "system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110114", "display": "User Authentication" }),
+            json!({ "system": "http://dicom.nema.org/resources/ontology/DCM", "code": code, "display": if code == "110123" { "Logout" } else { "Login" } }),
+        ),
+        None => (
+            json!({ "system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation" }),
+            json!({ "system": "http://hl7.org/fhir/restful-interaction", "code": sub }),
+        ),
+    };
     let mut e = json!({
         "resourceType": "AuditEvent",
-        "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation" },
-        "subtype": [{ "system": "http://hl7.org/fhir/restful-interaction", "code": sub }],
-        "action": action,
+        "type": typ,
+        "subtype": [subtype],
+        "action": if ctx.login.is_some() { "E" } else { action },
         "recorded": now.instant,
         "outcome": outcome,
         "outcomeDesc": format!("HTTP {status}"),
@@ -213,13 +244,37 @@ pub fn event(ctx: &Context, status: u16, entities: &[String], now: &Now) -> Valu
     e
 }
 
-/// The entities a path names (`Task/{id}` from `/fhir/Task/{id}/_history/2`).
+/// Who acted: a person of the provider inbox (by account id, with their email), or a
+/// client system (by client id).
+fn agent_who(ctx: &Context) -> Value {
+    match &ctx.person {
+        Some((id, email)) => json!({
+            "identifier": { "system": format!("{}/Id/person", crate::fhir::CANONICAL), "value": id },
+            "display": email
+        }),
+        None => {
+            let client = ctx
+                .client
+                .clone()
+                .unwrap_or_else(|| "unauthenticated".into());
+            json!({
+                "identifier": { "system": format!("{}/Id/client", crate::fhir::CANONICAL), "value": client },
+                "display": client
+            })
+        }
+    }
+}
+
+/// The entities a path names (`Task/{id}` from `/fhir/Task/{id}/_history/2` or from
+/// `/inbox/referrals/{id}/accept`).
 pub fn path_entities(path: &str) -> Vec<String> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segs.as_slice() {
         ["fhir", t, id, ..] if !id.starts_with('$') && !id.starts_with('_') => {
             vec![format!("{t}/{id}")]
         }
+        // The provider inbox's page of one referral is its Task.
+        ["inbox", "referrals", id, ..] => vec![format!("Task/{id}")],
         _ => vec![],
     }
 }
@@ -384,7 +439,6 @@ fn tx_provenance(
     now: &Now,
     seq: u64,
 ) -> TxResult<()> {
-    let client = ctx.client.clone().unwrap_or_default();
     for (i, target) in entities.iter().enumerate() {
         let Some(cur) = tx.get(format!("r/{target}").as_bytes())? else {
             continue;
@@ -411,7 +465,7 @@ fn tx_provenance(
             "activity": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": activity.0, "display": activity.1 }] },
             "agent": [{
                 "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "author" }] },
-                "who": { "identifier": { "system": format!("{}/Id/client", crate::fhir::CANONICAL), "value": client }, "display": client }
+                "who": agent_who(ctx)
             }],
             "entity": [{ "role": "source", "what": { "reference": format!("AuditEvent/{seq}") } }]
         });

@@ -339,6 +339,78 @@ pub struct Provider {
     pub areas: Vec<String>,
     /// Largest number of open Tasks (requested, accepted, in-progress, on-hold).
     pub capacity: u64,
+    /// Working days the group promises to answer a new referral in (the inbox marks what
+    /// has waited longer).
+    #[serde(default = "default_response_days")]
+    pub response_days: u32,
+}
+
+fn default_response_days() -> u32 {
+    5
+}
+
+/// The provider inbox: people working referrals in a browser (`/inbox`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboxConfig {
+    /// A session ends after this long without a request.
+    #[serde(default = "default_idle")]
+    pub session_idle_minutes: u32,
+    /// And after this long in any case.
+    #[serde(default = "default_absolute")]
+    pub session_absolute_hours: u32,
+    /// Wrong passwords or codes in a row that lock an account...
+    #[serde(default = "default_lock_after")]
+    pub lock_after: u32,
+    /// ...for this long.
+    #[serde(default = "default_lock_minutes")]
+    pub lock_minutes: u32,
+    /// Sign-in attempts a minute from one address.
+    #[serde(default = "default_per_address")]
+    pub attempts_per_address_per_minute: u32,
+    /// Demo people (the demo config only): created at start if absent; they sign in over
+    /// loopback only.
+    #[serde(default)]
+    pub demo_users: Vec<DemoUser>,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        InboxConfig {
+            session_idle_minutes: default_idle(),
+            session_absolute_hours: default_absolute(),
+            lock_after: default_lock_after(),
+            lock_minutes: default_lock_minutes(),
+            attempts_per_address_per_minute: default_per_address(),
+            demo_users: Vec::new(),
+        }
+    }
+}
+
+fn default_idle() -> u32 {
+    30
+}
+fn default_absolute() -> u32 {
+    12
+}
+fn default_lock_after() -> u32 {
+    5
+}
+fn default_lock_minutes() -> u32 {
+    15
+}
+fn default_per_address() -> u32 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoUser {
+    pub provider: String,
+    pub email: String,
+    pub password: String,
+    /// Base32 TOTP secret, so that the demo's codes can be made from README.
+    pub totp_secret: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -417,6 +489,8 @@ pub struct Config {
     pub clients: Vec<Client>,
     #[serde(default)]
     pub outbox: Outbox,
+    #[serde(default)]
+    pub inbox: InboxConfig,
 }
 
 impl Config {
@@ -504,6 +578,53 @@ impl Config {
                 "outbox.concurrency".into(),
                 "must be from 1 to 64".into(),
             ));
+        }
+        let i = &self.inbox;
+        for (key, v, lo, hi) in [
+            (
+                "inbox.session_idle_minutes",
+                i.session_idle_minutes,
+                1,
+                24 * 60,
+            ),
+            (
+                "inbox.session_absolute_hours",
+                i.session_absolute_hours,
+                1,
+                7 * 24,
+            ),
+            ("inbox.lock_after", i.lock_after, 1, 100),
+            ("inbox.lock_minutes", i.lock_minutes, 1, 24 * 60),
+            (
+                "inbox.attempts_per_address_per_minute",
+                i.attempts_per_address_per_minute,
+                1,
+                10_000,
+            ),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(bad(key.into(), format!("must be from {lo} to {hi}")));
+            }
+        }
+        for (n, d) in i.demo_users.iter().enumerate() {
+            if !self.providers.iter().any(|p| p.id == d.provider) {
+                return Err(bad(
+                    format!("inbox.demo_users[{n}].provider"),
+                    format!("names no provider: {}", d.provider),
+                ));
+            }
+            if !crate::accounts::email_ok(&d.email) {
+                return Err(bad(
+                    format!("inbox.demo_users[{n}].email"),
+                    "is not an email address".into(),
+                ));
+            }
+            if crate::accounts::totp_code(&d.totp_secret, 0).is_err() {
+                return Err(bad(
+                    format!("inbox.demo_users[{n}].totp_secret"),
+                    "must be base32, at least 128 bits".into(),
+                ));
+            }
         }
         if !(16..=65536).contains(&self.server.cache_mb) {
             return Err(bad(

@@ -135,11 +135,34 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError(Error::MethodNotAllowed) })
         .layer(middleware::from_fn(negotiate))
         .layer(middleware::from_fn(ensure_outcome))
+        .with_state(state.clone())
+        // The provider inbox's pages: their own error pages, the same audit, limits and log.
+        .merge(
+            crate::web::router(crate::web::WebState::new(state.gateway.clone()))
+                .layer(middleware::from_fn(page_peer)),
+        )
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn_with_state(state.clone(), audit_request))
         .layer(middleware::from_fn_with_state(state.clone(), limit))
         .layer(middleware::from_fn(log_request))
-        .with_state(state)
+}
+
+/// Tells the pages who the browser is (address, TLS) without their knowing the server.
+async fn page_peer(mut req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnInfo>()
+        .map(|c| crate::web::Peer {
+            ip: c.peer.ip(),
+            tls: c.tls,
+        });
+    match peer {
+        Some(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        None => ApiError(Error::Internal("no connection info".into())).into_response(),
+    }
 }
 
 /// A panic in a handler is a bug; the client gets a 500 OperationOutcome, never a dropped
@@ -1478,10 +1501,14 @@ async fn negotiate(req: Request, next: Next) -> Response {
 /// record cannot be written, the response is withheld (fail closed): no unaudited access.
 async fn audit_request(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
+    // Probes, the CapabilityStatement, the pages' stylesheet and icons, and the empty
+    // sign-in forms touch no patient data.
     let exempt = matches!(
         path.as_str(),
         "/healthz" | "/readyz" | "/metrics" | "/fhir/metadata"
-    );
+    ) || path.starts_with("/assets/")
+        || (req.method() == axum::http::Method::GET
+            && matches!(path.as_str(), "/inbox/sign-in" | "/inbox/sign-in/code"));
     if exempt {
         return next.run(req).await;
     }
@@ -1501,7 +1528,8 @@ async fn audit_request(State(st): State<AppState>, req: Request, next: Next) -> 
     })
     .await;
     let Some(ctx) = ctx else { return resp };
-    if resp.status().is_success() && ctx.recorded {
+    // A write recorded itself; a page's write answers with a redirect (303) to its result.
+    if ctx.recorded && (resp.status().is_success() || resp.status() == StatusCode::SEE_OTHER) {
         return resp;
     }
     let mut entities = crate::audit::path_entities(&ctx.path);

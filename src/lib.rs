@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map of modules and the invariants they keep. Data flows one
 //! way: `http` → `gateway` → (`ingest`, `fhir`, `routing`, `workflow`) → `store`.
 
+pub mod accounts;
 pub mod audit;
 pub mod auth;
 pub mod capability;
@@ -22,4 +23,5 @@ pub mod schema;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod web;
 pub mod workflow;

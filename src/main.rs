@@ -73,6 +73,14 @@ enum Command {
         #[arg(long)]
         to: PathBuf,
     },
+    /// People who work a provider's referrals in the browser (/inbox), on a stopped
+    /// gateway's data directory.
+    Users {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        action: UsersAction,
+    },
     /// Export every stored resource as FHIR bulk-data NDJSON, one file per type, from a
     /// stopped gateway's data directory.
     Export {
@@ -91,6 +99,45 @@ enum AuditAction {
     Verify {
         #[arg(long)]
         checkpoint: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersAction {
+    /// Add a person to a provider. Prints a first password to pass on (or reads one from
+    /// --password-file); they set up their security code at first sign-in.
+    Add {
+        #[arg(long)]
+        provider: String,
+        #[arg(long)]
+        email: String,
+        /// A file holding the password (at least 12 characters) instead of a random one
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Stop a person signing in; their sessions end at once.
+    Disable {
+        #[arg(long)]
+        email: String,
+    },
+    /// Let a disabled person sign in again.
+    Enable {
+        #[arg(long)]
+        email: String,
+    },
+    /// A new password and a new security code (set up again at next sign-in); lifts a lock.
+    Reset {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Every account: email, provider, and whether it is enrolled, disabled or locked.
+    List,
+    /// The security code a TOTP secret gives now (for the demo people in README).
+    Code {
+        #[arg(long)]
+        secret: String,
     },
 }
 
@@ -222,6 +269,16 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Users { common, action } => match users(&common, action) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Export { common, out } => match export(&common, &out) {
             Ok(counts) => {
                 for (t, n) in counts {
@@ -314,6 +371,98 @@ fn open_gateway(common: &Common) -> Result<sp_gateway::gateway::Gateway, OpenErr
         std::sync::Arc::new(cfg),
         store,
     ))
+}
+
+fn read_password(file: Option<&std::path::Path>) -> Result<(String, bool), String> {
+    match file {
+        Some(f) => std::fs::read_to_string(f)
+            .map(|p| (p.trim_end_matches(['\r', '\n']).to_string(), false))
+            .map_err(|e| format!("cannot read {}: {e}", f.display())),
+        None => Ok((sp_gateway::accounts::random_password(), true)),
+    }
+}
+
+fn users(common: &Common, action: UsersAction) -> Result<String, String> {
+    use sp_gateway::accounts;
+    if let UsersAction::Code { secret } = &action {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        return accounts::totp_code(secret, now).map_err(|e| e.to_string());
+    }
+    let gw = open_gateway(common)?;
+    let store = gw.store();
+    let e = |e: sp_gateway::error::Error| e.to_string();
+    match action {
+        UsersAction::Add {
+            provider,
+            email,
+            password_file,
+        } => {
+            let (password, generated) = read_password(password_file.as_deref())?;
+            let u = accounts::add(store, gw.config(), &email, &provider, &password).map_err(e)?;
+            let mut out = format!("added {} to {}", u.email, u.provider);
+            if generated {
+                out.push_str(&format!(
+                    "\nfirst password (shown once; pass it on safely): {password}"
+                ));
+            }
+            Ok(out)
+        }
+        UsersAction::Disable { email } => accounts::set_disabled(store, &email, true)
+            .map(|u| format!("disabled {}", u.email))
+            .map_err(e),
+        UsersAction::Enable { email } => accounts::set_disabled(store, &email, false)
+            .map(|u| format!("enabled {}", u.email))
+            .map_err(e),
+        UsersAction::Reset {
+            email,
+            password_file,
+        } => {
+            let (password, generated) = read_password(password_file.as_deref())?;
+            let u = accounts::reset(store, &email, &password).map_err(e)?;
+            let mut out = format!(
+                "reset {}: new password, security code to set up at next sign-in",
+                u.email
+            );
+            if generated {
+                out.push_str(&format!(
+                    "\nnew password (shown once; pass it on safely): {password}"
+                ));
+            }
+            Ok(out)
+        }
+        UsersAction::List => {
+            let mut out = String::new();
+            for u in accounts::list(store).map_err(e)? {
+                let mut flags = Vec::new();
+                if !u.totp_enrolled {
+                    flags.push("security code not set up");
+                }
+                if u.disabled {
+                    flags.push("disabled");
+                }
+                if u.locked_until > 0 {
+                    flags.push("locked (until its time passes)");
+                }
+                if u.demo {
+                    flags.push("demo, loopback only");
+                }
+                out.push_str(&format!(
+                    "{}\t{}\t{}\n",
+                    u.email,
+                    u.provider,
+                    flags.join(", ")
+                ));
+            }
+            if out.is_empty() {
+                out.push_str("no accounts");
+            }
+            Ok(out.trim_end().to_string())
+        }
+        UsersAction::Code { .. } => Err("(answered above, without the store)".into()),
+    }
 }
 
 fn outbox(common: &Common, action: OutboxAction) -> Result<String, String> {

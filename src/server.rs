@@ -40,6 +40,8 @@ pub enum ServeError {
     Outbox(#[from] crate::outbox::OutboxError),
     #[error("embedded schema: {0}")]
     Schema(String),
+    #[error("demo inbox accounts: {0}")]
+    DemoAccounts(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -274,6 +276,11 @@ pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
     crate::ingest::init();
     crate::schema::init().map_err(|e| ServeError::Schema(e.to_string()))?;
     crate::cardinality::init().map_err(|e| ServeError::Schema(e.to_string()))?;
+    let demo = crate::accounts::ensure_demo_users(&store, &cfg)
+        .map_err(|e| ServeError::DemoAccounts(e.to_string()))?;
+    if demo > 0 {
+        tracing::info!(people = demo, "demo inbox accounts created (loopback only)");
+    }
     let addr = cfg.server.listen;
     let listener = TcpListener::bind(addr)
         .await

@@ -14,6 +14,7 @@
 //! - `observation`: provider feedback
 //! - `search`: search parameters, index-backed paging, Bundles
 
+pub mod inbox;
 mod observation;
 mod referral;
 pub mod search;

@@ -37,7 +37,7 @@ pub(crate) fn parse_if_match(h: Option<&str>, required: bool) -> Result<Option<u
 }
 
 /// What a request proposes: a whole Task, or a patch to apply to the version it changes.
-enum Change {
+pub(super) enum Change {
     Whole(Value),
     Patch {
         json_patch: Option<json_patch::Patch>,
@@ -140,7 +140,7 @@ impl Gateway {
 
     /// Judges and writes a change to the Task's current version, or to the version
     /// `If-Match` named (412 if that is no longer current).
-    async fn apply_task(
+    pub(super) async fn apply_task(
         &self,
         who: &Principal,
         id: &str,

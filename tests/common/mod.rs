@@ -33,9 +33,17 @@ pub fn fixture(name: &str) -> Value {
 
 /// The demo config without its MESH practice (whose outbox worker would write in the
 /// background against a sandbox that is not there, and so change store digests that tests
-/// compare); `tests/mesh.rs` configures MESH itself.
+/// compare); `tests/mesh.rs` configures MESH itself. Nor its demo inbox people (below).
 pub fn demo_config() -> String {
-    let text = EMBEDDED_DEFAULT;
+    without_demo_people(&without_mesh(EMBEDDED_DEFAULT))
+}
+
+/// The demo config with its demo inbox people (tests/inbox.rs uses them).
+pub fn demo_config_with_people() -> String {
+    without_mesh(EMBEDDED_DEFAULT)
+}
+
+fn without_mesh(text: &str) -> String {
     match text.find("[practices.mesh]") {
         Some(start) => {
             let end = text[start..]
@@ -44,6 +52,15 @@ pub fn demo_config() -> String {
                 .unwrap_or(text.len());
             format!("{}{}", &text[..start], &text[end..])
         }
+        None => text.to_string(),
+    }
+}
+
+/// Creating the demo people hashes four passwords with argon2id at every start: most tests
+/// have no use for them.
+fn without_demo_people(text: &str) -> String {
+    match text.find("[[inbox.demo_users]]") {
+        Some(start) => text[..start].to_string(),
         None => text.to_string(),
     }
 }

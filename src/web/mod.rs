@@ -1,0 +1,346 @@
+//! The provider inbox in a browser (`/inbox`): pages for people of small groups that have
+//! no system of their own, over the same `gateway` use cases as the FHIR API.
+//!
+//! Owns: the page routes, sessions as cookies (`HttpOnly`, `SameSite=Strict`, `Secure`
+//! over TLS), the CSRF token on every form, turning a person's session into the provider
+//! [`Principal`] the gateway scopes by, rendering templates (`templates/inbox/`, askama,
+//! escaped by default), the vendored NHS.UK frontend assets, and the one mapping of errors
+//! to plain pages. It must not hold business rules (those are `gateway`'s and `workflow`'s)
+//! nor touch the store except through `accounts` and `gateway`.
+
+mod pages;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use askama::Template;
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::accounts::{self, AddressLimiter};
+use crate::auth::Principal;
+use crate::config::Role;
+use crate::error::Error;
+use crate::gateway::Gateway;
+
+/// What the page handlers share.
+#[derive(Clone)]
+pub struct WebState {
+    pub gateway: Arc<Gateway>,
+    limiter: Arc<AddressLimiter>,
+}
+
+impl WebState {
+    pub fn new(gateway: Arc<Gateway>) -> WebState {
+        let per_minute = gateway.config().inbox.attempts_per_address_per_minute;
+        WebState {
+            gateway,
+            limiter: Arc::new(AddressLimiter::new(per_minute)),
+        }
+    }
+}
+
+/// What the connection says about the browser: its address, and whether it came over TLS.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub ip: IpAddr,
+    pub tls: bool,
+}
+
+/// The page routes (`/inbox…`) and the assets they use (`/assets/…`).
+pub fn router(state: WebState) -> Router {
+    Router::new()
+        .route("/inbox", get(pages::queue))
+        .route("/inbox/", get(pages::queue))
+        .route(
+            "/inbox/sign-in",
+            get(pages::sign_in_form).post(pages::sign_in),
+        )
+        .route(
+            "/inbox/sign-in/code",
+            get(pages::code_form).post(pages::code),
+        )
+        .route("/inbox/sign-out", post(pages::sign_out))
+        .route("/inbox/referrals/{id}", get(pages::referral))
+        .route("/inbox/referrals/{id}/{action}", post(pages::act))
+        .route("/inbox/{*rest}", get(pages::not_found))
+        .route("/assets/{*path}", get(asset))
+        .with_state(state)
+}
+
+pub const SESSION_COOKIE: &str = "sp_inbox";
+pub const SECURE_SESSION_COOKIE: &str = "__Host-sp_inbox";
+/// The sign-in form's CSRF token before there is a session (double-submit cookie).
+pub const PRE_COOKIE: &str = "sp_inbox_pre";
+pub const SECURE_PRE_COOKIE: &str = "__Host-sp_inbox_pre";
+
+fn cookie_names(tls: bool) -> (&'static str, &'static str) {
+    if tls {
+        (SECURE_SESSION_COOKIE, SECURE_PRE_COOKIE)
+    } else {
+        (SESSION_COOKIE, PRE_COOKIE)
+    }
+}
+
+/// The value of cookie `name`, if the browser sent it.
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// A `Set-Cookie` value: `HttpOnly`, `SameSite=Strict`, path `/`, and `Secure` over TLS.
+/// `max_age` 0 removes the cookie; `None` makes it last as long as the browser session.
+pub fn set_cookie(name: &str, value: &str, tls: bool, max_age: Option<u64>) -> HeaderValue {
+    let mut c = format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict");
+    if tls {
+        c.push_str("; Secure");
+    }
+    if let Some(age) = max_age {
+        c.push_str(&format!("; Max-Age={age}"));
+    }
+    HeaderValue::from_str(&c).unwrap_or_else(|_| HeaderValue::from_static("x=; Max-Age=0"))
+}
+
+/// A signed-in person, as the gateway sees them: a provider principal, plus what the pages
+/// need.
+#[derive(Clone, Debug)]
+pub struct Person {
+    pub principal: Principal,
+    pub user: accounts::User,
+    pub session: accounts::Session,
+    pub org_name: String,
+}
+
+impl Person {
+    pub fn chrome(&self) -> Chrome {
+        Chrome {
+            who: Some(ChromeWho {
+                org_name: self.org_name.clone(),
+                email: self.user.email.clone(),
+                csrf: self.session.csrf.clone(),
+            }),
+        }
+    }
+}
+
+/// What every page's frame shows.
+#[derive(Clone, Debug, Default)]
+pub struct Chrome {
+    pub who: Option<ChromeWho>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ChromeWho {
+    pub org_name: String,
+    pub email: String,
+    pub csrf: String,
+}
+
+/// The provider principal a person acts as: the gateway scopes them exactly as it scopes
+/// their organisation's system.
+pub fn principal_of(user: &accounts::User) -> Principal {
+    Principal {
+        client_id: format!("person/{}", user.id),
+        role: Role::Provider,
+        practices: Vec::new(),
+        provider: Some(user.provider.clone()),
+    }
+}
+
+/// Why a page could not be shown: each becomes a plain page with the right status.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    #[error("sign in first")]
+    SignIn,
+    #[error("the form was not sent from this site's page")]
+    Csrf,
+    #[error("{0}")]
+    Gateway(#[from] Error),
+    #[error("the page could not be drawn: {0}")]
+    Render(#[from] askama::Error),
+}
+
+#[derive(Template)]
+#[template(path = "inbox/message.html")]
+struct MessagePage<'a> {
+    chrome: Chrome,
+    heading: &'a str,
+    message: &'a str,
+    link: &'a str,
+    link_text: &'a str,
+}
+
+/// A plain page saying what went wrong, with the status that goes with it.
+pub fn message(
+    status: StatusCode,
+    heading: &str,
+    text: &str,
+    link: &str,
+    link_text: &str,
+) -> Response {
+    let page = MessagePage {
+        chrome: Chrome::default(),
+        heading,
+        message: text,
+        link,
+        link_text,
+    };
+    match page.render() {
+        Ok(html) => html_response(status, html),
+        Err(_) => (status, heading.to_string()).into_response(),
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        match self {
+            PageError::SignIn => redirect("/inbox/sign-in"),
+            PageError::Csrf => message(
+                StatusCode::FORBIDDEN,
+                "This form has expired",
+                "The form was not sent from a page of this site, or it is too old. Nothing was changed. Go back, reload the page and try again.",
+                "/inbox",
+                "Go to your referrals",
+            ),
+            PageError::Render(e) => {
+                tracing::error!(error = %e, "page render failed");
+                message(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Sorry, something went wrong",
+                    "The page could not be shown. Try again in a moment.",
+                    "/inbox",
+                    "Go to your referrals",
+                )
+            }
+            PageError::Gateway(e) => match e {
+                Error::NotFound(_) => message(
+                    StatusCode::NOT_FOUND,
+                    "Referral not found",
+                    "There is no referral here for your group. It may belong to another group, or the link may be wrong.",
+                    "/inbox",
+                    "Go to your referrals",
+                ),
+                Error::Forbidden => message(
+                    StatusCode::FORBIDDEN,
+                    "You cannot do that",
+                    "Your account is not allowed to do this.",
+                    "/inbox",
+                    "Go to your referrals",
+                ),
+                Error::Overloaded | Error::Store(_) => message(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Sorry, the service is busy",
+                    "Nothing was changed. Try again in a minute.",
+                    "/inbox",
+                    "Go to your referrals",
+                ),
+                other => {
+                    tracing::error!(error = %other, "page failed");
+                    message(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Sorry, something went wrong",
+                        "Nothing may have been changed. Go back to your referrals and check.",
+                        "/inbox",
+                        "Go to your referrals",
+                    )
+                }
+            },
+        }
+    }
+}
+
+/// Headers every page carries: nothing from elsewhere, not framed, not cached.
+fn html_response(status: StatusCode, html: String) -> Response {
+    let mut r = (status, html).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+pub fn page(status: StatusCode, t: &impl Template) -> Result<Response, PageError> {
+    Ok(html_response(status, t.render()?))
+}
+
+/// 303 to `to`, so that a reload does not send a form again.
+pub fn redirect(to: &str) -> Response {
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+const NHSUK_CSS: &[u8] = include_bytes!("../../assets/nhsuk/nhsuk-frontend.min.css");
+const INBOX_CSS: &[u8] = include_bytes!("../../assets/inbox.css");
+
+/// The vendored NHS.UK frontend stylesheet, its images, and the inbox's own few rules.
+async fn asset(axum::extract::Path(path): axum::extract::Path<String>) -> Response {
+    let (body, ty): (&'static [u8], &'static str) = match path.as_str() {
+        "nhsuk-frontend.min.css" => (NHSUK_CSS, "text/css; charset=utf-8"),
+        "inbox.css" => (INBOX_CSS, "text/css; charset=utf-8"),
+        p => match nhsuk_image(p) {
+            Some(b) => (b, "image/svg+xml"),
+            None => return StatusCode::NOT_FOUND.into_response(),
+        },
+    };
+    let mut r = body.into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ty));
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=3600"),
+    );
+    r.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+/// The icons the NHS.UK stylesheet refers to (`/assets/images/…`).
+fn nhsuk_image(path: &str) -> Option<&'static [u8]> {
+    Some(match path {
+        "images/nhsuk-icon-arrow-down.svg" => {
+            include_bytes!("../../assets/nhsuk/images/nhsuk-icon-arrow-down.svg")
+        }
+        "images/nhsuk-icon-arrow-up-down.svg" => {
+            include_bytes!("../../assets/nhsuk/images/nhsuk-icon-arrow-up-down.svg")
+        }
+        "images/nhsuk-icon-arrow-up.svg" => {
+            include_bytes!("../../assets/nhsuk/images/nhsuk-icon-arrow-up.svg")
+        }
+        "images/nhsuk-icon-cross.svg" => {
+            include_bytes!("../../assets/nhsuk/images/nhsuk-icon-cross.svg")
+        }
+        _ => return None,
+    })
+}
