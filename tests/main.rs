@@ -14,6 +14,7 @@ mod emitted_resources;
 mod faults;
 mod fhir_api;
 mod hostile;
+mod inbox;
 mod isolation;
 mod mesh;
 mod operations;

@@ -1,0 +1,635 @@
+//! The provider inbox over real HTTP, as a browser without JavaScript uses it: forms,
+//! cookies, redirects. (`tests/inbox_browser.rs` drives the same pages in chromium.)
+//!
+//! The whole loop (sign in with password and TOTP, the queue, accept, contact, a refused
+//! and an accepted score, complete, and the GP system seeing it over FHIR), and every
+//! refusal: another group's referral, a form without its CSRF token, an expired session,
+//! the sixth wrong password, a stale page, and patient text that holds markup.
+
+use std::collections::HashMap;
+
+use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use reqwest::redirect::Policy;
+use serde_json::Value;
+
+use crate::common::*;
+
+const GP: &str = "demo-gp-token";
+const CRAFTS: &str = "crafts@demo.sp-gateway.example.org";
+const CRAFTS_PASSWORD: &str = "demo-crafts-password";
+const MONEY: &str = "money@demo.sp-gateway.example.org";
+const MONEY_PASSWORD: &str = "demo-money-password";
+
+/// The demo person's TOTP secret, read from the demo config (as README tells people to).
+fn secret_of(email: &str) -> String {
+    let cfg = sp_gateway::config::Config::parse(&demo_config_with_people(), "demo").expect("cfg");
+    cfg.inbox
+        .demo_users
+        .iter()
+        .find(|d| d.email == email)
+        .map(|d| d.totp_secret.clone())
+        .expect("demo person")
+}
+
+fn code_now(secret: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs();
+    sp_gateway::accounts::totp_code(secret, now).expect("code")
+}
+
+/// A browser: keeps cookies, does not follow redirects (so tests see them).
+pub struct Browser {
+    base: String,
+    http: reqwest::Client,
+    cookies: HashMap<String, String>,
+}
+
+pub struct Page {
+    pub status: u16,
+    pub location: Option<String>,
+    pub body: String,
+}
+
+impl Page {
+    /// The value of the first hidden input `name` on the page.
+    pub fn hidden(&self, name: &str) -> String {
+        let needle = format!("name=\"{name}\" value=\"");
+        let at = self
+            .body
+            .find(&needle)
+            .unwrap_or_else(|| panic!("no {name} on the page: {}", self.body));
+        let rest = &self.body[at + needle.len()..];
+        rest[..rest.find('"').expect("quote")].to_string()
+    }
+}
+
+impl Browser {
+    pub fn new(base: &str) -> Browser {
+        Browser {
+            base: base.to_string(),
+            http: reqwest::Client::builder()
+                .redirect(Policy::none())
+                .build()
+                .expect("client"),
+            cookies: HashMap::new(),
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    async fn take(&mut self, r: reqwest::Response) -> Page {
+        for c in r.headers().get_all(SET_COOKIE) {
+            let c = c.to_str().expect("cookie");
+            let first = c.split(';').next().unwrap_or_default();
+            let (k, v) = first.split_once('=').expect("name=value");
+            assert!(c.contains("HttpOnly"), "cookie {k} is HttpOnly");
+            assert!(
+                c.contains("SameSite=Strict"),
+                "cookie {k} is SameSite=Strict"
+            );
+            if c.contains("Max-Age=0") {
+                self.cookies.remove(k);
+            } else {
+                self.cookies.insert(k.to_string(), v.to_string());
+            }
+        }
+        Page {
+            status: r.status().as_u16(),
+            location: r
+                .headers()
+                .get(LOCATION)
+                .map(|l| l.to_str().expect("location").to_string()),
+            body: r.text().await.expect("body"),
+        }
+    }
+
+    pub async fn get(&mut self, path: &str) -> Page {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header(COOKIE, self.cookie_header())
+            .send()
+            .await
+            .expect("get");
+        self.take(r).await
+    }
+
+    pub async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Page {
+        let body: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header(COOKIE, self.cookie_header())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .expect("post");
+        self.take(r).await
+    }
+
+    /// Signs in with password and the current TOTP code; panics unless it works.
+    pub async fn sign_in(&mut self, email: &str, password: &str, secret: &str) {
+        let form = self.get("/inbox/sign-in").await;
+        assert_eq!(form.status, 200, "{}", form.body);
+        let csrf = form.hidden("csrf");
+        let r = self
+            .post(
+                "/inbox/sign-in",
+                &[("csrf", &csrf), ("email", email), ("password", password)],
+            )
+            .await;
+        assert_eq!(r.status, 303, "password step: {}", r.body);
+        assert_eq!(r.location.as_deref(), Some("/inbox/sign-in/code"));
+        let code_page = self.get("/inbox/sign-in/code").await;
+        let csrf = code_page.hidden("csrf");
+        let r = self
+            .post(
+                "/inbox/sign-in/code",
+                &[("csrf", &csrf), ("code", &code_now(secret))],
+            )
+            .await;
+        assert_eq!(r.status, 303, "code step: {}", r.body);
+        assert_eq!(r.location.as_deref(), Some("/inbox"));
+    }
+
+    /// Posts an action form of a referral page, with the page's CSRF token and version.
+    pub async fn act(&mut self, task: &str, action: &str, extra: &[(&str, &str)]) -> Page {
+        let page = self.get(&format!("/inbox/referrals/{task}")).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let (csrf, version) = (page.hidden("csrf"), page.hidden("version"));
+        let mut form = vec![("csrf", csrf.as_str()), ("version", version.as_str())];
+        form.extend_from_slice(extra);
+        self.post(&format!("/inbox/referrals/{task}/{action}"), &form)
+            .await
+    }
+}
+
+async fn start(dir: &std::path::Path) -> TestGateway {
+    TestGateway::start_with(dir, demo_config_with_people()).await
+}
+
+/// The clinical data's digest: what a refused page action must leave as it was (sessions,
+/// accounts and the audit trail may change).
+fn clinical_digest(gw: &TestGateway) -> String {
+    let mut skip: Vec<&[u8]> = sp_gateway::audit::PREFIXES.to_vec();
+    skip.extend_from_slice(sp_gateway::accounts::PREFIXES);
+    skip.push(b"c/clock");
+    gw.gateway
+        .as_ref()
+        .expect("running")
+        .store()
+        .digest_excluding(&skip)
+        .expect("digest")
+}
+
+/// Sign-in and sign-out events (DICOM 110114), newest first.
+async fn sign_ins(gw: &TestGateway) -> Vec<Value> {
+    audit_events(gw, "action=E&_count=200")
+        .await
+        .into_iter()
+        .filter(|e| e["type"]["code"] == "110114")
+        .collect()
+}
+
+async fn audit_events(gw: &TestGateway, query: &str) -> Vec<Value> {
+    let r = gw
+        .get("demo-auditor-token", &format!("/fhir/AuditEvent?{query}"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.entries()
+}
+
+#[tokio::test]
+async fn a_group_works_a_referral_in_the_browser_and_the_gp_sees_the_outcome() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let gw = start(dir.path()).await;
+    let (_patient, sr, task) = gw.refer(GP, &fixture("referral-ada.json")).await;
+
+    let mut b = Browser::new(&gw.base);
+    // Not signed in: the queue sends the browser to sign in.
+    let r = b.get("/inbox").await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.location.as_deref(), Some("/inbox/sign-in"));
+    b.sign_in(CRAFTS, CRAFTS_PASSWORD, &secret_of(CRAFTS)).await;
+
+    let queue = b.get("/inbox").await;
+    assert_eq!(queue.status, 200);
+    assert!(queue.body.contains("Referrals for Pendle Crafting Circle"));
+    assert!(queue.body.contains("Ada Example"), "{}", queue.body);
+    assert!(queue.body.contains(&format!("/inbox/referrals/{task}")));
+    assert!(queue.body.contains("<strong>1</strong> New"));
+
+    let page = b.get(&format!("/inbox/referrals/{task}")).await;
+    assert_eq!(page.status, 200);
+    for shown in [
+        "01282 000000",
+        "BB9 7SR",
+        "Lives alone since her husband died",
+        "Nelson Health Centre (P81001)",
+        "Dr A Khan (GP)",
+        "rule loneliness-pendle",
+    ] {
+        assert!(page.body.contains(shown), "the page shows {shown}");
+    }
+    assert!(page.body.contains("content=\"width=device-width"));
+
+    let r = b.act(&task, "accept", &[]).await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let done = b.get(r.location.as_deref().expect("to")).await;
+    assert!(done.body.contains("You accepted this referral"));
+
+    let r = b
+        .act(
+            &task,
+            "contact",
+            &[("date", "21/11/2026"), ("kind", "made")],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+
+    // A score outside SWEMWBS's 7–35 is refused beside its field, and nothing is written.
+    let before = clinical_digest(&gw);
+    let r = b
+        .act(
+            &task,
+            "outcome",
+            &[("measure", "718466001"), ("score", "99")],
+        )
+        .await;
+    assert_eq!(r.status, 422);
+    assert!(r.body.contains("id=\"score-error\""), "{}", r.body);
+    assert!(r.body.contains("Enter a whole number from 7 to 35"));
+    assert!(r.body.contains("value=\"99\""), "what was typed is kept");
+    assert_eq!(
+        clinical_digest(&gw),
+        before,
+        "a refused score writes nothing"
+    );
+
+    let r = b
+        .act(
+            &task,
+            "outcome",
+            &[("measure", "718466001"), ("score", "24")],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let r = b.act(&task, "complete", &[]).await;
+    assert_eq!(r.status, 303, "{}", r.body);
+
+    // The GP system sees it over FHIR: the Task completed with its outcome, the referral
+    // completed, and the SWEMWBS score of 24.
+    let t = gw.get(GP, &format!("/fhir/Task/{task}")).await;
+    assert_eq!(t.body["status"], "completed", "{}", t.body);
+    assert_eq!(
+        t.body["businessStatus"]["text"],
+        "Contact made on 2026-11-21"
+    );
+    let obs_ref = t.body["output"][0]["valueReference"]["reference"]
+        .as_str()
+        .expect("output")
+        .to_string();
+    let obs = gw.get(GP, &format!("/fhir/{obs_ref}")).await;
+    assert_eq!(obs.body["valueInteger"], 24);
+    assert_eq!(obs.body["code"]["coding"][0]["code"], "718466001");
+    let s = gw.get(GP, &format!("/fhir/ServiceRequest/{sr}")).await;
+    assert_eq!(s.body["status"], "completed");
+
+    // The trail names the person, with their organisation, for the changes and the views.
+    let events = audit_events(&gw, &format!("entity=Task/{task}")).await;
+    let by_person: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["agent"][0]["who"]["display"] == CRAFTS)
+        .collect();
+    assert!(
+        by_person.len() >= 5,
+        "views and changes by the person: {events:?}"
+    );
+    assert!(by_person
+        .iter()
+        .all(|e| e["agent"][1]["who"]["reference"] == "Organization/pendle-crafts"));
+    let provenance = gw
+        .get(
+            "demo-auditor-token",
+            &format!("/fhir/Provenance?target=Task/{task}"),
+        )
+        .await;
+    assert!(
+        provenance
+            .entries()
+            .iter()
+            .any(|e| e["agent"][0]["who"]["display"] == CRAFTS),
+        "Provenance names the person: {}",
+        provenance.body
+    );
+    let logins = sign_ins(&gw).await;
+    assert!(
+        logins
+            .iter()
+            .any(|e| e["agent"][0]["who"]["display"] == CRAFTS && e["outcome"] == "0"),
+        "the sign-in is on the trail: {logins:?}"
+    );
+}
+
+#[tokio::test]
+async fn pages_refuse_what_they_must_and_change_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let gw = start(dir.path()).await;
+    let mut ada = fixture("referral-ada.json");
+    ada["notes"] = Value::String("<script>alert('x')</script> & more".into());
+    let (_, _, crafts_task) = gw.refer(GP, &ada).await;
+    let mut b = Browser::new(&gw.base);
+    b.sign_in(CRAFTS, CRAFTS_PASSWORD, &secret_of(CRAFTS)).await;
+
+    // Markup in what the GP wrote is shown as text.
+    let page = b.get(&format!("/inbox/referrals/{crafts_task}")).await;
+    assert!(!page.body.contains("<script>alert"), "{}", page.body);
+    assert!(
+        page.body
+            .contains("&#60;script&#62;alert(&#39;x&#39;)&#60;/script&#62; &#38; more")
+            || page
+                .body
+                .contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; more")
+    );
+    let csp = b
+        .http
+        .get(format!("{}/inbox/sign-in", gw.base))
+        .send()
+        .await
+        .expect("get");
+    let csp = csp
+        .headers()
+        .get("content-security-policy")
+        .expect("CSP")
+        .to_str()
+        .expect("text")
+        .to_string();
+    assert!(csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"));
+
+    // A person of another group: the referral is not found, read or changed.
+    let mut other = Browser::new(&gw.base);
+    other
+        .sign_in(MONEY, MONEY_PASSWORD, &secret_of(MONEY))
+        .await;
+    let r = other.get(&format!("/inbox/referrals/{crafts_task}")).await;
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("Referral not found"));
+    let before = clinical_digest(&gw);
+    let csrf = other.get("/inbox").await;
+    assert!(!csrf.body.contains("Ada Example"), "not in their queue");
+    let token = csrf.hidden("csrf");
+    let r = other
+        .post(
+            &format!("/inbox/referrals/{crafts_task}/accept"),
+            &[("csrf", &token), ("version", "1")],
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(clinical_digest(&gw), before);
+
+    // A form without its CSRF token (or with another session's): 403, nothing changed.
+    let r = b
+        .post(
+            &format!("/inbox/referrals/{crafts_task}/accept"),
+            &[("version", "1")],
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    assert!(r.body.contains("Nothing was changed"));
+    let r = b
+        .post(
+            &format!("/inbox/referrals/{crafts_task}/accept"),
+            &[("csrf", &token), ("version", "1")],
+        )
+        .await;
+    assert_eq!(r.status, 403, "another session's token");
+    assert_eq!(clinical_digest(&gw), before);
+
+    // A stale page: the change is refused and the current state shown.
+    let page = b.get(&format!("/inbox/referrals/{crafts_task}")).await;
+    let (csrf, version) = (page.hidden("csrf"), page.hidden("version"));
+    let r = b.act(&crafts_task, "accept", &[]).await;
+    assert_eq!(r.status, 303);
+    let r = b
+        .post(
+            &format!("/inbox/referrals/{crafts_task}/decline"),
+            &[
+                ("csrf", &csrf),
+                ("version", &version),
+                ("reason", "no-capacity"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("This referral changed since you opened it"));
+    assert!(r.body.contains("Accepted"), "the current state is shown");
+    let t = gw.get(GP, &format!("/fhir/Task/{crafts_task}")).await;
+    assert_eq!(
+        t.body["status"], "accepted",
+        "the stale decline was not made"
+    );
+
+    // A form's missing field is named beside it, with nothing changed.
+    let before = clinical_digest(&gw);
+    let r = b.act(&crafts_task, "hold", &[("reason", " ")]).await;
+    assert_eq!(r.status, 422);
+    assert!(r.body.contains("id=\"hold-reason-error\""));
+    assert_eq!(clinical_digest(&gw), before);
+
+    // Signing out ends the session: its cookie no longer opens the queue.
+    let queue = b.get("/inbox").await;
+    let csrf = queue.hidden("csrf");
+    let saved = b.cookies.clone();
+    let r = b.post("/inbox/sign-out", &[("csrf", &csrf)]).await;
+    assert_eq!(r.status, 303);
+    b.cookies = saved;
+    let r = b.get("/inbox").await;
+    assert_eq!(r.status, 303, "the old session cookie is worth nothing");
+}
+
+#[tokio::test]
+async fn the_sixth_wrong_password_finds_the_account_locked_and_the_trail_says_so() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let gw = start(dir.path()).await;
+    let mut b = Browser::new(&gw.base);
+    for attempt in 1..=6 {
+        let form = b.get("/inbox/sign-in").await;
+        let csrf = form.hidden("csrf");
+        let r = b
+            .post(
+                "/inbox/sign-in",
+                &[
+                    ("csrf", &csrf),
+                    ("email", CRAFTS),
+                    ("password", "not-the-password"),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, 401, "attempt {attempt}");
+        let locked = r.body.contains("locked");
+        assert_eq!(locked, attempt >= 5, "attempt {attempt}: {}", r.body);
+    }
+    // Locked: even the right password is refused now.
+    let form = b.get("/inbox/sign-in").await;
+    let csrf = form.hidden("csrf");
+    let r = b
+        .post(
+            "/inbox/sign-in",
+            &[
+                ("csrf", &csrf),
+                ("email", CRAFTS),
+                ("password", CRAFTS_PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    assert!(r.body.contains("locked"));
+    let failures: Vec<Value> = sign_ins(&gw)
+        .await
+        .into_iter()
+        .filter(|e| e["agent"][0]["who"]["display"] == CRAFTS && e["outcome"] == "4")
+        .collect();
+    assert_eq!(failures.len(), 7, "every failed sign-in is on the trail");
+
+    // An unknown email gets the same answer as a wrong password.
+    let form = b.get("/inbox/sign-in").await;
+    let csrf = form.hidden("csrf");
+    let r = b
+        .post(
+            "/inbox/sign-in",
+            &[
+                ("csrf", &csrf),
+                ("email", "nobody@example.org"),
+                ("password", "whatever-it-is"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    assert!(r.body.contains("The email or password is not right"));
+    // A sign-in form without its pre-session token is refused.
+    let r = b
+        .post(
+            "/inbox/sign-in",
+            &[("email", MONEY), ("password", MONEY_PASSWORD)],
+        )
+        .await;
+    assert_eq!(r.status, 403);
+}
+
+#[tokio::test]
+async fn a_session_ends_when_the_clock_passes_its_idle_time_and_when_its_account_is_disabled() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let gw = start(dir.path()).await;
+    let mut b = Browser::new(&gw.base);
+    b.sign_in(CRAFTS, CRAFTS_PASSWORD, &secret_of(CRAFTS)).await;
+    assert_eq!(b.get("/inbox").await.status, 200);
+
+    // The commit clock jumps 31 minutes on (as after a wall clock stepped forward, or a
+    // quiet half hour): the idle timeout (30 minutes) has passed.
+    let store = gw.gateway.as_ref().expect("running").store();
+    let later = sp_gateway::clock::Now::current().micros + 31 * 60_000_000;
+    store
+        .transact::<_, sp_gateway::error::Error>(|tx| {
+            tx.put(b"c/clock", later.to_string().as_bytes())?;
+            Ok(())
+        })
+        .expect("clock");
+    let r = b.get("/inbox").await;
+    assert_eq!(r.status, 303, "an idle session has ended");
+    assert_eq!(r.location.as_deref(), Some("/inbox/sign-in"));
+
+    // Signed in again; an administrator disables the account: the session ends at once.
+    b.sign_in(CRAFTS, CRAFTS_PASSWORD, &secret_of(CRAFTS)).await;
+    assert_eq!(b.get("/inbox").await.status, 200);
+    sp_gateway::accounts::set_disabled(store, CRAFTS, true).expect("disable");
+    assert_eq!(b.get("/inbox").await.status, 303);
+}
+
+#[tokio::test]
+async fn a_new_person_enrols_their_authenticator_from_a_qr_code() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let gw = start(dir.path()).await;
+    let g = gw.gateway.as_ref().expect("running");
+    // A weak password or an unknown provider is refused, and no account is made.
+    assert!(sp_gateway::accounts::add(
+        g.store(),
+        g.config(),
+        "new@example.org",
+        "pendle-crafts",
+        "short"
+    )
+    .is_err());
+    assert!(sp_gateway::accounts::add(
+        g.store(),
+        g.config(),
+        "new@example.org",
+        "no-such-group",
+        "a long enough password"
+    )
+    .is_err());
+    sp_gateway::accounts::add(
+        g.store(),
+        g.config(),
+        "new@example.org",
+        "pendle-crafts",
+        "a long enough password",
+    )
+    .expect("add");
+    let mut b = Browser::new(&gw.base);
+    let form = b.get("/inbox/sign-in").await;
+    let csrf = form.hidden("csrf");
+    let r = b
+        .post(
+            "/inbox/sign-in",
+            &[
+                ("csrf", &csrf),
+                ("email", "new@example.org"),
+                ("password", "a long enough password"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 303);
+    let enrol = b.get("/inbox/sign-in/code").await;
+    assert!(enrol.body.contains("Set up your security code"));
+    assert!(enrol.body.contains("src=\"data:image/svg+xml;base64,"));
+    let secret = {
+        let at = enrol.body.find("<code>").expect("secret shown") + 6;
+        enrol.body[at..at + enrol.body[at..].find('<').expect("end")].to_string()
+    };
+    // A wrong code is refused beside the field; the right one signs in.
+    let csrf = enrol.hidden("csrf");
+    let r = b
+        .post(
+            "/inbox/sign-in/code",
+            &[("csrf", &csrf), ("code", "000000")],
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    assert!(r.body.contains("id=\"code-error\""));
+    let r = b
+        .post(
+            "/inbox/sign-in/code",
+            &[("csrf", &csrf), ("code", &code_now(&secret))],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(b.get("/inbox").await.status, 200);
+    let u = sp_gateway::accounts::list(g.store())
+        .expect("list")
+        .into_iter()
+        .find(|u| u.email == "new@example.org")
+        .expect("account");
+    assert!(u.totp_enrolled);
+    assert!(u.password.starts_with("$argon2id$"), "argon2id");
+}
