@@ -15,6 +15,7 @@ mod faults;
 mod fhir_api;
 mod hostile;
 mod inbox;
+mod inbox_browser;
 mod isolation;
 mod mesh;
 mod operations;
