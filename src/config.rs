@@ -343,6 +343,10 @@ pub struct Provider {
     /// has waited longer).
     #[serde(default = "default_response_days")]
     pub response_days: u32,
+    /// The group's address for "new referrals are waiting" emails (no patient data in
+    /// them); none: no email.
+    #[serde(default)]
+    pub email: Option<String>,
 }
 
 fn default_response_days() -> u32 {
@@ -372,6 +376,52 @@ pub struct InboxConfig {
     /// loopback only.
     #[serde(default)]
     pub demo_users: Vec<DemoUser>,
+    /// Email to groups when new referrals reach them; none: no email.
+    #[serde(default)]
+    pub email: Option<EmailConfig>,
+}
+
+/// The SMTP server the gateway sends "new referrals are waiting" emails through.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    pub smtp_host: String,
+    #[serde(default = "default_smtp_port")]
+    pub smtp_port: u16,
+    /// STARTTLS, required: plain SMTP is refused unless the host is loopback.
+    #[serde(default = "default_true")]
+    pub starttls: bool,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the SMTP server by; default: the Mozilla roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The sender, e.g. "Referrals <referrals@example.org>".
+    pub from: String,
+    /// The address people reach the gateway at, for the link in the email
+    /// (e.g. https://referrals.example.org).
+    pub base_url: String,
+    /// At most one email to a group per this many seconds.
+    #[serde(default = "default_email_interval")]
+    pub interval_secs: u64,
+    /// How often to look for new referrals, in milliseconds.
+    #[serde(default = "default_email_poll")]
+    pub poll_ms: u64,
+}
+
+fn default_smtp_port() -> u16 {
+    587
+}
+fn default_true() -> bool {
+    true
+}
+fn default_email_interval() -> u64 {
+    3600
+}
+fn default_email_poll() -> u64 {
+    10_000
 }
 
 impl Default for InboxConfig {
@@ -383,6 +433,7 @@ impl Default for InboxConfig {
             lock_minutes: default_lock_minutes(),
             attempts_per_address_per_minute: default_per_address(),
             demo_users: Vec::new(),
+            email: None,
         }
     }
 }
@@ -604,6 +655,49 @@ impl Config {
         ] {
             if !(lo..=hi).contains(&v) {
                 return Err(bad(key.into(), format!("must be from {lo} to {hi}")));
+            }
+        }
+        if let Some(e) = &i.email {
+            let loopback = matches!(e.smtp_host.as_str(), "localhost" | "127.0.0.1" | "::1");
+            if !e.starttls && !loopback {
+                return Err(bad(
+                    "inbox.email.starttls".into(),
+                    "must be true: plain SMTP is allowed to a loopback host only".into(),
+                ));
+            }
+            if !crate::accounts::email_ok(
+                e.from
+                    .rsplit('<')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_end_matches('>'),
+            ) {
+                return Err(bad(
+                    "inbox.email.from".into(),
+                    "is not an email address (e.g. \"Referrals <referrals@example.org>\")".into(),
+                ));
+            }
+            if !(e.base_url.starts_with("https://") || e.base_url.starts_with("http://")) {
+                return Err(bad(
+                    "inbox.email.base_url".into(),
+                    "must be an http(s) URL".into(),
+                ));
+            }
+            if e.interval_secs < 1 || e.poll_ms < 10 {
+                return Err(bad(
+                    "inbox.email".into(),
+                    "interval_secs must be at least 1 and poll_ms at least 10".into(),
+                ));
+            }
+        }
+        for p in &self.providers {
+            if let Some(a) = &p.email {
+                if !crate::accounts::email_ok(a) {
+                    return Err(bad(
+                        format!("providers[{}].email", p.id),
+                        "is not an email address".into(),
+                    ));
+                }
             }
         }
         for (n, d) in i.demo_users.iter().enumerate() {

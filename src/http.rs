@@ -704,6 +704,7 @@ async fn admin_outbox(State(st): State<AppState>, who: Principal) -> ApiResult {
     require_admin(&who)?;
     let mut s = crate::outbox::summary(&st.gateway)?;
     s.endpoints = st.outbox.endpoints();
+    s.email = st.outbox.email.views();
     let body = serde_json::to_value(&s).map_err(|e| ApiError(Error::Internal(e.to_string())))?;
     Ok((StatusCode::OK, axum::Json(body)).into_response())
 }

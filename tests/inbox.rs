@@ -633,3 +633,204 @@ async fn a_new_person_enrols_their_authenticator_from_a_qr_code() {
     assert!(u.totp_enrolled);
     assert!(u.password.starts_with("$argon2id$"), "argon2id");
 }
+
+/// Installs aiosmtpd under `dir`, once; returns its python.
+fn smtp_tools(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::process::Command;
+    std::fs::create_dir_all(dir).expect("tools dir");
+    let python = dir.join("venv/bin/python");
+    let have = Command::new(&python)
+        .args(["-c", "import aiosmtpd"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        crate::conformance::run(
+            Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(dir.join("venv")),
+            "python3 -m venv",
+        );
+        crate::conformance::run(
+            Command::new(&python).args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "aiosmtpd==1.4.6",
+            ]),
+            "pip install aiosmtpd",
+        );
+    }
+    python
+}
+
+/// A CA and a server certificate for 127.0.0.1, as PEM files in `dir`: (ca, cert, key).
+fn smtp_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "sp-gateway SMTP test CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    p.subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+    let cert = p.signed_by(&key, &ca_cert, &ca_key).expect("cert");
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("smtp.pem"),
+        dir.join("smtp-key.pem"),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).expect("write");
+    std::fs::write(&paths.1, cert.pem()).expect("write");
+    std::fs::write(&paths.2, key.serialize_pem()).expect("write");
+    paths
+}
+
+async fn email_view(gw: &TestGateway) -> Value {
+    let r = gw.get("demo-admin-token", "/admin/outbox").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["email"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["provider"] == "pendle-crafts"))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn new_referrals_are_emailed_to_the_group_once_per_interval_with_no_patient_data() {
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp");
+    let python = smtp_tools(&target.join("smtp-tools"));
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ca, cert, key) = smtp_pki(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let config = demo_config_with_people()
+        .replacen(
+            "id = \"pendle-crafts\"",
+            "id = \"pendle-crafts\"\nemail = \"crafts-group@example.org\"",
+            1,
+        )
+        .replacen(
+            "[inbox]\n",
+            &format!(
+                "[inbox]\n\n[inbox.email]\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {port}\n\
+                 ca_file = \"{}\"\nfrom = \"Referrals <referrals@example.org>\"\n\
+                 base_url = \"https://referrals.example.org\"\ninterval_secs = 3600\npoll_ms = 100\n\n",
+                ca.display()
+            ),
+            1,
+        );
+    let data = dir.path().join("data");
+    let gw = TestGateway::start_with(&data, config).await;
+
+    // The SMTP server is not up: referrals are taken at once all the same, and the
+    // operator sees the group's email failing.
+    let started = std::time::Instant::now();
+    gw.refer(GP, &fixture("referral-ada.json")).await;
+    gw.refer(
+        GP,
+        &variant(
+            "referral-ada.json",
+            "EMIS-2026-EMAIL-2",
+            Some(&nhs_number(41)),
+        ),
+    )
+    .await;
+    assert!(
+        started.elapsed().as_secs() < 5,
+        "referrals do not wait for email"
+    );
+    let mut failing = Value::Null;
+    for _ in 0..100 {
+        failing = email_view(&gw).await;
+        if failing["consecutive_failures"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        failing["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("SMTP")),
+        "the admin view shows the failure: {failing}"
+    );
+    assert_eq!(failing["untold"], 2);
+
+    // Now a real SMTP server (STARTTLS required) comes up: one email, for both referrals.
+    let out = dir.path().join("mail");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/inbox/smtp_server.py");
+    let mut smtp = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(port.to_string())
+        .arg(&cert)
+        .arg(&key)
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("aiosmtpd");
+    let mut mails = Vec::new();
+    for _ in 0..300 {
+        mails = std::fs::read_dir(&out)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if !mails.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(mails.len(), 1, "one email");
+    let mail = std::fs::read_to_string(&mails[0]).expect("mail");
+    assert!(
+        mail.contains("X-Test-TLS: yes"),
+        "sent over STARTTLS: {mail}"
+    );
+    assert!(mail.contains("X-Test-Rcpt: crafts-group@example.org"));
+    assert!(
+        mail.contains("Subject: 2 new referrals are waiting for Pendle Crafting Circle"),
+        "{mail}"
+    );
+    assert!(mail.contains("https://referrals.example.org/inbox"));
+    for private in [
+        "Ada",
+        "Example",
+        "9990000018",
+        "BB9",
+        "01282",
+        "onel",
+        "Lives alone",
+        "1948",
+    ] {
+        assert!(
+            !mail.contains(private),
+            "the email holds no patient data ({private}): {mail}"
+        );
+    }
+    let ok = email_view(&gw).await;
+    assert_eq!(ok["consecutive_failures"], 0, "{ok}");
+    assert!(ok["last_sent"].is_string());
+
+    // A third referral within the interval: no second email yet; the operator sees it
+    // waiting to be told.
+    gw.refer(
+        GP,
+        &variant(
+            "referral-ada.json",
+            "EMIS-2026-EMAIL-3",
+            Some(&nhs_number(42)),
+        ),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let count = std::fs::read_dir(&out).expect("mail dir").count();
+    assert_eq!(count, 1, "at most one email per interval");
+    assert_eq!(email_view(&gw).await["untold"], 1);
+    let _ = smtp.kill();
+    let _ = smtp.wait();
+}

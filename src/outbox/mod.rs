@@ -6,10 +6,12 @@
 //! earlier one), exponential backoff with jitter and a retry ceiling, dead letters
 //! (`o/dead/{seq}`) for permanent failures, delivery records (`o/done/{seq}`), and the
 //! operator's view: list, retry, stop. The channels, one file each: [`fhir_push`] (each
-//! Observation POSTed to the practice's FHIR endpoint) and [`mesh`] (a letter per Task
-//! event over MESH, with its acknowledgements). It must not log anything of what it carries:
+//! Observation POSTed to the practice's FHIR endpoint), [`mesh`] (a letter per Task
+//! event over MESH, with its acknowledgements) and, the other way, [`email`] (telling a
+//! provider group that new referrals wait in its inbox). It must not log anything of what it carries:
 //! only sequence numbers, practices, ids and status codes.
 
+pub mod email;
 mod fhir_push;
 pub mod mesh;
 
@@ -43,6 +45,8 @@ pub enum OutboxError {
         section: &'static str,
         message: String,
     },
+    #[error("{key}: {message}")]
+    Config { key: String, message: String },
 }
 
 /// A queued, delivered or dead message.
@@ -155,6 +159,9 @@ pub struct Summary {
     /// Each practice endpoint's state (a running gateway only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<EndpointView>,
+    /// Each provider group's "new referrals" email (a running gateway only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub email: Vec<email::EmailView>,
 }
 
 fn messages(gw: &Gateway, prefix: &str) -> Result<Vec<Message>> {
@@ -171,6 +178,7 @@ pub fn summary(gw: &Gateway) -> Result<Summary> {
         dead_letters: messages(gw, DEAD)?,
         delivered: gw.store().count(DONE.as_bytes())?,
         endpoints: Vec::new(),
+        email: Vec::new(),
     })
 }
 
@@ -338,6 +346,7 @@ enum Channel {
 pub struct Outbox {
     targets: HashMap<String, Arc<Channel>>,
     health: Arc<Health>,
+    mailer: Option<email::Mailer>,
 }
 
 impl Outbox {
@@ -355,7 +364,15 @@ impl Outbox {
             }
         }
         let health = Arc::new(Health::default());
-        Ok(Outbox { targets, health })
+        let mailer = match &cfg.inbox.email {
+            Some(e) => Some(email::Mailer::new(e)?),
+            None => None,
+        };
+        Ok(Outbox {
+            targets,
+            health,
+            mailer,
+        })
     }
 
     /// What the workers report (readiness, metrics, the operator's view).
@@ -373,6 +390,9 @@ impl Outbox {
         tasks: &mut tokio::task::JoinSet<()>,
     ) {
         mesh::start_inbox_readers(&gw, &self.targets, &stop, tasks);
+        if let Some(mailer) = self.mailer {
+            email::start(&gw, mailer, &self.health, &stop, tasks);
+        }
         for (ods, t) in self.targets {
             let (gw, mut stop, health) = (gw.clone(), stop.clone(), self.health.clone());
             health.register(&ods);
@@ -400,6 +420,8 @@ impl Outbox {
 #[derive(Default)]
 pub struct Health {
     practices: Mutex<BTreeMap<String, PracticeState>>,
+    /// The provider groups' "new referrals" emails.
+    pub email: email::EmailHealth,
 }
 
 struct PracticeState {
