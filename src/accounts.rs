@@ -227,19 +227,7 @@ pub fn list(store: &Store) -> Result<Vec<User>> {
     Ok(out)
 }
 
-/// Is `email` plausibly an email address (one `@`, a dot after it, no spaces)?
-pub fn email_ok(email: &str) -> bool {
-    let Some((local, domain)) = email.split_once('@') else {
-        return false;
-    };
-    !local.is_empty()
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !email.contains(char::is_whitespace)
-        && !domain.contains('@')
-        && email.len() <= 254
-}
+pub use crate::config::email_ok;
 
 /// Passwords: at least 12 characters (NCSC guidance favours length over composition rules).
 pub fn password_policy(password: &str) -> std::result::Result<(), String> {

@@ -58,6 +58,9 @@ pub fn task_reason_system() -> String {
     format!("{CANONICAL}/CodeSystem/task-status-reason")
 }
 pub const PATIENT_DECLINED: &str = "patient-declined";
+/// Task rejection reasons that send the referral on to the fallback hub.
+pub const NO_CAPACITY: &str = "no-capacity";
+pub const NOT_ELIGIBLE: &str = "not-eligible";
 
 pub fn feedback_system() -> String {
     format!("{CANONICAL}/CodeSystem/feedback")
@@ -554,6 +557,22 @@ pub fn validate(resource: &Value, rtype: &str, cfg: &Config) -> Result<Vec<Issue
     Ok(issues)
 }
 
+/// Why a rejection passes the referral on to the fallback hub, in words, if it does: the
+/// gateway's `no-capacity` or `not-eligible` code in `statusReason`.
+pub fn reroute_reason(task: &Value) -> Option<&'static str> {
+    let codings = task.pointer("/statusReason/coding")?.as_array()?;
+    codings.iter().find_map(|c| {
+        if c.get("system").and_then(Value::as_str) != Some(task_reason_system().as_str()) {
+            return None;
+        }
+        match c.get("code").and_then(Value::as_str)? {
+            NO_CAPACITY => Some("no capacity"),
+            NOT_ELIGIBLE => Some("not eligible"),
+            _ => None,
+        }
+    })
+}
+
 /// Whether a Task rejection says the patient declined: the gateway's `patient-declined`
 /// code in `statusReason`, or the text "patient declined".
 pub fn is_patient_declined(task: &Value) -> bool {
@@ -784,6 +803,18 @@ mod tests {
             assert_eq!(cs["url"], url);
             assert_eq!(cs["concept"][0]["code"], code);
         }
+        let cs: Value = serde_json::from_str(include_str!(
+            "../profiles/CodeSystem-task-status-reason.json"
+        ))
+        .unwrap();
+        let codes: Vec<&str> = cs["concept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["code"].as_str())
+            .collect();
+        assert_eq!(codes, [PATIENT_DECLINED, NO_CAPACITY, NOT_ELIGIBLE]);
+        assert_eq!(cs["count"], 3);
     }
 
     #[test]

@@ -834,3 +834,105 @@ async fn new_referrals_are_emailed_to_the_group_once_per_interval_with_no_patien
     let _ = smtp.kill();
     let _ = smtp.wait();
 }
+
+#[tokio::test]
+async fn a_decline_for_capacity_goes_to_the_fallback_hub_and_a_patient_decline_ends_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let gw = start(dir.path()).await;
+    let (_, sr, task) = gw.refer(GP, &fixture("referral-ada.json")).await;
+    let mut b = Browser::new(&gw.base);
+    b.sign_in(CRAFTS, CRAFTS_PASSWORD, &secret_of(CRAFTS)).await;
+    // "Other" needs words: refused beside the field, nothing written.
+    let before = clinical_digest(&gw);
+    let r = b.act(&task, "decline", &[("reason", "other")]).await;
+    assert_eq!(r.status, 422);
+    assert!(r.body.contains("Say why you are declining"));
+    assert_eq!(clinical_digest(&gw), before);
+    let r = b.act(&task, "decline", &[("reason", "no-capacity")]).await;
+    assert_eq!(r.status, 303, "{}", r.body);
+
+    // The GP sees the group's Task rejected, the referral still active, now with the hub,
+    // and a new Task for the hub.
+    let t = gw.get(GP, &format!("/fhir/Task/{task}")).await;
+    assert_eq!(t.body["status"], "rejected");
+    assert_eq!(t.body["statusReason"]["coding"][0]["code"], "no-capacity");
+    let s = gw.get(GP, &format!("/fhir/ServiceRequest/{sr}")).await;
+    assert_eq!(s.body["status"], "active", "the referral goes on");
+    assert_eq!(
+        s.body["performer"][0]["reference"],
+        "Organization/pendle-cvs-hub"
+    );
+    let tasks = gw
+        .get(GP, &format!("/fhir/Task?focus=ServiceRequest/{sr}"))
+        .await;
+    let hub_task = tasks
+        .entries()
+        .into_iter()
+        .find(|t| t["owner"]["reference"] == "Organization/pendle-cvs-hub")
+        .expect("a Task for the hub");
+    assert_eq!(hub_task["status"], "requested");
+    let hub_id = hub_task["id"].as_str().expect("id").to_string();
+
+    // The hub's person finds it in their queue, and reads why it came to them.
+    let mut hub = Browser::new(&gw.base);
+    hub.sign_in(
+        "hub@demo.sp-gateway.example.org",
+        "demo-hub-password",
+        &secret_of("hub@demo.sp-gateway.example.org"),
+    )
+    .await;
+    let q = hub.get("/inbox").await;
+    assert!(
+        q.body.contains(&format!("/inbox/referrals/{hub_id}")),
+        "{}",
+        q.body
+    );
+    let page = hub.get(&format!("/inbox/referrals/{hub_id}")).await;
+    assert!(
+        page.body
+            .contains("Pendle Crafting Circle declined it (no capacity)"),
+        "{}",
+        page.body
+    );
+    // The group that declined no longer has it open.
+    let q = b.get("/inbox").await;
+    assert!(!q.body.contains(&format!("/inbox/referrals/{task}\"")));
+
+    // At the hub, the person declines: that ends the referral, with the declined record.
+    let r = hub
+        .act(&hub_id, "decline", &[("reason", "patient-declined")])
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let s = gw.get(GP, &format!("/fhir/ServiceRequest/{sr}")).await;
+    assert_eq!(s.body["status"], "revoked");
+    let obs = gw
+        .get(
+            GP,
+            &format!("/fhir/Observation?based-on=ServiceRequest/{sr}"),
+        )
+        .await;
+    assert!(
+        obs.entries()
+            .iter()
+            .any(|o| o["code"]["coding"][0]["code"] == "871711000000103"),
+        "the GP gets 'social prescribing declined': {}",
+        obs.body
+    );
+}
+
+#[test]
+fn readme_lists_the_demo_people_as_the_demo_config_has_them() {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .expect("README");
+    let cfg = sp_gateway::config::Config::parse(&demo_config_with_people(), "demo").expect("cfg");
+    assert_eq!(
+        cfg.inbox.demo_users.len(),
+        cfg.providers.len(),
+        "one per provider"
+    );
+    for d in &cfg.inbox.demo_users {
+        let row = format!("| `{}` | `{}` | `{}` |", d.email, d.password, d.totp_secret);
+        assert!(readme.contains(&row), "README lists {row}");
+    }
+}

@@ -381,8 +381,14 @@ impl Gateway {
                         "coding": [{ "system": fhir::task_reason_system(), "code": fhir::PATIENT_DECLINED, "display": "Patient declined" }],
                         "text": "Patient declined"
                     }),
-                    DeclineReason::NoCapacity => json!({ "text": "No capacity" }),
-                    DeclineReason::NotEligible => json!({ "text": "Not eligible" }),
+                    DeclineReason::NoCapacity => json!({
+                        "coding": [{ "system": fhir::task_reason_system(), "code": fhir::NO_CAPACITY, "display": "No capacity" }],
+                        "text": "No capacity"
+                    }),
+                    DeclineReason::NotEligible => json!({
+                        "coding": [{ "system": fhir::task_reason_system(), "code": fhir::NOT_ELIGIBLE, "display": "Not eligible" }],
+                        "text": "Not eligible"
+                    }),
                     DeclineReason::Other => json!({ "text": text }),
                 };
                 json!({ "status": "rejected", "statusReason": reason })

@@ -4,7 +4,7 @@
 //! (fhirpy's `save()`) do; a rejection because the patient declined also writes the
 //! declined Observation, in the same transaction.
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::{fail, keys, org_of, scopes, tx_add, tx_json, tx_now, tx_put_resource, Gateway};
 use crate::auth::Principal;
@@ -216,7 +216,13 @@ impl Gateway {
             let owner = org_of(&current, "owner");
             let practice = org_of(&current, "requester");
             tx_put_resource(tx, "Task", &task, Some(&current), &scopes(owner, practice))?;
-            if to != from {
+            // A group without room, or for whom the person is not eligible, passes the
+            // referral to the fallback hub rather than ending it there.
+            let fallback = cfg.routing.fallback_provider.as_str();
+            let reroute = (to == "rejected" && from != "rejected" && owner != Some(fallback))
+                .then(|| fhir::reroute_reason(&task))
+                .flatten();
+            if to != from && reroute.is_none() {
                 crate::outbox::mesh::tx_enqueue_letter(tx, cfg, practice, &task, &sr_id, &now)?;
             }
             if let Some(owner) = owner {
@@ -234,6 +240,13 @@ impl Gateway {
                     touched.push(format!("Observation/{obs_id}"));
                     self.tx_put_observation(tx, &obs, None, &sr_id, (owner, practice), &now)?;
                 }
+            }
+            if let Some(why) = reroute {
+                let new_task = tx_reroute(tx, cfg, &current, &sr_id, owner, practice, why, &now)?;
+                touched.push(format!("Task/{new_task}"));
+                touched.push(format!("ServiceRequest/{sr_id}"));
+                crate::audit::tx_record(tx, &touched, &now)?;
+                return Ok(task);
             }
             // The referral follows its Task to the end: completed, or revoked when it was
             // cancelled, rejected or failed.
@@ -267,6 +280,80 @@ impl Gateway {
         self.store.durable().await?;
         Ok(task)
     }
+}
+
+/// Passes a referral its provider rejected for capacity or eligibility to the fallback hub,
+/// in the rejection's transaction: a new Task for the hub (its routing decision says why),
+/// the ServiceRequest's performer the hub (it stays active), the hub's access and count.
+/// Returns the new Task's id.
+#[allow(clippy::too_many_arguments)]
+fn tx_reroute(
+    tx: &crate::store::Tx<'_>,
+    cfg: &crate::config::Config,
+    rejected: &Value,
+    sr_id: &str,
+    owner: Option<&str>,
+    practice: Option<&str>,
+    why: &str,
+    now: &crate::clock::Now,
+) -> super::TxResult<String> {
+    let Some(hub) = cfg.provider(&cfg.routing.fallback_provider) else {
+        return fail(Error::Internal(
+            "the fallback provider is not configured".into(),
+        ));
+    };
+    let from_name = owner
+        .and_then(|o| cfg.provider(o))
+        .map(|p| p.name.as_str())
+        .unwrap_or("the provider");
+    let patient_id = rejected
+        .get("for")
+        .and_then(|r| fhir::ref_id(r, "Patient"))
+        .unwrap_or_default()
+        .to_string();
+    let decision = crate::routing::Decision {
+        provider: hub.id.clone(),
+        rule: "fallback".into(),
+        reason: format!(
+            "{from_name} declined it ({why}); the fallback hub takes referrals no group can"
+        ),
+    };
+    let new_id = uuid::Uuid::new_v4().to_string();
+    let mut task = fhir::task(
+        &fhir::TaskSpec {
+            identifier: rejected.pointer("/identifier/0").cloned(),
+            priority: rejected.get("priority").and_then(Value::as_str),
+            practice_ods: practice.unwrap_or_default(),
+            patient_id: &patient_id,
+            sr_id,
+            provider: hub,
+            decision: &decision,
+            now: &now.instant,
+        },
+        cfg,
+    );
+    fhir::stamp(&mut task, &new_id, 1, &now.instant);
+    let hub_scopes = scopes(Some(&hub.id), practice);
+    tx_put_resource(tx, "Task", &task, None, &hub_scopes)?;
+    tx_add(tx, &keys::open_count(&hub.id), 1)?;
+    tx.put(keys::sr_task(sr_id).as_bytes(), new_id.as_bytes())?;
+    let hub_scope = format!("o/{}", hub.id);
+    for (t, id) in [("Patient", patient_id.as_str()), ("ServiceRequest", sr_id)] {
+        tx.put(keys::access(t, id, &hub_scope).as_bytes(), b"")?;
+    }
+    if let Some(sr) = tx_json(tx, &keys::current("ServiceRequest", sr_id))? {
+        let mut next = sr.clone();
+        next["performer"] = json!([fhir::provider_ref(hub)]);
+        fhir::stamp(&mut next, sr_id, fhir::version_of(&sr) + 1, &now.instant);
+        // Its time indexes move from the old provider's scope to the hub's.
+        if let Some(o) = owner {
+            for k in super::index_keys("ServiceRequest", &sr, &[format!("o/{o}")]) {
+                tx.remove(k.as_bytes())?;
+            }
+        }
+        tx_put_resource(tx, "ServiceRequest", &next, Some(&sr), &hub_scopes)?;
+    }
+    Ok(new_id)
 }
 
 fn check_id(proposed: &Value, id: &str) -> Result<()> {
