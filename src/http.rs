@@ -119,6 +119,8 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/outbox", get(admin_outbox))
         .route("/admin/backup", post(admin_backup))
         .route("/admin/outbox/{seq}/{action}", post(admin_outbox_action))
+        .route("/admin/users", get(admin_users).post(admin_users_add))
+        .route("/admin/users/{email}/{action}", post(admin_users_action))
         .route("/fhir/metadata", get(metadata))
         .route("/referrals", post(post_referral))
         .route("/fhir", post(transaction))
@@ -697,6 +699,110 @@ fn require_admin(who: &Principal) -> Result<(), ApiError> {
     } else {
         Err(ApiError(Error::Forbidden))
     }
+}
+
+/// An inbox person as the operator sees them (no hash, no secret).
+fn person_view(u: &crate::accounts::User) -> Value {
+    json!({
+        "email": u.email,
+        "provider": u.provider,
+        "enrolled": u.totp_enrolled,
+        "disabled": u.disabled,
+        "locked": u.locked_until > 0,
+        "demo": u.demo
+    })
+}
+
+/// `GET /admin/users`: the provider inbox's people.
+async fn admin_users(State(st): State<AppState>, who: Principal) -> ApiResult {
+    require_admin(&who)?;
+    let people: Vec<Value> = crate::accounts::list(st.gateway.store())?
+        .iter()
+        .map(person_view)
+        .collect();
+    Ok((StatusCode::OK, axum::Json(json!({ "people": people }))).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct PersonBody {
+    #[serde(default)]
+    provider: String,
+    #[serde(default)]
+    email: String,
+    /// None: a random first password, returned once.
+    #[serde(default)]
+    password: Option<String>,
+}
+
+fn person_body(body: &[u8]) -> Result<PersonBody, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(PersonBody {
+            provider: String::new(),
+            email: String::new(),
+            password: None,
+        });
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(Error::invalid(
+            "structure",
+            "",
+            format!("the body must be a JSON object with provider, email and (optionally) password: {e}"),
+        ))
+    })
+}
+
+/// `POST /admin/users` `{provider, email[, password]}`: adds a person on a running gateway;
+/// answers their first password when it made one.
+async fn admin_users_add(State(st): State<AppState>, who: Principal, body: Bytes) -> ApiResult {
+    require_admin(&who)?;
+    let b = person_body(&body)?;
+    let (password, generated) = match b.password {
+        Some(p) => (p, false),
+        None => (crate::accounts::random_password(), true),
+    };
+    let gw = st.gateway.clone();
+    let pw = password.clone();
+    let u = tokio::task::spawn_blocking(move || {
+        crate::accounts::add(gw.store(), gw.config(), &b.email, &b.provider, &pw)
+    })
+    .await
+    .map_err(|e| ApiError(Error::Internal(e.to_string())))??;
+    let mut out = person_view(&u);
+    if generated {
+        out["password"] = Value::String(password);
+    }
+    Ok((StatusCode::CREATED, axum::Json(out)).into_response())
+}
+
+/// `POST /admin/users/{email}/disable|enable|reset` (reset: `{password}` optional).
+async fn admin_users_action(
+    State(st): State<AppState>,
+    Path((email, action)): Path<(String, String)>,
+    who: Principal,
+    body: Bytes,
+) -> ApiResult {
+    require_admin(&who)?;
+    let b = person_body(&body)?;
+    let gw = st.gateway.clone();
+    let (password, generated) = match b.password {
+        Some(p) => (p, false),
+        None => (crate::accounts::random_password(), true),
+    };
+    let pw = password.clone();
+    let act = action.clone();
+    let u = tokio::task::spawn_blocking(move || match act.as_str() {
+        "disable" => crate::accounts::set_disabled(gw.store(), &email, true),
+        "enable" => crate::accounts::set_disabled(gw.store(), &email, false),
+        "reset" => crate::accounts::reset(gw.store(), &email, &pw),
+        _ => Err(Error::not_found("no such user action")),
+    })
+    .await
+    .map_err(|e| ApiError(Error::Internal(e.to_string())))??;
+    let mut out = person_view(&u);
+    if action == "reset" && generated {
+        out["password"] = Value::String(password);
+    }
+    Ok((StatusCode::OK, axum::Json(out)).into_response())
 }
 
 /// `GET /admin/outbox`: pending messages and dead letters (no clinical content).

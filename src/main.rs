@@ -73,11 +73,18 @@ enum Command {
         #[arg(long)]
         to: PathBuf,
     },
-    /// People who work a provider's referrals in the browser (/inbox), on a stopped
-    /// gateway's data directory.
+    /// People who work a provider's referrals in the browser (/inbox): on a stopped
+    /// gateway's data directory, or on a running one with --gateway.
     Users {
         #[command(flatten)]
         common: Common,
+        /// A running gateway's base URL (e.g. https://referrals.example.org): manage people
+        /// through its admin API, with the admin token in SP_GATEWAY_ADMIN_TOKEN.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// CA certificate (PEM) to verify a running gateway's TLS certificate by
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
         #[command(subcommand)]
         action: UsersAction,
     },
@@ -269,7 +276,15 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Users { common, action } => match users(&common, action) {
+        Command::Users {
+            common,
+            gateway,
+            ca_file,
+            action,
+        } => match match gateway {
+            Some(url) => users_remote(&url, ca_file.as_deref(), action),
+            None => users(&common, action),
+        } {
             Ok(text) => {
                 println!("{text}");
                 ExitCode::SUCCESS
@@ -380,6 +395,116 @@ fn read_password(file: Option<&std::path::Path>) -> Result<(String, bool), Strin
             .map_err(|e| format!("cannot read {}: {e}", f.display())),
         None => Ok((sp_gateway::accounts::random_password(), true)),
     }
+}
+
+/// `users` against a running gateway's admin API.
+fn users_remote(
+    base: &str,
+    ca_file: Option<&std::path::Path>,
+    action: UsersAction,
+) -> Result<String, String> {
+    let token = std::env::var("SP_GATEWAY_ADMIN_TOKEN")
+        .map_err(|_| "set SP_GATEWAY_ADMIN_TOKEN to the admin client's token".to_string())?;
+    let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60));
+    if let Some(ca) = ca_file {
+        let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+        let cert =
+            reqwest::Certificate::from_pem(&pem).map_err(|e| format!("{}: {e}", ca.display()))?;
+        builder = builder.add_root_certificate(cert);
+    }
+    let client = builder.build().map_err(|e| e.to_string())?;
+    let base = base.trim_end_matches('/');
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let (method, path, body) = match &action {
+        UsersAction::List => ("GET", "/admin/users".to_string(), None),
+        UsersAction::Add {
+            provider,
+            email,
+            password_file,
+        } => {
+            let mut b = serde_json::json!({ "provider": provider, "email": email });
+            if let Some(f) = password_file {
+                b["password"] = read_password(Some(f))?.0.into();
+            }
+            ("POST", "/admin/users".to_string(), Some(b))
+        }
+        UsersAction::Disable { email } => {
+            ("POST", format!("/admin/users/{}/disable", enc(email)), None)
+        }
+        UsersAction::Enable { email } => {
+            ("POST", format!("/admin/users/{}/enable", enc(email)), None)
+        }
+        UsersAction::Reset {
+            email,
+            password_file,
+        } => {
+            let b = match password_file {
+                Some(f) => Some(serde_json::json!({ "password": read_password(Some(f))?.0 })),
+                None => None,
+            };
+            ("POST", format!("/admin/users/{}/reset", enc(email)), b)
+        }
+        UsersAction::Code { secret } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            return sp_gateway::accounts::totp_code(secret, now).map_err(|e| e.to_string());
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let url = format!("{base}{path}");
+        let mut req = if method == "GET" {
+            client.get(&url)
+        } else {
+            client.post(&url)
+        };
+        req = req.bearer_auth(&token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.map_err(|e| format!("{url}: {e}"))?;
+        if !status.is_success() {
+            let why = v
+                .pointer("/issue/0/diagnostics")
+                .and_then(|d| d.as_str())
+                .unwrap_or("refused");
+            return Err(format!("{status}: {why}"));
+        }
+        let mut out = String::new();
+        if let Some(people) = v.get("people").and_then(|p| p.as_array()) {
+            for p in people {
+                out.push_str(&format!(
+                    "{}\t{}\tenrolled={} disabled={} locked={}\n",
+                    p["email"].as_str().unwrap_or_default(),
+                    p["provider"].as_str().unwrap_or_default(),
+                    p["enrolled"],
+                    p["disabled"],
+                    p["locked"]
+                ));
+            }
+            return Ok(if out.is_empty() {
+                "no accounts".into()
+            } else {
+                out.trim_end().to_string()
+            });
+        }
+        out.push_str(&format!(
+            "{} ({}): done",
+            v["email"].as_str().unwrap_or_default(),
+            v["provider"].as_str().unwrap_or_default()
+        ));
+        if let Some(p) = v.get("password").and_then(|p| p.as_str()) {
+            out.push_str(&format!("\npassword (shown once; pass it on safely): {p}"));
+        }
+        Ok(out)
+    })
 }
 
 fn users(common: &Common, action: UsersAction) -> Result<String, String> {

@@ -936,3 +936,104 @@ fn readme_lists_the_demo_people_as_the_demo_config_has_them() {
         assert!(readme.contains(&row), "README lists {row}");
     }
 }
+
+fn users_cli(base: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+        .args(["users", "--gateway", base])
+        .args(args)
+        .env("SP_GATEWAY_ADMIN_TOKEN", "demo-admin-token")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run sp-gateway users")
+}
+
+#[tokio::test]
+async fn people_are_managed_on_a_running_gateway_through_its_admin_api() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let gw = start(dir.path()).await;
+    let base = gw.base.clone();
+    let run = |args: Vec<&'static str>| {
+        let base = base.clone();
+        tokio::task::spawn_blocking(move || users_cli(&base, &args))
+    };
+    // Refused with a reason, and nothing added: an unknown group, a bad address.
+    let out = run(vec![
+        "add",
+        "--provider",
+        "no-such-group",
+        "--email",
+        "sam@example.org",
+    ])
+    .await
+    .expect("cli");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("names no provider"));
+    let out = run(vec![
+        "add",
+        "--provider",
+        "pendle-crafts",
+        "--email",
+        "not-an-address",
+    ])
+    .await
+    .expect("cli");
+    assert_eq!(out.status.code(), Some(2));
+    let list = run(vec!["list"]).await.expect("cli");
+    assert!(!String::from_utf8_lossy(&list.stdout).contains("sam@example.org"));
+
+    let out = run(vec![
+        "add",
+        "--provider",
+        "pendle-crafts",
+        "--email",
+        "sam@example.org",
+    ])
+    .await
+    .expect("cli");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let password = text
+        .lines()
+        .find_map(|l| l.strip_prefix("password (shown once; pass it on safely): "))
+        .expect("a first password")
+        .to_string();
+    // Without the admin token the API refuses.
+    let r = gw.get("demo-provider-crafts-token", "/admin/users").await;
+    assert_eq!(r.status, 403);
+
+    // Sam signs in with it and is asked to set up a security code.
+    let mut b = Browser::new(&gw.base);
+    let form = b.get("/inbox/sign-in").await;
+    let csrf = form.hidden("csrf");
+    let r = b
+        .post(
+            "/inbox/sign-in",
+            &[
+                ("csrf", &csrf),
+                ("email", "sam@example.org"),
+                ("password", &password),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert!(b
+        .get("/inbox/sign-in/code")
+        .await
+        .body
+        .contains("Set up your security code"));
+
+    let out = run(vec!["disable", "--email", "sam@example.org"])
+        .await
+        .expect("cli");
+    assert!(out.status.success());
+    let list = run(vec!["list"]).await.expect("cli");
+    assert!(String::from_utf8_lossy(&list.stdout)
+        .contains("sam@example.org\tpendle-crafts\tenrolled=false disabled=true"));
+    // Disabled: the half-signed-in session is over.
+    let r = b.get("/inbox/sign-in/code").await;
+    assert_eq!(r.status, 303);
+}
