@@ -273,6 +273,22 @@ pub fn tx_add(
     Ok(user)
 }
 
+/// Changes the account of `email` in `tx` (not found: an error, nothing written).
+fn tx_change(
+    tx: &Tx<'_>,
+    email: &str,
+    change: impl FnOnce(&mut User),
+) -> std::result::Result<User, Abort<Error>> {
+    let Some(mut u) = tx_user_by_email(tx, email)? else {
+        return Err(Abort::Caller(Error::not_found(format!(
+            "no account with the email {email}"
+        ))));
+    };
+    change(&mut u);
+    tx_put_json(tx, &user_key(&u.id), &u)?;
+    Ok(u)
+}
+
 /// Disables an account and ends its sessions (they are checked against the account on
 /// every request, so a disabled account's sessions stop at once).
 pub fn tx_set_disabled(
@@ -280,14 +296,7 @@ pub fn tx_set_disabled(
     email: &str,
     disabled: bool,
 ) -> std::result::Result<User, Abort<Error>> {
-    let Some(mut u) = tx_user_by_email(tx, email)? else {
-        return Err(Abort::Caller(Error::not_found(format!(
-            "no account with the email {email}"
-        ))));
-    };
-    u.disabled = disabled;
-    tx_put_json(tx, &user_key(&u.id), &u)?;
-    Ok(u)
+    tx_change(tx, email, |u| u.disabled = disabled)
 }
 
 /// Resets an account: a new password, a new second factor (enrolled again at next sign-in),
@@ -297,18 +306,13 @@ pub fn tx_reset(
     email: &str,
     password_hash: String,
 ) -> std::result::Result<User, Abort<Error>> {
-    let Some(mut u) = tx_user_by_email(tx, email)? else {
-        return Err(Abort::Caller(Error::not_found(format!(
-            "no account with the email {email}"
-        ))));
-    };
-    u.password = password_hash;
-    u.totp_secret = None;
-    u.totp_enrolled = false;
-    u.failures = 0;
-    u.locked_until = 0;
-    tx_put_json(tx, &user_key(&u.id), &u)?;
-    Ok(u)
+    tx_change(tx, email, |u| {
+        u.password = password_hash;
+        u.totp_secret = None;
+        u.totp_enrolled = false;
+        u.failures = 0;
+        u.locked_until = 0;
+    })
 }
 
 /// Per-address limit on sign-in attempts (in memory: a restart forgets it, the per-account

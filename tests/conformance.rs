@@ -29,16 +29,17 @@ pub fn run(cmd: &mut Command, what: &str) -> String {
     text
 }
 
-/// Installs fhirpy and the npm fhir validator under `dir`, once.
-fn tools(dir: &Path) -> (PathBuf, PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
+/// A virtualenv under `dir` with the PyPI package `spec` (importable as `module`), made
+/// once; returns its python.
+pub fn python_tool(dir: &Path, module: &str, spec: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("tools dir");
     let venv = dir.join("venv");
     let python = venv.join("bin/python");
-    let have_fhirpy = Command::new(&python)
-        .args(["-c", "import fhirpy"])
+    let have = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !have_fhirpy {
+    if !have {
         run(
             Command::new("python3").args(["-m", "venv"]).arg(&venv),
             "python3 -m venv",
@@ -50,22 +51,36 @@ fn tools(dir: &Path) -> (PathBuf, PathBuf) {
                 "install",
                 "--quiet",
                 "--disable-pip-version-check",
-                FHIRPY,
+                spec,
             ]),
-            "pip install fhirpy",
+            &format!("pip install {spec}"),
         );
     }
+    python
+}
+
+/// The npm package `spec` installed under `dir` (once, when `probe` under its
+/// node_modules is missing); returns node_modules.
+pub fn npm_tool(dir: &Path, probe: &str, spec: &str) -> PathBuf {
     let node_modules = dir.join("node_modules");
-    if !node_modules.join("fhir/package.json").exists() {
+    if !node_modules.join(probe).exists() {
         run(
             Command::new("npm")
                 .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
                 .arg(dir)
-                .arg(FHIR_NPM),
-            "npm install fhir",
+                .arg(spec),
+            &format!("npm install {spec}"),
         );
     }
-    (python, node_modules)
+    node_modules
+}
+
+/// Installs fhirpy and the npm fhir validator under `dir`, once.
+fn tools(dir: &Path) -> (PathBuf, PathBuf) {
+    (
+        python_tool(dir, "fhirpy", FHIRPY),
+        npm_tool(dir, "fhir/package.json", FHIR_NPM),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

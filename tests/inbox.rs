@@ -138,17 +138,21 @@ impl Browser {
         self.take(r).await
     }
 
-    /// Signs in with password and the current TOTP code; panics unless it works.
-    pub async fn sign_in(&mut self, email: &str, password: &str, secret: &str) {
+    /// The password step: the sign-in form, filled in and sent.
+    pub async fn password_step(&mut self, email: &str, password: &str) -> Page {
         let form = self.get("/inbox/sign-in").await;
         assert_eq!(form.status, 200, "{}", form.body);
         let csrf = form.hidden("csrf");
-        let r = self
-            .post(
-                "/inbox/sign-in",
-                &[("csrf", &csrf), ("email", email), ("password", password)],
-            )
-            .await;
+        self.post(
+            "/inbox/sign-in",
+            &[("csrf", &csrf), ("email", email), ("password", password)],
+        )
+        .await
+    }
+
+    /// Signs in with password and the current TOTP code; panics unless it works.
+    pub async fn sign_in(&mut self, email: &str, password: &str, secret: &str) {
+        let r = self.password_step(email, password).await;
         assert_eq!(r.status, 303, "password step: {}", r.body);
         assert_eq!(r.location.as_deref(), Some("/inbox/sign-in/code"));
         let code_page = self.get("/inbox/sign-in/code").await;
@@ -464,35 +468,13 @@ async fn the_sixth_wrong_password_finds_the_account_locked_and_the_trail_says_so
     let gw = start(dir.path()).await;
     let mut b = Browser::new(&gw.base);
     for attempt in 1..=6 {
-        let form = b.get("/inbox/sign-in").await;
-        let csrf = form.hidden("csrf");
-        let r = b
-            .post(
-                "/inbox/sign-in",
-                &[
-                    ("csrf", &csrf),
-                    ("email", CRAFTS),
-                    ("password", "not-the-password"),
-                ],
-            )
-            .await;
+        let r = b.password_step(CRAFTS, "not-the-password").await;
         assert_eq!(r.status, 401, "attempt {attempt}");
         let locked = r.body.contains("locked");
         assert_eq!(locked, attempt >= 5, "attempt {attempt}: {}", r.body);
     }
     // Locked: even the right password is refused now.
-    let form = b.get("/inbox/sign-in").await;
-    let csrf = form.hidden("csrf");
-    let r = b
-        .post(
-            "/inbox/sign-in",
-            &[
-                ("csrf", &csrf),
-                ("email", CRAFTS),
-                ("password", CRAFTS_PASSWORD),
-            ],
-        )
-        .await;
+    let r = b.password_step(CRAFTS, CRAFTS_PASSWORD).await;
     assert_eq!(r.status, 401);
     assert!(r.body.contains("locked"));
     let failures: Vec<Value> = sign_ins(&gw)
@@ -503,17 +485,8 @@ async fn the_sixth_wrong_password_finds_the_account_locked_and_the_trail_says_so
     assert_eq!(failures.len(), 7, "every failed sign-in is on the trail");
 
     // An unknown email gets the same answer as a wrong password.
-    let form = b.get("/inbox/sign-in").await;
-    let csrf = form.hidden("csrf");
     let r = b
-        .post(
-            "/inbox/sign-in",
-            &[
-                ("csrf", &csrf),
-                ("email", "nobody@example.org"),
-                ("password", "whatever-it-is"),
-            ],
-        )
+        .password_step("nobody@example.org", "whatever-it-is")
         .await;
     assert_eq!(r.status, 401);
     assert!(r.body.contains("The email or password is not right"));
@@ -587,17 +560,8 @@ async fn a_new_person_enrols_their_authenticator_from_a_qr_code() {
     )
     .expect("add");
     let mut b = Browser::new(&gw.base);
-    let form = b.get("/inbox/sign-in").await;
-    let csrf = form.hidden("csrf");
     let r = b
-        .post(
-            "/inbox/sign-in",
-            &[
-                ("csrf", &csrf),
-                ("email", "new@example.org"),
-                ("password", "a long enough password"),
-            ],
-        )
+        .password_step("new@example.org", "a long enough password")
         .await;
     assert_eq!(r.status, 303);
     let enrol = b.get("/inbox/sign-in/code").await;
@@ -632,37 +596,6 @@ async fn a_new_person_enrols_their_authenticator_from_a_qr_code() {
         .expect("account");
     assert!(u.totp_enrolled);
     assert!(u.password.starts_with("$argon2id$"), "argon2id");
-}
-
-/// Installs aiosmtpd under `dir`, once; returns its python.
-fn smtp_tools(dir: &std::path::Path) -> std::path::PathBuf {
-    use std::process::Command;
-    std::fs::create_dir_all(dir).expect("tools dir");
-    let python = dir.join("venv/bin/python");
-    let have = Command::new(&python)
-        .args(["-c", "import aiosmtpd"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have {
-        crate::conformance::run(
-            Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(dir.join("venv")),
-            "python3 -m venv",
-        );
-        crate::conformance::run(
-            Command::new(&python).args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "aiosmtpd==1.4.6",
-            ]),
-            "pip install aiosmtpd",
-        );
-    }
-    python
 }
 
 /// A CA and a server certificate for 127.0.0.1, as PEM files in `dir`: (ca, cert, key).
@@ -701,8 +634,9 @@ async fn email_view(gw: &TestGateway) -> Value {
 
 #[tokio::test]
 async fn new_referrals_are_emailed_to_the_group_once_per_interval_with_no_patient_data() {
-    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp");
-    let python = smtp_tools(&target.join("smtp-tools"));
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let python =
+        crate::conformance::python_tool(&target.join("smtp-tools"), "aiosmtpd", "aiosmtpd==1.4.6");
     let dir = tempfile::tempdir().expect("tmp");
     let (ca, cert, key) = smtp_pki(dir.path());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -1007,18 +941,7 @@ async fn people_are_managed_on_a_running_gateway_through_its_admin_api() {
 
     // Sam signs in with it and is asked to set up a security code.
     let mut b = Browser::new(&gw.base);
-    let form = b.get("/inbox/sign-in").await;
-    let csrf = form.hidden("csrf");
-    let r = b
-        .post(
-            "/inbox/sign-in",
-            &[
-                ("csrf", &csrf),
-                ("email", "sam@example.org"),
-                ("password", &password),
-            ],
-        )
-        .await;
+    let r = b.password_step("sam@example.org", &password).await;
     assert_eq!(r.status, 303, "{}", r.body);
     assert!(b
         .get("/inbox/sign-in/code")

@@ -10,47 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common::*;
-use crate::conformance::run;
+use crate::conformance::{npm_tool, python_tool, run};
 
 const SELENIUM: &str = "selenium==4.50.0";
 const AXE_NPM: &str = "axe-core@4.14.1";
 
 /// Installs selenium and axe-core under `dir`, once; returns (python, axe.min.js).
 fn tools(dir: &Path) -> (PathBuf, PathBuf) {
-    std::fs::create_dir_all(dir).expect("tools dir");
-    let venv = dir.join("venv");
-    let python = venv.join("bin/python");
-    let have = Command::new(&python)
-        .args(["-c", "import selenium"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have {
-        run(
-            Command::new("python3").args(["-m", "venv"]).arg(&venv),
-            "python3 -m venv",
-        );
-        run(
-            Command::new(&python).args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                SELENIUM,
-            ]),
-            "pip install selenium",
-        );
-    }
-    let axe = dir.join("node_modules/axe-core/axe.min.js");
-    if !axe.exists() {
-        run(
-            Command::new("npm")
-                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
-                .arg(dir)
-                .arg(AXE_NPM),
-            "npm install axe-core",
-        );
-    }
+    let python = python_tool(dir, "selenium", SELENIUM);
+    let axe = npm_tool(dir, "axe-core/axe.min.js", AXE_NPM).join("axe-core/axe.min.js");
     (python, axe)
 }
 
@@ -58,7 +26,7 @@ fn tools(dir: &Path) -> (PathBuf, PathBuf) {
 async fn the_inbox_works_by_keyboard_in_chromium_and_every_page_passes_axe() {
     ensure_debian_package("chromium", "/usr/bin/chromium");
     ensure_debian_package("chromium-driver", "/usr/bin/chromedriver");
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp");
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let (python, axe) = tools(&target.join("browser-tools"));
     let shots = target.join("inbox-screens");
     std::fs::create_dir_all(&shots).expect("screens dir");

@@ -140,6 +140,28 @@ fn str_at<'a>(v: &'a Value, ptr: &str) -> &'a str {
     v.pointer(ptr).and_then(Value::as_str).unwrap_or_default()
 }
 
+/// An outcome or feedback Observation for the referral a Task serves, as a page posts it.
+fn page_observation(
+    task: &Value,
+    sr_id: &str,
+    provider: &str,
+    coding: Value,
+    value_element: &str,
+    value: Value,
+) -> Value {
+    let mut obs = json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "code": { "coding": [coding] },
+        "subject": task.get("for").cloned().unwrap_or(Value::Null),
+        "basedOn": [{ "reference": format!("ServiceRequest/{sr_id}") }],
+        "performer": [{ "reference": format!("Organization/{provider}") }],
+        "effectiveDateTime": crate::clock::Now::current().instant
+    });
+    obs[value_element] = value;
+    obs
+}
+
 const OPEN: [&str; 4] = ["requested", "accepted", "in-progress", "on-hold"];
 
 impl Gateway {
@@ -424,29 +446,15 @@ impl Gateway {
                     .ok_or_else(|| {
                         Error::invalid("value", "measure", "is not a measure this gateway records")
                     })?;
-                let obs = json!({
-                    "resourceType": "Observation",
-                    "status": "final",
-                    "code": { "coding": [{ "system": fhir::SNOMED, "code": measure.code, "display": measure.display }] },
-                    "subject": task.get("for").cloned().unwrap_or(Value::Null),
-                    "basedOn": [{ "reference": format!("ServiceRequest/{sr_id}") }],
-                    "performer": [{ "reference": format!("Organization/{provider}") }],
-                    "effectiveDateTime": crate::clock::Now::current().instant,
-                    "valueInteger": score
-                });
+                let code = json!({ "system": fhir::SNOMED, "code": measure.code, "display": measure.display });
+                let obs =
+                    page_observation(&task, &sr_id, &provider, code, "valueInteger", json!(score));
                 return self.inbox_observation(who, task_id, version, &obs).await;
             }
             Action::Feedback { text } => {
-                let obs = json!({
-                    "resourceType": "Observation",
-                    "status": "final",
-                    "code": { "coding": [{ "system": fhir::feedback_system(), "code": fhir::LINK_WORKER_FEEDBACK, "display": "Link worker feedback" }] },
-                    "subject": task.get("for").cloned().unwrap_or(Value::Null),
-                    "basedOn": [{ "reference": format!("ServiceRequest/{sr_id}") }],
-                    "performer": [{ "reference": format!("Organization/{provider}") }],
-                    "effectiveDateTime": crate::clock::Now::current().instant,
-                    "valueString": text
-                });
+                let code = json!({ "system": fhir::feedback_system(), "code": fhir::LINK_WORKER_FEEDBACK, "display": "Link worker feedback" });
+                let obs =
+                    page_observation(&task, &sr_id, &provider, code, "valueString", json!(text));
                 return self.inbox_observation(who, task_id, version, &obs).await;
             }
             Action::Complete => {
