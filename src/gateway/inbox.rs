@@ -136,6 +136,14 @@ fn needs_of(sr: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The id a reference element of `task` names (`focus` → its ServiceRequest), or "".
+fn referenced(task: &Value, element: &str, rtype: &str) -> String {
+    task.get(element)
+        .and_then(|r| fhir::ref_id(r, rtype))
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn str_at<'a>(v: &'a Value, ptr: &str) -> &'a str {
     v.pointer(ptr).and_then(Value::as_str).unwrap_or_default()
 }
@@ -196,11 +204,7 @@ impl Gateway {
                 .transpose()?
                 .flatten()
                 .unwrap_or(Value::Null);
-            let patient_id = task
-                .get("for")
-                .and_then(|r| fhir::ref_id(r, "Patient"))
-                .unwrap_or_default()
-                .to_string();
+            let patient_id = referenced(&task, "for", "Patient");
             let patient = self.load("Patient", &patient_id)?.unwrap_or(Value::Null);
             let received = str_at(&task, "/authoredOn").to_string();
             let waited_days = (now_micros - crate::clock::micros_of(&received)) / 86_400_000_000;
@@ -235,16 +239,8 @@ impl Gateway {
     /// One referral of the group's, as a person reads it (404 for anyone else's).
     pub fn inbox_referral(&self, who: &Principal, task_id: &str) -> Result<ReferralView> {
         let task = self.read(who, "Task", task_id)?;
-        let sr_id = task
-            .get("focus")
-            .and_then(|r| fhir::ref_id(r, "ServiceRequest"))
-            .unwrap_or_default()
-            .to_string();
-        let patient_id = task
-            .get("for")
-            .and_then(|r| fhir::ref_id(r, "Patient"))
-            .unwrap_or_default()
-            .to_string();
+        let sr_id = referenced(&task, "focus", "ServiceRequest");
+        let patient_id = referenced(&task, "for", "Patient");
         let sr = self.read(who, "ServiceRequest", &sr_id)?;
         let patient = self.read(who, "Patient", &patient_id)?;
         let mut contacts: Vec<(i64, String, String)> = patient
@@ -390,11 +386,7 @@ impl Gateway {
         let provider = self.provider_of(who)?.to_string();
         // Scope first: someone else's referral is not found, whatever the action.
         let task = self.read(who, "Task", task_id)?;
-        let sr_id = task
-            .get("focus")
-            .and_then(|r| fhir::ref_id(r, "ServiceRequest"))
-            .unwrap_or_default()
-            .to_string();
+        let sr_id = referenced(&task, "focus", "ServiceRequest");
         let patch = match action {
             Action::Accept => json!({ "status": "accepted" }),
             Action::Decline { reason, text } => {
