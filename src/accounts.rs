@@ -651,3 +651,62 @@ pub fn random_password() -> String {
         .map(|x| ALPHABET[(*x as usize) % ALPHABET.len()] as char)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> InboxConfig {
+        InboxConfig::default()
+    }
+
+    #[test]
+    fn a_demo_account_signs_in_over_loopback_only() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path()).expect("store");
+        let hash = hash_password("demo-password-long").expect("hash");
+        store
+            .transact::<_, Error>(|tx| {
+                tx_add(
+                    tx,
+                    "d@example.org",
+                    "p",
+                    hash.clone(),
+                    Some("ONYC2Z3BORSXOYLZEBSGK3LPEBUHKYRA".into()),
+                    true,
+                )
+                .map(drop)
+            })
+            .map_err(|_| "add")
+            .expect("add");
+        let attempt = |loopback| {
+            store
+                .transact::<_, Error>(|tx| {
+                    tx_password_step(
+                        tx,
+                        &cfg(),
+                        1,
+                        "d@example.org",
+                        "demo-password-long",
+                        loopback,
+                    )
+                })
+                .map_err(|_| "step")
+                .expect("step")
+        };
+        let (a, token) = attempt(false);
+        assert_eq!(a.result, Err(SignInError::DemoNotLoopback));
+        assert!(token.is_none());
+        let (a, token) = attempt(true);
+        assert_eq!(a.result, Ok(()));
+        assert!(token.is_some());
+    }
+
+    #[test]
+    fn passwords_are_argon2id_and_short_ones_refused() {
+        let h = hash_password("correct horse battery").expect("hash");
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
+        assert!(password_policy("short").is_err());
+        assert!(password_policy("twelve chars").is_ok());
+    }
+}

@@ -960,3 +960,58 @@ async fn people_are_managed_on_a_running_gateway_through_its_admin_api() {
     let r = b.get("/inbox/sign-in/code").await;
     assert_eq!(r.status, 303);
 }
+
+#[tokio::test]
+async fn an_address_that_tries_too_often_waits_and_a_late_referral_is_marked() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = demo_config_with_people()
+        .replacen(
+            "[inbox]\n",
+            "[inbox]\nattempts_per_address_per_minute = 3\n",
+            1,
+        )
+        // A group that promises to answer the same day: a new referral is already late.
+        .replacen(
+            "id = \"pendle-crafts\"",
+            "id = \"pendle-crafts\"\nresponse_days = 0",
+            1,
+        );
+    let gw = TestGateway::start_with(dir.path(), config).await;
+    gw.refer(GP, &fixture("referral-ada.json")).await;
+    let mut b = Browser::new(&gw.base);
+    for _ in 0..3 {
+        let r = b.password_step(MONEY, "wrong-password-here").await;
+        assert_eq!(r.status, 401);
+    }
+    // The fourth attempt from this address within the minute: refused before any check,
+    // even with the right password of another account.
+    let r = b.password_step(CRAFTS, CRAFTS_PASSWORD).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.body.contains("too many attempts from this address"));
+    let money = sp_gateway::accounts::list(gw.gateway.as_ref().expect("running").store())
+        .expect("list")
+        .into_iter()
+        .find(|u| u.email == MONEY)
+        .expect("account");
+    assert_eq!(
+        money.failures, 3,
+        "the throttled attempt did not count against anyone"
+    );
+
+    let dir2 = tempfile::tempdir().expect("tmp");
+    let gw2 = TestGateway::start_with(
+        dir2.path(),
+        demo_config_with_people().replacen(
+            "id = \"pendle-crafts\"",
+            "id = \"pendle-crafts\"\nresponse_days = 0",
+            1,
+        ),
+    )
+    .await;
+    gw2.refer(GP, &fixture("referral-ada.json")).await;
+    let mut b = Browser::new(&gw2.base);
+    b.sign_in(CRAFTS, CRAFTS_PASSWORD, &secret_of(CRAFTS)).await;
+    let q = b.get("/inbox").await;
+    assert!(q.body.contains("Waiting too long"), "{}", q.body);
+    assert!(q.body.contains("Waiting 0 days"));
+}

@@ -344,3 +344,32 @@ fn nhsuk_image(path: &str) -> Option<&'static [u8]> {
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_are_http_only_strict_and_secure_over_tls() {
+        let plain = set_cookie(SESSION_COOKIE, "t", false, None);
+        let plain = plain.to_str().unwrap_or_default();
+        assert!(plain.contains("HttpOnly") && plain.contains("SameSite=Strict"));
+        assert!(!plain.contains("Secure"), "loopback plain HTTP");
+        let (name, pre) = cookie_names(true);
+        assert!(name.starts_with("__Host-") && pre.starts_with("__Host-"));
+        let tls = set_cookie(name, "t", true, Some(0));
+        let tls = tls.to_str().unwrap_or_default();
+        assert!(tls.contains("; Secure") && tls.contains("Path=/") && tls.contains("Max-Age=0"));
+    }
+
+    #[test]
+    fn a_cookie_is_found_among_others() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; sp_inbox=abc; b=2"),
+        );
+        assert_eq!(cookie(&h, SESSION_COOKIE).as_deref(), Some("abc"));
+        assert_eq!(cookie(&h, "missing"), None);
+    }
+}
