@@ -797,6 +797,11 @@ mod tests {
                 feedback_system(),
                 LINK_WORKER_FEEDBACK,
             ),
+            (
+                include_str!("../profiles/CodeSystem-business-status.json"),
+                format!("{CANONICAL}/CodeSystem/business-status"),
+                "contact-attempted",
+            ),
         ] {
             let cs: Value = serde_json::from_str(text).unwrap();
             assert!(schema::check_fhir("CodeSystem", &cs).unwrap().is_empty());

@@ -87,7 +87,8 @@ pub enum Action {
     Complete,
 }
 
-/// The codes of `businessStatus` the inbox records (text beside them says when).
+/// The codes of `businessStatus` the inbox records (text beside them says when): the
+/// CodeSystem published as `profiles/CodeSystem-business-status.json`.
 pub fn business_status_system() -> String {
     format!("{}/CodeSystem/business-status", fhir::CANONICAL)
 }
