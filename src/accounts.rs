@@ -382,9 +382,6 @@ pub fn tx_password_step(
     if u.locked_until > now {
         return refuse(u, SignInError::Locked);
     }
-    if u.disabled {
-        return refuse(u, SignInError::Disabled);
-    }
     if u.demo && !loopback {
         return refuse(u, SignInError::DemoNotLoopback);
     }
@@ -402,6 +399,11 @@ pub fn tx_password_step(
             },
             None,
         ));
+    }
+    // Said only to someone who knows the password, so that it does not tell others which
+    // addresses have accounts.
+    if u.disabled {
+        return refuse(u, SignInError::Disabled);
     }
     if u.totp_secret.is_none() {
         u.totp_secret = Some(new_secret());

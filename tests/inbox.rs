@@ -959,6 +959,18 @@ async fn people_are_managed_on_a_running_gateway_through_its_admin_api() {
     // Disabled: the half-signed-in session is over.
     let r = b.get("/inbox/sign-in/code").await;
     assert_eq!(r.status, 303);
+    // Only someone with the password learns that the account is disabled.
+    let r = b
+        .password_step("sam@example.org", "not-sams-password")
+        .await;
+    assert!(
+        r.body.contains("The email or password is not right"),
+        "{}",
+        r.body
+    );
+    let r = b.password_step("sam@example.org", &password).await;
+    assert_eq!(r.status, 401);
+    assert!(r.body.contains("This account is disabled"), "{}", r.body);
 }
 
 #[tokio::test]
