@@ -387,18 +387,7 @@ pub fn tx_password_step(
     }
     if !password_ok(&u, password) {
         let locked_now = tx_fail(tx, cfg, now, &mut u)?;
-        return Ok((
-            Attempt {
-                user: Some(u),
-                result: Err(if locked_now {
-                    SignInError::Locked
-                } else {
-                    SignInError::BadCredentials
-                }),
-                locked_now,
-            },
-            None,
-        ));
+        return Ok(failed(u, locked_now, SignInError::BadCredentials));
     }
     // Said only to someone who knows the password, so that it does not tell others which
     // addresses have accounts.
@@ -427,6 +416,22 @@ pub fn tx_password_step(
         },
         Some(token),
     ))
+}
+
+/// A wrong password or code: the attempt, which says "locked" if this failure locked it.
+fn failed(u: User, locked_now: bool, otherwise: SignInError) -> (Attempt, Option<String>) {
+    (
+        Attempt {
+            user: Some(u),
+            result: Err(if locked_now {
+                SignInError::Locked
+            } else {
+                otherwise
+            }),
+            locked_now,
+        },
+        None,
+    )
 }
 
 fn tx_fail(
@@ -488,18 +493,7 @@ pub fn tx_code_step(
         if locked_now {
             tx.remove(session_key(token).as_bytes())?;
         }
-        return Ok((
-            Attempt {
-                user: Some(u),
-                result: Err(if locked_now {
-                    SignInError::Locked
-                } else {
-                    SignInError::BadCode
-                }),
-                locked_now,
-            },
-            None,
-        ));
+        return Ok(failed(u, locked_now, SignInError::BadCode));
     }
     u.failures = 0;
     u.totp_enrolled = true;
