@@ -7,6 +7,7 @@
 //!   cargo build --release && ./target/release/sp-gateway-bench            # full
 //!   ./target/release/sp-gateway-bench --quick                             # seconds
 //!   ./target/release/sp-gateway-bench --runs 3 --sizes 10000,100000
+//!   ./target/release/sp-gateway-bench --census --lives 2000                # what a life writes
 //!
 //! Load comes from this process, on the same machine, over loopback.
 
@@ -23,6 +24,9 @@ const HUB: &str = "demo-provider-hub-token";
 
 struct Opts {
     quick: bool,
+    /// Run the census instead: `lives` referrals through a realistic life each, then count
+    /// what the store holds, by kind of key.
+    census: Option<usize>,
     cache_mb: Option<u64>,
     runs: usize,
     sizes: Vec<usize>,
@@ -50,8 +54,14 @@ fn opts() -> Opts {
             }
         });
     let cache_mb = get("--cache-mb").and_then(|c| c.parse().ok());
+    let census = args.iter().any(|a| a == "--census").then(|| {
+        get("--lives")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(if quick { 200 } else { 2000 })
+    });
     Opts {
         quick,
+        census,
         cache_mb,
         runs,
         sizes,
@@ -323,9 +333,211 @@ fn summary(xs: &[f64]) -> String {
     format!("{med:.1} ({:.1}–{:.1})", v[0], v[v.len() - 1])
 }
 
+/// Sends one request and returns its JSON body, panicking on anything but success.
+async fn call(r: reqwest::RequestBuilder, what: &str) -> Value {
+    let r = r.send().await.unwrap_or_else(|e| panic!("{what}: {e}"));
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    assert!(status.is_success(), "{what}: {status} {body}");
+    serde_json::from_str(&body).unwrap_or(Value::Null)
+}
+
+/// One referral's life after ingest and the provider's two polls: accept, in progress, an
+/// outcome Observation, complete naming it, and the GP pulling the outcome.
+async fn life(http: &reqwest::Client, base: &str, task: Value) {
+    let id = task["id"].as_str().unwrap_or_default().to_string();
+    let put = |t: &Value| {
+        http.put(format!("{base}/fhir/Task/{id}"))
+            .bearer_auth(HUB)
+            .header("content-type", "application/fhir+json")
+            .body(t.to_string())
+    };
+    let mut t = task.clone();
+    t["status"] = json!("accepted");
+    let mut t = call(put(&t), "accept").await;
+    t["status"] = json!("in-progress");
+    let mut t = call(put(&t), "in progress").await;
+    let obs = json!({
+        "resourceType": "Observation", "status": "final",
+        "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "718466001" }] },
+        "subject": task["for"], "basedOn": [task["focus"]], "valueInteger": 24
+    });
+    let obs = call(
+        http.post(format!("{base}/fhir/Observation"))
+            .bearer_auth(HUB)
+            .header("content-type", "application/fhir+json")
+            .body(obs.to_string()),
+        "observation",
+    )
+    .await;
+    t["status"] = json!("completed");
+    t["output"] = json!([{ "type": { "text": "SWEMWBS" }, "valueReference": { "reference": format!("Observation/{}", obs["id"].as_str().unwrap_or_default()) } }]);
+    call(put(&t), "complete").await;
+    let sr = task["focus"]["reference"].as_str().unwrap_or_default();
+    call(
+        http.get(format!("{base}/fhir/Observation?based-on={sr}"))
+            .bearer_auth(GP),
+        "GP pull",
+    )
+    .await;
+}
+
+/// The family of a kind of key, for the census's summary table.
+fn family(kind: &str) -> &'static str {
+    match kind {
+        "r/Provenance" => "Provenance (`r/Provenance`)",
+        "a" => "audit chain (`a/`)",
+        "b" | "n" => "by patient, referral, NHS number (`p/`, `b/`, `n/`)",
+        k if k.starts_with("r/") => "current versions (`r/`)",
+        k if k.starts_with("h/") => "history (`h/`)",
+        k if k.starts_with("x/ae/") => "audit indexes (`x/ae/`)",
+        k if k.starts_with("x/prov/") => "Provenance index (`x/prov/`)",
+        k if k.starts_with("x/acc/") => "access (`x/acc/`)",
+        k if k.starts_with("x/") => "time indexes by scope and status (`x/{Type}/`)",
+        k if k.starts_with("y/") => "type history (`y/`)",
+        k if k.starts_with("p/") => "by patient, referral, NHS number (`p/`, `b/`, `n/`)",
+        k if k.starts_with("k/") => "idempotency and links (`k/`)",
+        _ => "other (`c/`, `o/`, `u/`)",
+    }
+}
+
+/// The census (`--census`): `lives` referrals, each through a realistic life (ingest, two
+/// polls that return it, accept, in progress, one outcome Observation, complete, one GP
+/// pull), 50 at a time with 16 clients; then a clean stop, the data directory's size on
+/// disk, and every key in the store counted by kind (`gateway::keys::kind`). Prints
+/// Markdown.
+async fn census(lives: usize, cache_mb: Option<u64>) {
+    const BATCH: usize = 50;
+    let lives = lives.div_ceil(BATCH) * BATCH;
+    let dir = std::env::temp_dir().join(format!("sp-gateway-census-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (g, _) = start(&dir, cache_mb);
+    let http = reqwest::Client::new();
+    let cpu0 = cpu_ms(g.child.id());
+    let t = Instant::now();
+    for batch in 0..lives / BATCH {
+        ingest(&g.base, batch * BATCH, BATCH, 16).await;
+        let poll = format!(
+            "{}/fhir/Task?owner=pendle-cvs-hub&status=requested&_count={BATCH}",
+            g.base
+        );
+        call(http.get(&poll).bearer_auth(HUB), "poll").await;
+        let page = call(http.get(&poll).bearer_auth(HUB), "poll").await;
+        let tasks: Vec<Value> = page["entry"]
+            .as_array()
+            .map(|e| e.iter().map(|e| e["resource"].clone()).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            tasks.len(),
+            BATCH,
+            "each poll returns the batch just ingested"
+        );
+        let mut handles = Vec::new();
+        for chunk in tasks.chunks(BATCH.div_ceil(16)) {
+            let (http, base, chunk) = (http.clone(), g.base.clone(), chunk.to_vec());
+            handles.push(tokio::spawn(async move {
+                for task in chunk {
+                    life(&http, &base, task).await;
+                }
+            }));
+        }
+        for h in handles {
+            h.await.expect("life");
+        }
+        if ((batch + 1) * BATCH).is_multiple_of(1000) {
+            eprintln!("{} lives", (batch + 1) * BATCH);
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_ms(g.child.id()) - cpu0;
+    let rss = peak_rss_mb(g.child.id());
+    let data = g.data.clone();
+    stop(g);
+    let disk = dir_mb(&data) * 1e6;
+    let store = sp_gateway::store::Store::open(&data).expect("open the store");
+    let mut kinds: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    store
+        .for_each(b"", |k, v| {
+            let e = kinds.entry(sp_gateway::gateway::keys::kind(k)).or_default();
+            e.0 += 1;
+            e.1 += (k.len() + v.len()) as u64;
+            Ok(())
+        })
+        .expect("scan");
+    drop(store);
+    if std::env::var_os("SP_GATEWAY_CENSUS_KEEP").is_some() {
+        eprintln!("kept {}", data.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let n = lives as f64;
+    let (keys, bytes) = kinds
+        .values()
+        .fold((0, 0), |(k, b), (k2, b2)| (k + k2, b + b2));
+    let mut families: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+    for (kind, (k, b)) in &kinds {
+        let f = families.entry(family(kind)).or_default();
+        f.0 += k;
+        f.1 += b;
+    }
+    let mut families: Vec<_> = families.into_iter().collect();
+    families.sort_by(|a, b| b.1 .1.cmp(&a.1 .1).then(a.0.cmp(b.0)));
+    let mut rows: Vec<_> = kinds.into_iter().collect();
+    rows.sort_by(|a, b| b.1 .1.cmp(&a.1 .1).then(a.0.cmp(&b.0)));
+    println!(
+        "Census: {lives} lives in {secs:.1} s; gateway CPU {:.2} ms per life; peak RSS {rss:.0} MB",
+        cpu / n
+    );
+    println!();
+    let table = |rows: Vec<(String, (u64, u64))>, what: &str| {
+        println!(
+            "| {what} | keys per referral | bytes per referral (key + value) | share of bytes |"
+        );
+        println!("| --- | --- | --- | --- |");
+        for (name, (k, b)) in &rows {
+            println!(
+                "| {name} | {:.2} | {:.0} | {:.1}% |",
+                *k as f64 / n,
+                *b as f64 / n,
+                100.0 * *b as f64 / bytes.max(1) as f64
+            );
+        }
+        println!(
+            "| **all** | **{:.1}** | **{:.0}** | 100% |",
+            keys as f64 / n,
+            bytes as f64 / n
+        );
+        println!();
+    };
+    table(
+        families
+            .into_iter()
+            .map(|(f, c)| (f.to_string(), c))
+            .collect(),
+        "family of keys",
+    );
+    table(
+        rows.into_iter()
+            .map(|(k, c)| (format!("`{k}`"), c))
+            .collect(),
+        "kind of key",
+    );
+    println!(
+        "On disk after a clean stop: {:.1} KB per referral ({:.1} MB in all; logical {:.1} KB per referral)",
+        disk / n / 1000.0,
+        disk / 1e6,
+        bytes as f64 / n / 1000.0
+    );
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let o = opts();
+    if let Some(lives) = o.census {
+        census(lives, o.cache_mb).await;
+        return;
+    }
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     let mut push = |name: String, x: f64| match rows.iter_mut().find(|r| r.0 == name) {
         Some(r) => r.1.push(x),

@@ -98,6 +98,39 @@ pub mod keys {
     pub fn suffix(ts: i64, id: &str) -> String {
         format!("{ts:020}/{id}")
     }
+
+    /// What kind of key this is (the store layout table in ARCHITECTURE.md), with ids,
+    /// times, sequence numbers, provider and practice codes left out: `x/Task/o/status`
+    /// for every provider's by-status Task index. The census of what a referral's life
+    /// writes (`sp-gateway-bench --census`) counts keys by it.
+    pub fn kind(key: &[u8]) -> String {
+        let key = String::from_utf8_lossy(key);
+        let p: Vec<&str> = key.split('/').collect();
+        let at = |i: usize| p.get(i).copied().unwrap_or("");
+        // A scope (`a`, `o/{provider}`, `r/{ods}`) at `i`: its letter, and where it ends.
+        let scope = |i: usize| match at(i) {
+            "a" => ("a", i + 1),
+            "o" => ("o", i + 2),
+            "r" => ("r", i + 2),
+            _ => ("?", i + 1),
+        };
+        match at(0) {
+            "r" | "h" | "p" | "k" | "c" | "u" => format!("{}/{}", at(0), at(1)),
+            "o" => format!("o/{}", at(1)),
+            "y" => format!("y/{}/{}", at(1), scope(2).0),
+            "x" => match at(1) {
+                "acc" | "prov" => format!("x/{}/{}", at(1), at(2)),
+                "ae" if at(2) == "e" => format!("x/ae/e/{}", at(3)),
+                "ae" => format!("x/ae/{}", at(2)),
+                rtype => {
+                    let (s, end) = scope(2);
+                    let status = if at(end) == "~" { "~" } else { "status" };
+                    format!("x/{rtype}/{s}/{status}")
+                }
+            },
+            other => other.to_string(),
+        }
+    }
 }
 
 /// Resource types the store holds.
@@ -503,5 +536,37 @@ impl Gateway {
             Ok(())
         })?;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keys;
+
+    #[test]
+    fn key_kinds_leave_out_ids_times_and_codes() {
+        let kind = |k: &str| keys::kind(k.as_bytes());
+        assert_eq!(kind(&keys::current("Task", "t1")), "r/Task");
+        assert_eq!(kind(&keys::version("Task", "t1", 3)), "h/Task");
+        let t = keys::suffix(1_700_000_000_000_000, "t1");
+        let idx =
+            |scope: &str, status: &str| kind(&(keys::time_prefix("Task", scope, status) + &t));
+        assert_eq!(idx("a", "~"), "x/Task/a/~");
+        assert_eq!(idx("o/pendle-cvs-hub", "requested"), "x/Task/o/status");
+        assert_eq!(idx("r/P81001", "~"), "x/Task/r/~");
+        assert_eq!(
+            kind(&(keys::type_history("Task", "o/pendle-cvs-hub") + &t + "/2")),
+            "y/Task/o"
+        );
+        assert_eq!(
+            kind(&keys::access("Patient", "p1", "r/P81001")),
+            "x/acc/Patient"
+        );
+        assert_eq!(kind("x/ae/e/Task/t1/00000000000000000007"), "x/ae/e/Task");
+        assert_eq!(kind("x/ae/g/gp-pennine/00000000000000000007"), "x/ae/g");
+        assert_eq!(kind("x/prov/Task/t1/7-0"), "x/prov/Task");
+        assert_eq!(kind("a/00000000000000000007"), "a");
+        assert_eq!(kind(&keys::open_count("pendle-cvs-hub")), "c/open");
+        assert_eq!(kind("o/q/P81003/00000000000000000001"), "o/q");
     }
 }
