@@ -447,13 +447,21 @@ async fn patch_prefer_and_conditional_reads() {
         gw.get(CRAFTS, &format!("{path}/_history/2")).await.body["status"],
         "accepted"
     );
-    assert_eq!(
-        gw.get(CRAFTS, &format!("{path}/_history"))
-            .await
-            .entries()
-            .len(),
-        5
-    );
+    // History keeps superseded versions only (the current one is read from the resource):
+    // every version once, newest first, each readable by vread.
+    let versions: Vec<String> = gw
+        .get(CRAFTS, &format!("{path}/_history"))
+        .await
+        .entries()
+        .iter()
+        .map(|r| r["meta"]["versionId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(versions, ["5", "4", "3", "2", "1"]);
+    for v in ["5", "1"] {
+        let r = gw.get(CRAFTS, &format!("{path}/_history/{v}")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body["meta"]["versionId"], v);
+    }
     assert_eq!(
         gw.get(CRAFTS, &format!("{path}/_history/9")).await.status,
         404

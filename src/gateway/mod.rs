@@ -252,8 +252,9 @@ pub(crate) fn index_keys(rtype: &str, resource: &Value, scopes: &[String]) -> Ve
     out
 }
 
-/// Writes a stamped resource: current version, history, time indexes (replacing those of
-/// `previous`, when given) and the type-history index.
+/// Writes a stamped resource: the current version (the version it supersedes, `previous`,
+/// moves to history), time indexes (replacing those of `previous`) and the type-history
+/// index. History holds superseded versions only: the current one is read from `r/`.
 pub(crate) fn tx_put_resource(
     tx: &Tx<'_>,
     rtype: &str,
@@ -283,9 +284,12 @@ pub(crate) fn tx_put_resource(
         );
         tx.put(k.as_bytes(), b"")?;
     }
-    let bytes = serde_json::to_vec(resource).or_else(|e| fail(Error::Internal(e.to_string())))?;
-    tx.put(keys::current(rtype, id).as_bytes(), &bytes)?;
-    tx.put(keys::version(rtype, id, v).as_bytes(), &bytes)?;
+    let json = |r: &Value| serde_json::to_vec(r).or_else(|e| fail(Error::Internal(e.to_string())));
+    if let Some(prev) = previous {
+        let pv = fhir::version_of(prev);
+        tx.put(keys::version(rtype, id, pv).as_bytes(), &json(prev)?)?;
+    }
+    tx.put(keys::current(rtype, id).as_bytes(), &json(resource)?)?;
     Ok(())
 }
 
@@ -331,14 +335,10 @@ impl Gateway {
     /// up to then (oldest first), its Patient and ServiceRequest, and the referral's
     /// Observations. `None` when any of them is missing.
     pub fn letter_sources(&self, id: &str, version: u64) -> Result<Option<LetterSources>> {
-        let parse = |b: Vec<u8>| {
-            serde_json::from_slice::<Value>(&b)
-                .map_err(|e| Error::Internal(format!("stored Task/{id} unreadable: {e}")))
-        };
         let mut history = Vec::new();
         for v in 1..=version {
-            match self.store.get(keys::version("Task", id, v).as_bytes())? {
-                Some(b) => history.push(parse(b)?),
+            match self.load_version("Task", id, v)? {
+                Some(t) => history.push(t),
                 None => return Ok(None),
             }
         }
@@ -454,23 +454,36 @@ impl Gateway {
             .ok_or_else(|| Error::not_found(format!("{rtype}/{id}/_history/{vid}")))
     }
 
+    /// Version `v` of a resource: a superseded one from history, the current one from `r/`.
     fn load_version(&self, rtype: &str, id: &str, v: u64) -> Result<Option<Value>> {
         match self.store.get(keys::version(rtype, id, v).as_bytes())? {
             Some(b) => serde_json::from_slice(&b)
                 .map(Some)
-                .map_err(|e| Error::Internal(e.to_string())),
-            None => Ok(None),
+                .map_err(|e| Error::Internal(format!("stored {rtype}/{id} unreadable: {e}"))),
+            None => Ok(self
+                .load(rtype, id)?
+                .filter(|cur| fhir::version_of(cur) == v)),
         }
     }
 
-    /// `GET /fhir/{type}/{id}/_history`: every version, newest first.
+    /// `GET /fhir/{type}/{id}/_history`: every version, newest first (the current one, then
+    /// the superseded ones; a store written before history held superseded versions only
+    /// has the current one in history too, and it is not repeated).
     pub fn history(&self, who: &Principal, rtype: &str, id: &str) -> Result<Vec<Value>> {
-        self.read(who, rtype, id)?;
-        self.store
+        let current = self.read(who, rtype, id)?;
+        let cv = fhir::version_of(&current);
+        let mut out = vec![current];
+        for (_, b) in self
+            .store
             .scan_rev(keys::history(rtype, id).as_bytes(), None, 1000)?
-            .into_iter()
-            .map(|(_, b)| serde_json::from_slice(&b).map_err(|e| Error::Internal(e.to_string())))
-            .collect()
+        {
+            let v: Value =
+                serde_json::from_slice(&b).map_err(|e| Error::Internal(e.to_string()))?;
+            if fhir::version_of(&v) != cv {
+                out.push(v);
+            }
+        }
+        Ok(out)
     }
 
     /// `GET /fhir/{type}/_history`: the newest `count` versions of resources of `rtype` that
