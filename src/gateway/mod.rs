@@ -534,12 +534,15 @@ impl Gateway {
                 .for_each(crate::audit::RECORDS.as_bytes(), |_, v| {
                     let rec: crate::audit::Record = serde_json::from_slice(v)
                         .map_err(|e| std::io::Error::other(e.to_string()))?;
-                    serde_json::to_writer(&mut *out, &rec.event)?;
+                    serde_json::to_writer(&mut *out, &rec.fhir())?;
                     out.write_all(b"\n")?;
                     n += 1;
                     Ok(())
                 })?;
             return Ok(n);
+        }
+        if rtype == "Provenance" {
+            return crate::audit::export_provenance(&self.store, out);
         }
         let prefix = format!("r/{rtype}/");
         self.store.for_each(prefix.as_bytes(), |_, v| {

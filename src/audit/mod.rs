@@ -15,6 +15,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+mod provenance;
+mod stored;
+
+pub use provenance::{export_provenance, provenance, provenance_index};
+
 use crate::clock::Now;
 use crate::error::Error;
 use crate::store::{Abort, Store, Tx};
@@ -38,9 +43,17 @@ pub struct Record {
     pub seq: u64,
     /// Hash of the previous record ("" for the first).
     pub prev: String,
-    /// SHA-256 over `prev`, a newline and the event's JSON.
+    /// SHA-256 over `prev`, a newline and the stored event's JSON.
     pub hash: String,
+    /// The event in its stored form ([`stored`]); [`Record::fhir`] gives the AuditEvent.
     pub event: Value,
+}
+
+impl Record {
+    /// The whole FHIR AuditEvent.
+    pub fn fhir(&self) -> Value {
+        stored::expand(&self.event, self.seq)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -292,6 +305,7 @@ pub fn tx_append(tx: &Tx<'_>, mut event: Value) -> TxResult<u64> {
         o.insert("id".into(), json!(seq.to_string()));
         o.insert("meta".into(), json!({ "versionId": "1", "lastUpdated": o.get("recorded").cloned().unwrap_or(Value::Null) }));
     }
+    let event = stored::compact(&event);
     let hash = chain_hash(&head.hash, &event);
     let rec = Record {
         seq,
@@ -338,7 +352,7 @@ pub fn tx_record(tx: &Tx<'_>, entities: &[String], now: &Now) -> TxResult<()> {
             }
         }
         let seq = tx_append(tx, event(&ctx, 200, &all, now))?;
-        tx_provenance(tx, &ctx, entities, now, seq)?;
+        provenance::tx_record(tx, entities, seq)?;
     }
     Ok(())
 }
@@ -373,38 +387,7 @@ pub fn tx_record_system(
     e["outcome"] = json!(if success { "0" } else { "4" });
     e["outcomeDesc"] = json!(description);
     let seq = tx_append(tx, e)?;
-    let Some(cur) = tx.get(format!("r/{target}").as_bytes())? else {
-        return Ok(seq);
-    };
-    let version = serde_json::from_slice::<Value>(&cur)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/meta/versionId")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "1".into());
-    let id = format!("{seq}-0");
-    let p = json!({
-        "resourceType": "Provenance",
-        "id": id,
-        "meta": { "versionId": "1", "lastUpdated": now.instant },
-        "target": [{ "reference": format!("{target}/_history/{version}") }],
-        "recorded": now.instant,
-        "activity": { "coding": [{ "system": "http://dicom.nema.org/resources/ontology/DCM", "code": code, "display": display }], "text": description },
-        "agent": [{
-            "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "performer" }] },
-            "who": { "identifier": { "system": format!("{}/Id/client", crate::fhir::CANONICAL), "value": "sp-gateway" }, "display": "sp-gateway" }
-        }],
-        "entity": [{ "role": "source", "what": { "reference": format!("AuditEvent/{seq}") } }]
-    });
-    let bytes =
-        serde_json::to_vec(&p).map_err(|e| Abort::Caller(Error::Internal(e.to_string())))?;
-    tx.put(format!("r/Provenance/{id}").as_bytes(), &bytes)?;
-    tx.put(
-        format!("{}{seq:020}-0", provenance_index(target)).as_bytes(),
-        id.as_bytes(),
-    )?;
+    provenance::tx_put(tx, target, seq, 0, false)?;
     Ok(seq)
 }
 
@@ -424,97 +407,6 @@ impl SystemActivity {
             SystemActivity::Receive => "acknowledgement-received",
         }
     }
-}
-
-pub fn provenance_index(target: &str) -> String {
-    format!("x/prov/{target}/")
-}
-
-/// A Provenance for each resource version a write produced: the version, when, who, and
-/// the activity; a new Task's carries the routing decision as its reason.
-fn tx_provenance(
-    tx: &Tx<'_>,
-    ctx: &Context,
-    entities: &[String],
-    now: &Now,
-    seq: u64,
-) -> TxResult<()> {
-    for (i, target) in entities.iter().enumerate() {
-        let Some(cur) = tx.get(format!("r/{target}").as_bytes())? else {
-            continue;
-        };
-        let Ok(cur) = serde_json::from_slice::<Value>(&cur) else {
-            continue;
-        };
-        let version = cur
-            .pointer("/meta/versionId")
-            .and_then(Value::as_str)
-            .unwrap_or("1");
-        let activity = if version == "1" {
-            ("CREATE", "create")
-        } else {
-            ("UPDATE", "revise")
-        };
-        let id = format!("{seq}-{i}");
-        let mut p = json!({
-            "resourceType": "Provenance",
-            "id": id,
-            "meta": { "versionId": "1", "lastUpdated": now.instant },
-            "target": [{ "reference": format!("{target}/_history/{version}") }],
-            "recorded": now.instant,
-            "activity": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": activity.0, "display": activity.1 }] },
-            "agent": [{
-                "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "author" }] },
-                "who": agent_who(ctx)
-            }],
-            "entity": [{ "role": "source", "what": { "reference": format!("AuditEvent/{seq}") } }]
-        });
-        if target.starts_with("Task/") && version == "1" {
-            let decision = cur
-                .get("extension")
-                .and_then(Value::as_array)
-                .and_then(|es| {
-                    es.iter().find(|e| {
-                        e.get("url").and_then(Value::as_str)
-                            == Some(crate::fhir::routing_extension_url().as_str())
-                    })
-                });
-            if let Some(d) = decision {
-                let part = |name: &str| {
-                    d.get("extension").and_then(Value::as_array).and_then(|xs| {
-                        xs.iter()
-                            .find(|x| x.get("url").and_then(Value::as_str) == Some(name))
-                            .and_then(|x| x.get("valueString"))
-                            .and_then(Value::as_str)
-                            .map(str::to_string)
-                    })
-                };
-                p["reason"] = json!([{ "text": format!("routed by rule {}: {}", part("rule").unwrap_or_default(), part("reason").unwrap_or_default()) }]);
-            }
-        }
-        let bytes =
-            serde_json::to_vec(&p).map_err(|e| Abort::Caller(Error::Internal(e.to_string())))?;
-        tx.put(format!("r/Provenance/{id}").as_bytes(), &bytes)?;
-        tx.put(
-            format!("{}{seq:020}-{i}", provenance_index(target)).as_bytes(),
-            id.as_bytes(),
-        )?;
-    }
-    Ok(())
-}
-
-/// Every Provenance of a target (`Task/{id}`), in the order written.
-pub fn provenance(store: &Store, target: &str) -> crate::error::Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for (_, id) in store.scan(provenance_index(target).as_bytes(), None, 10_000)? {
-        let key = format!("r/Provenance/{}", String::from_utf8_lossy(&id));
-        if let Some(b) = store.get(key.as_bytes())? {
-            if let Ok(v) = serde_json::from_slice(&b) {
-                out.push(v);
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Records a request (a read, a search, a refusal) in its own transaction.
@@ -683,7 +575,7 @@ pub fn search(store: &Store, q: &Query) -> crate::error::Result<Page> {
             let Ok(rec) = serde_json::from_slice::<Record>(&rec) else {
                 continue;
             };
-            let e = rec.event;
+            let e = rec.fhir();
             if q.agent.as_deref().is_some_and(|a| {
                 e.pointer("/agent/0/who/identifier/value")
                     .and_then(Value::as_str)
@@ -736,5 +628,5 @@ pub fn read(store: &Store, id: &str) -> crate::error::Result<Option<Value>> {
     Ok(store
         .get(record_key(seq).as_bytes())?
         .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
-        .map(|r| r.event))
+        .map(|r| r.fhir()))
 }
