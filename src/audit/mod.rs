@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 mod provenance;
+mod seqs;
 mod stored;
 
 pub use provenance::{export_provenance, provenance, provenance_index};
@@ -325,7 +326,7 @@ pub fn tx_append(tx: &Tx<'_>, mut event: Value) -> TxResult<u64> {
         .pointer("/agent/0/who/identifier/value")
         .and_then(Value::as_str)
         .unwrap_or("unauthenticated");
-    tx.put(format!("{}{seq:020}", by_agent(agent)).as_bytes(), b"")?;
+    seqs::tx_add(tx, &by_agent(agent), seq)?;
     for e in rec
         .event
         .get("entity")
@@ -334,7 +335,7 @@ pub fn tx_append(tx: &Tx<'_>, mut event: Value) -> TxResult<u64> {
         .flatten()
     {
         if let Some(r) = e.pointer("/what/reference").and_then(Value::as_str) {
-            tx.put(format!("{}{seq:020}", by_entity(r)).as_bytes(), b"")?;
+            seqs::tx_add(tx, &by_entity(r), seq)?;
         }
     }
     Ok(seq)
@@ -552,23 +553,33 @@ pub struct Query {
 }
 
 pub fn search(store: &Store, q: &Query) -> crate::error::Result<Page> {
-    let prefix = match (&q.entity, &q.agent) {
-        (Some(e), _) => by_entity(e),
-        (None, Some(a)) => by_agent(a),
-        _ => RECORDS.to_string(),
+    let index = match (&q.entity, &q.agent) {
+        (Some(e), _) => Some(by_entity(e)),
+        (None, Some(a)) => Some(by_agent(a)),
+        _ => None,
     };
-    let start = format!("{prefix}{:020}", q.cursor);
     let mut events = Vec::new();
     let mut next = None;
-    let mut after = Some(start.into_bytes());
+    let mut cursor = q.cursor;
     'scan: loop {
-        let rows = store.scan(prefix.as_bytes(), after.as_deref(), 256)?;
-        let done = rows.len() < 256;
-        for (k, _) in &rows {
-            let seq: u64 = std::str::from_utf8(&k[prefix.len()..])
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
+        let batch: Vec<u64> = match &index {
+            Some(prefix) => seqs::after(store, prefix, cursor, 256)?,
+            None => {
+                let after = record_key(cursor);
+                store
+                    .scan(RECORDS.as_bytes(), Some(after.as_bytes()), 256)?
+                    .iter()
+                    .filter_map(|(k, _)| {
+                        std::str::from_utf8(&k[RECORDS.len()..]).ok()?.parse().ok()
+                    })
+                    .collect()
+            }
+        };
+        let Some(&last) = batch.last() else {
+            break;
+        };
+        cursor = last;
+        for seq in batch {
             let Some(rec) = store.get(record_key(seq).as_bytes())? else {
                 continue;
             };
@@ -612,10 +623,6 @@ pub fn search(store: &Store, q: &Query) -> crate::error::Result<Page> {
             }
             events.push(e);
         }
-        if done {
-            break;
-        }
-        after = rows.last().map(|(k, _)| k.clone());
     }
     Ok(Page { events, next })
 }

@@ -3,11 +3,13 @@
 //!
 //! A Provenance is not stored whole: everything it says but the version it names (when,
 //! who, what activity, the AuditEvent it came from) is already in the AuditEvent of the
-//! same transaction, in the hash chain. So the store keeps, per target, an index entry
-//! `x/prov/{Type}/{id}/{seq:020}-{n}` whose value is the version (and, for a new Task, the
-//! routing decision as the reason), and the Provenance is made from it and the AuditEvent
-//! when read. Entries written before this form (the value a Provenance id, the Provenance
-//! itself at `r/Provenance/{id}`) are read as they were stored.
+//! same transaction, in the hash chain. So the store keeps, per target, one list
+//! (`x/prov/{Type}/{id}/~`, JSON) with an entry per Provenance: the AuditEvent's number,
+//! the entry's place among that event's targets, the version (and, for a new Task, the
+//! routing decision as the reason); the Provenance is made from it and the AuditEvent when
+//! read. Entries written before this form (one key per Provenance,
+//! `x/prov/{Type}/{id}/{seq:020}-{n}`, its value the Provenance's id and the Provenance
+//! whole at `r/Provenance/{id}`) are read as they were stored.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -23,9 +25,13 @@ pub fn provenance_index(target: &str) -> String {
     format!("{PREFIX}{target}/")
 }
 
-/// What the index entry holds.
+/// What the list holds of one Provenance.
 #[derive(Debug, Serialize, Deserialize)]
 struct Facts {
+    /// The AuditEvent of the write.
+    s: u64,
+    /// The target's place among the write's targets.
+    n: usize,
     /// The version of the target the Provenance is about.
     v: String,
     /// Why, when the write says (the routing decision of a new Task).
@@ -84,12 +90,20 @@ pub(super) fn tx_put(
     let reason = (with_reason && target.starts_with("Task/") && v == "1")
         .then(|| routing_reason(&cur))
         .flatten();
-    let facts = serde_json::to_vec(&Facts { v, reason })
-        .map_err(|e| Abort::Caller(Error::Internal(e.to_string())))?;
-    tx.put(
-        format!("{}{seq:020}-{n}", provenance_index(target)).as_bytes(),
-        &facts,
-    )?;
+    let key = format!("{}~", provenance_index(target));
+    let mut list: Vec<Facts> = match tx.get(key.as_bytes())? {
+        Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    list.push(Facts {
+        s: seq,
+        n,
+        v,
+        reason,
+    });
+    let bytes =
+        serde_json::to_vec(&list).map_err(|e| Abort::Caller(Error::Internal(e.to_string())))?;
+    tx.put(key.as_bytes(), &bytes)?;
     Ok(())
 }
 
@@ -102,26 +116,27 @@ pub(super) fn tx_record(tx: &Tx<'_>, entities: &[String], seq: u64) -> TxResult<
     Ok(())
 }
 
-/// The Provenance of index entry `suffix` (`{seq:020}-{n}`) of `target`.
-fn render(
-    store: &Store,
-    target: &str,
-    suffix: &str,
-    value: &[u8],
-) -> crate::error::Result<Option<Value>> {
-    let Ok(facts) = serde_json::from_slice::<Facts>(value) else {
-        // Written before Provenance was made on reading: the value is its id.
-        let key = format!("r/Provenance/{}", String::from_utf8_lossy(value));
-        return Ok(store
-            .get(key.as_bytes())?
-            .and_then(|b| serde_json::from_slice(&b).ok()));
-    };
-    let Some((seq, n)) = suffix.split_once('-') else {
-        return Ok(None);
-    };
-    let Ok(seq) = seq.parse::<u64>() else {
-        return Ok(None);
-    };
+/// The Provenances of one index entry of `target`: its list, or one of the older form.
+fn entry(store: &Store, target: &str, value: &[u8]) -> crate::error::Result<Vec<Value>> {
+    if let Ok(list) = serde_json::from_slice::<Vec<Facts>>(value) {
+        let mut out = Vec::new();
+        for f in list {
+            out.extend(render(store, target, f)?);
+        }
+        return Ok(out);
+    }
+    // Written before Provenance was made on reading: the value is its id.
+    let key = format!("r/Provenance/{}", String::from_utf8_lossy(value));
+    Ok(store
+        .get(key.as_bytes())?
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .into_iter()
+        .collect())
+}
+
+/// The Provenance `facts` describe, made with their AuditEvent.
+fn render(store: &Store, target: &str, facts: Facts) -> crate::error::Result<Option<Value>> {
+    let (seq, n) = (facts.s, facts.n);
     let Some(event) = super::read(store, &seq.to_string())? else {
         return Ok(None);
     };
@@ -172,11 +187,8 @@ fn render(
 pub fn provenance(store: &Store, target: &str) -> crate::error::Result<Vec<Value>> {
     let prefix = provenance_index(target);
     let mut out = Vec::new();
-    for (k, v) in store.scan(prefix.as_bytes(), None, 10_000)? {
-        let suffix = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-        if let Some(p) = render(store, target, &suffix, &v)? {
-            out.push(p);
-        }
+    for (_, v) in store.scan(prefix.as_bytes(), None, 10_000)? {
+        out.extend(entry(store, target, &v)?);
     }
     Ok(out)
 }
@@ -189,12 +201,11 @@ pub fn export_provenance(
     let mut n = 0;
     store.for_each(PREFIX.as_bytes(), |k, v| {
         let key = String::from_utf8_lossy(&k[PREFIX.len()..]).into_owned();
-        let Some((target, suffix)) = key.rsplit_once('/') else {
+        let Some((target, _)) = key.rsplit_once('/') else {
             return Ok(());
         };
-        let p =
-            render(store, target, suffix, v).map_err(|e| std::io::Error::other(e.to_string()))?;
-        if let Some(p) = p {
+        let ps = entry(store, target, v).map_err(|e| std::io::Error::other(e.to_string()))?;
+        for p in ps {
             serde_json::to_writer(&mut *out, &p)?;
             out.write_all(b"\n")?;
             n += 1;

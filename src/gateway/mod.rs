@@ -225,8 +225,12 @@ pub(crate) fn scopes(provider: Option<&str>, practice: Option<&str>) -> Vec<Stri
     out
 }
 
-/// The index keys of one resource version: time-ordered by scope (with and without its
-/// status) and by the patient it refers to.
+/// Types searched by status, whose time index has a copy by status beside the one for any
+/// status (`search` reads the by-status copy only for these).
+const BY_STATUS: [&str; 2] = ["Task", "ServiceRequest"];
+
+/// The index keys of one resource version: time-ordered by scope (and by status too, for
+/// the types searched by status) and by the patient it refers to.
 pub(crate) fn index_keys(rtype: &str, resource: &Value, scopes: &[String]) -> Vec<String> {
     let id = resource
         .get("id")
@@ -240,7 +244,9 @@ pub(crate) fn index_keys(rtype: &str, resource: &Value, scopes: &[String]) -> Ve
     let mut out = Vec::new();
     for s in scopes {
         out.push(format!("{}{suffix}", keys::time_prefix(rtype, s, "~")));
-        out.push(format!("{}{suffix}", keys::time_prefix(rtype, s, status)));
+        if BY_STATUS.contains(&rtype) {
+            out.push(format!("{}{suffix}", keys::time_prefix(rtype, s, status)));
+        }
     }
     let patient_element = if rtype == "Task" { "for" } else { "subject" };
     if let Some(p) = resource

@@ -278,7 +278,7 @@ impl Gateway {
 
     fn source(&self, who: &Principal, q: &Query) -> Result<Option<Source>> {
         let rtype = q.rtype.as_str();
-        let statuses: Vec<&str> = if q.status.is_empty() || rtype == "Observation" {
+        let statuses: Vec<&str> = if q.status.is_empty() || !super::BY_STATUS.contains(&rtype) {
             vec!["~"]
         } else {
             q.status.iter().map(String::as_str).collect()
