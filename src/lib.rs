@@ -16,6 +16,7 @@ pub mod gateway;
 pub mod http;
 pub mod ingest;
 pub mod letter;
+pub mod lists;
 pub mod mesh;
 pub mod outbox;
 pub mod routing;

@@ -16,7 +16,6 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 mod provenance;
-mod seqs;
 mod stored;
 
 pub use provenance::{export_provenance, provenance, provenance_index};
@@ -31,6 +30,10 @@ pub const RECORDS: &str = "a/";
 pub fn record_key(seq: u64) -> String {
     format!("{RECORDS}{seq:020}")
 }
+/// Record numbers an index list (by entity, by agent) holds before it is set aside as a
+/// chunk: a list is rewritten with each record it gains, so it is kept short.
+const INDEX_CHUNK: usize = 32;
+
 pub fn by_entity(entity: &str) -> String {
     format!("x/ae/e/{entity}/")
 }
@@ -326,7 +329,7 @@ pub fn tx_append(tx: &Tx<'_>, mut event: Value) -> TxResult<u64> {
         .pointer("/agent/0/who/identifier/value")
         .and_then(Value::as_str)
         .unwrap_or("unauthenticated");
-    seqs::tx_add(tx, &by_agent(agent), seq)?;
+    crate::lists::tx_push(tx, &by_agent(agent), seq, b"", INDEX_CHUNK)?;
     for e in rec
         .event
         .get("entity")
@@ -335,7 +338,7 @@ pub fn tx_append(tx: &Tx<'_>, mut event: Value) -> TxResult<u64> {
         .flatten()
     {
         if let Some(r) = e.pointer("/what/reference").and_then(Value::as_str) {
-            seqs::tx_add(tx, &by_entity(r), seq)?;
+            crate::lists::tx_push(tx, &by_entity(r), seq, b"", INDEX_CHUNK)?;
         }
     }
     Ok(seq)
@@ -563,7 +566,10 @@ pub fn search(store: &Store, q: &Query) -> crate::error::Result<Page> {
     let mut cursor = q.cursor;
     'scan: loop {
         let batch: Vec<u64> = match &index {
-            Some(prefix) => seqs::after(store, prefix, cursor, 256)?,
+            Some(prefix) => crate::lists::after(store, prefix, cursor, 256)?
+                .into_iter()
+                .map(|e| e.0)
+                .collect(),
             None => {
                 let after = record_key(cursor);
                 store

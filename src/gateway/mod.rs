@@ -90,7 +90,8 @@ pub mod keys {
     pub fn patient_by_nhs(nhs: &str) -> String {
         format!("n/{nhs}/")
     }
-    /// Every version of a type, time-ordered, by scope (type-level history).
+    /// Every version of a type by scope, in write order (type-level history): a list
+    /// (`lists`) of `{id}/{version}` by write time.
     pub fn type_history(rtype: &str, scope: &str) -> String {
         format!("y/{rtype}/{scope}/")
     }
@@ -225,6 +226,10 @@ pub(crate) fn scopes(provider: Option<&str>, practice: Option<&str>) -> Vec<Stri
     out
 }
 
+/// Versions a scope's type-history list holds before it is set aside as a chunk (the list
+/// is rewritten with each version it gains, so it is kept short).
+const TYPE_HISTORY_CHUNK: usize = 8;
+
 /// Types searched by status, whose time index has a copy by status beside the one for any
 /// status (`search` reads the by-status copy only for these).
 const BY_STATUS: [&str; 2] = ["Task", "ServiceRequest"];
@@ -283,12 +288,13 @@ pub(crate) fn tx_put_resource(
     }
     let ts = micros_of(fhir::last_updated_of(resource));
     for s in scopes {
-        let k = format!(
-            "{}{}/{v:010}",
-            keys::type_history(rtype, s),
-            keys::suffix(ts, id)
-        );
-        tx.put(k.as_bytes(), b"")?;
+        crate::lists::tx_push(
+            tx,
+            &keys::type_history(rtype, s),
+            u64::try_from(ts).unwrap_or(0),
+            format!("{id}/{v}").as_bytes(),
+            TYPE_HISTORY_CHUNK,
+        )?;
     }
     let json = |r: &Value| serde_json::to_vec(r).or_else(|e| fail(Error::Internal(e.to_string())));
     if let Some(prev) = previous {
@@ -503,22 +509,25 @@ impl Gateway {
         };
         let mut rows = Vec::new();
         for s in &scopes {
-            let prefix = keys::type_history(rtype, s);
-            for (k, _) in self.store.scan_rev(prefix.as_bytes(), None, count)? {
-                rows.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
-            }
+            rows.extend(crate::lists::newest(
+                &self.store,
+                &keys::type_history(rtype, s),
+                count,
+            )?);
         }
-        rows.sort();
+        rows.sort_by(|a, b| b.cmp(a));
         rows.dedup();
-        rows.reverse();
         let mut out = Vec::new();
-        for row in rows.into_iter().take(count) {
-            // {time}/{id}/{version}
-            let mut parts = row.split('/').skip(1);
-            let (Some(id), Some(v)) = (parts.next(), parts.next().and_then(|v| v.parse().ok()))
+        for (_, row) in rows.into_iter().take(count) {
+            // {id}/{version}
+            let row = String::from_utf8_lossy(&row).into_owned();
+            let Some((id, v)) = row
+                .split_once('/')
+                .and_then(|(id, v)| Some((id.to_string(), v.parse::<u64>().ok()?)))
             else {
                 continue;
             };
+            let id = id.as_str();
             match self.load(rtype, id)? {
                 Some(cur) if self.visible(who, rtype, &cur)? => {}
                 _ => continue,
