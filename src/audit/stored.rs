@@ -57,6 +57,18 @@ fn put_if_absent(o: &mut Map<String, Value>, key: &str, value: Value) {
     }
 }
 
+/// The objects in array member `key` of `o`, to change in place.
+fn objects_mut<'a>(
+    o: &'a mut Map<String, Value>,
+    key: &str,
+) -> impl Iterator<Item = &'a mut Map<String, Value>> {
+    o.get_mut(key)
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object_mut)
+}
+
 fn is_patient(entity: &Map<String, Value>) -> bool {
     entity
         .get("what")
@@ -80,23 +92,10 @@ pub fn compact(event: &Value) -> Value {
     }
     drop_if(o, "source", &source());
     drop_if(o, "type", &rest_type());
-    for coding in o
-        .get_mut("subtype")
-        .and_then(Value::as_array_mut)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_object_mut)
-    {
+    for coding in objects_mut(o, "subtype") {
         drop_if(coding, "system", &json!(REST_INTERACTION));
     }
-    for (i, agent) in o
-        .get_mut("agent")
-        .and_then(Value::as_array_mut)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_object_mut)
-        .enumerate()
-    {
+    for (i, agent) in objects_mut(o, "agent").enumerate() {
         if i == 0 {
             let Some(who) = agent.get_mut("who").and_then(Value::as_object_mut) else {
                 continue;
@@ -117,13 +116,7 @@ pub fn compact(event: &Value) -> Value {
             agent.remove("requestor");
         }
     }
-    for entity in o
-        .get_mut("entity")
-        .and_then(Value::as_array_mut)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_object_mut)
-    {
+    for entity in objects_mut(o, "entity") {
         if is_patient(entity)
             && entity.get("type") == Some(&person_type())
             && entity.get("role") == Some(&patient_role())
@@ -153,23 +146,10 @@ pub fn expand(stored: &Value, seq: u64) -> Value {
     );
     put_if_absent(o, "source", source());
     put_if_absent(o, "type", rest_type());
-    for coding in o
-        .get_mut("subtype")
-        .and_then(Value::as_array_mut)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_object_mut)
-    {
+    for coding in objects_mut(o, "subtype") {
         put_if_absent(coding, "system", json!(REST_INTERACTION));
     }
-    for (i, agent) in o
-        .get_mut("agent")
-        .and_then(Value::as_array_mut)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_object_mut)
-        .enumerate()
-    {
+    for (i, agent) in objects_mut(o, "agent").enumerate() {
         if i == 0 {
             let Some(who) = agent.get_mut("who").and_then(Value::as_object_mut) else {
                 continue;
@@ -192,13 +172,7 @@ pub fn expand(stored: &Value, seq: u64) -> Value {
             put_if_absent(agent, "requestor", json!(false));
         }
     }
-    for entity in o
-        .get_mut("entity")
-        .and_then(Value::as_array_mut)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_object_mut)
-    {
+    for entity in objects_mut(o, "entity") {
         if is_patient(entity) && !entity.contains_key("type") {
             entity.insert("type".into(), person_type());
             put_if_absent(entity, "role", patient_role());
