@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 
 const GP: &str = "demo-gp-token";
 const HUB: &str = "demo-provider-hub-token";
+const AUDITOR: &str = "demo-auditor-token";
 
 struct Opts {
     quick: bool,
@@ -276,6 +277,90 @@ async fn work(base: &str, n: usize) -> f64 {
         h.await.expect("worker");
     }
     tasks.len() as f64 / t.elapsed().as_secs_f64()
+}
+
+/// The first page of the hub's requested Tasks (ids and the ServiceRequests they serve).
+async fn some_tasks(base: &str, n: usize) -> Vec<(String, String)> {
+    let page: Value = reqwest::Client::new()
+        .get(format!(
+            "{base}/fhir/Task?owner=pendle-cvs-hub&status=requested&_count={n}"
+        ))
+        .bearer_auth(HUB)
+        .send()
+        .await
+        .expect("tasks")
+        .json()
+        .await
+        .expect("bundle");
+    page["entry"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .map(|e| {
+                    let t = &e["resource"];
+                    let sr = t["focus"]["reference"].as_str().unwrap_or_default();
+                    (
+                        t["id"].as_str().unwrap_or_default().to_string(),
+                        sr.trim_start_matches("ServiceRequest/").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `n` GETs of `paths` in turn with `token`, `conc` at a time: (requests per second,
+/// sorted latencies). Each is audited by the gateway, as every read is.
+async fn reads(
+    base: &str,
+    token: &str,
+    paths: &[String],
+    n: usize,
+    conc: usize,
+) -> (f64, Vec<Duration>) {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(conc)
+        .build()
+        .expect("client");
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let paths = Arc::new(paths.to_vec());
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (http, base, next, paths, token) = (
+            http.clone(),
+            base.to_string(),
+            next.clone(),
+            paths.clone(),
+            token.to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n || paths.is_empty() {
+                    return lat;
+                }
+                let s = Instant::now();
+                let r = http
+                    .get(format!("{base}{}", paths[i % paths.len()]))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .expect("read");
+                assert!(r.status().is_success(), "read: {}", r.status());
+                let _ = r.bytes().await;
+                lat.push(s.elapsed());
+            }
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("reader"));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    lat.sort();
+    (n as f64 / secs, lat)
 }
 
 fn peak_rss_mb(pid: u32) -> f64 {
@@ -586,6 +671,36 @@ async fn main() {
         }
         let pairs = work(&g.base, if o.quick { 20 } else { 200 }).await;
         push("Task update + Observation: pairs/s (c=16)".into(), pairs);
+        // Read by id (each read writes its AuditEvent), and one referral's $trail.
+        let some = some_tasks(&g.base, 200).await;
+        let task_paths: Vec<String> = some
+            .iter()
+            .map(|(t, _)| format!("/fhir/Task/{t}"))
+            .collect();
+        let (rps, lat) = reads(
+            &g.base,
+            HUB,
+            &task_paths,
+            if o.quick { 200 } else { 5000 },
+            16,
+        )
+        .await;
+        push("read by id: reads/s (c=16)".into(), rps);
+        push("read by id: p99 ms (c=16)".into(), pct(&lat, 0.99));
+        let trail_paths: Vec<String> = some
+            .iter()
+            .map(|(_, sr)| format!("/fhir/ServiceRequest/{sr}/$trail"))
+            .collect();
+        let (_, lat) = reads(
+            &g.base,
+            AUDITOR,
+            &trail_paths,
+            if o.quick { 20 } else { 200 },
+            1,
+        )
+        .await;
+        push("$trail of one referral: p50 ms".into(), pct(&lat, 0.5));
+        push("$trail of one referral: p99 ms".into(), pct(&lat, 0.99));
         let pid = g.child.id();
         let data = g.data.clone();
         for &size in &o.sizes {

@@ -19,6 +19,8 @@ fn the_benchmark_runs() {
         "ingest c=1: referrals/s",
         "ingest c=64: p99.9 ms",
         "poll at 300 stored: p99 ms",
+        "read by id: reads/s (c=16)",
+        "$trail of one referral: p99 ms",
         "peak RSS",
         "start-up at",
     ] {
