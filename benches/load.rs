@@ -165,19 +165,26 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-/// POSTs `n` referrals (ids from `first`) with `conc` concurrent clients; returns
-/// (requests per second, latencies).
-async fn ingest(base: &str, first: usize, n: usize, conc: usize) -> (f64, Vec<Duration>) {
+/// Sends requests `first..first + n` with `conc` concurrent clients (`request(client, i)`
+/// makes request `i`; a request that fails panics); returns (requests per second, sorted
+/// latencies).
+async fn drive(
+    first: usize,
+    n: usize,
+    conc: usize,
+    request: impl Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
+) -> (f64, Vec<Duration>) {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(conc)
         .build()
         .expect("client");
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(first));
+    let request = Arc::new(request);
     let end = first + n;
     let t = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..conc {
-        let (http, base, next) = (http.clone(), base.to_string(), next.clone());
+        let (http, next, request) = (http.clone(), next.clone(), request.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -186,15 +193,8 @@ async fn ingest(base: &str, first: usize, n: usize, conc: usize) -> (f64, Vec<Du
                     return lat;
                 }
                 let s = Instant::now();
-                let r = http
-                    .post(format!("{base}/referrals"))
-                    .bearer_auth(GP)
-                    .header("content-type", "application/json")
-                    .body(referral(i))
-                    .send()
-                    .await
-                    .expect("request");
-                assert!(r.status().is_success(), "ingest: {}", r.status());
+                let r = request(&http, i).send().await.expect("request");
+                assert!(r.status().is_success(), "request {i}: {}", r.status());
                 let _ = r.bytes().await;
                 lat.push(s.elapsed());
             }
@@ -207,6 +207,19 @@ async fn ingest(base: &str, first: usize, n: usize, conc: usize) -> (f64, Vec<Du
     let secs = t.elapsed().as_secs_f64();
     lat.sort();
     (n as f64 / secs, lat)
+}
+
+/// POSTs `n` referrals (ids from `first`) with `conc` concurrent clients; returns
+/// (requests per second, latencies).
+async fn ingest(base: &str, first: usize, n: usize, conc: usize) -> (f64, Vec<Duration>) {
+    let base = base.to_string();
+    drive(first, n, conc, move |http, i| {
+        http.post(format!("{base}/referrals"))
+            .bearer_auth(GP)
+            .header("content-type", "application/json")
+            .body(referral(i))
+    })
+    .await
 }
 
 async fn poll(base: &str, n: usize) -> Vec<Duration> {
@@ -318,49 +331,15 @@ async fn reads(
     n: usize,
     conc: usize,
 ) -> (f64, Vec<Duration>) {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(conc)
-        .build()
-        .expect("client");
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let paths = Arc::new(paths.to_vec());
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..conc {
-        let (http, base, next, paths, token) = (
-            http.clone(),
-            base.to_string(),
-            next.clone(),
-            paths.clone(),
-            token.to_string(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= n || paths.is_empty() {
-                    return lat;
-                }
-                let s = Instant::now();
-                let r = http
-                    .get(format!("{base}{}", paths[i % paths.len()]))
-                    .bearer_auth(&token)
-                    .send()
-                    .await
-                    .expect("read");
-                assert!(r.status().is_success(), "read: {}", r.status());
-                let _ = r.bytes().await;
-                lat.push(s.elapsed());
-            }
-        }));
+    if paths.is_empty() {
+        return (0.0, Vec::new());
     }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.expect("reader"));
-    }
-    let secs = t.elapsed().as_secs_f64();
-    lat.sort();
-    (n as f64 / secs, lat)
+    let (base, token, paths) = (base.to_string(), token.to_string(), paths.to_vec());
+    drive(0, n, conc, move |http, i| {
+        http.get(format!("{base}{}", paths[i % paths.len()]))
+            .bearer_auth(&token)
+    })
+    .await
 }
 
 fn peak_rss_mb(pid: u32) -> f64 {
