@@ -596,6 +596,18 @@ mod tests {
         assert_eq!(kind("x/ae/e/Task/t1/00000000000000000007"), "x/ae/e/Task");
         assert_eq!(kind("x/ae/g/gp-pennine/00000000000000000007"), "x/ae/g");
         assert_eq!(kind("x/prov/Task/t1/7-0"), "x/prov/Task");
+        // Lists (`lists`): their head and chunks are of the index's kind.
+        assert_eq!(
+            kind(&(keys::type_history("Task", "o/pendle-cvs-hub") + "~")),
+            "y/Task/o"
+        );
+        assert_eq!(
+            kind(&(keys::type_history("Task", "a") + "00000000000000000042")),
+            "y/Task/a"
+        );
+        assert_eq!(kind("x/ae/e/Task/t1/~"), "x/ae/e/Task");
+        assert_eq!(kind("x/ae/g/gp-pennine/~"), "x/ae/g");
+        assert_eq!(kind("x/prov/Task/t1/~"), "x/prov/Task");
         assert_eq!(kind("a/00000000000000000007"), "a");
         assert_eq!(kind(&keys::open_count("pendle-cvs-hub")), "c/open");
         assert_eq!(kind("o/q/P81003/00000000000000000001"), "o/q");
