@@ -166,6 +166,20 @@ fn load(common: &Common, listen: Option<SocketAddr>) -> Result<Config, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A command's answer: its text on stdout (exit 0), or `error: …` on stderr (exit 2).
+fn report(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // A panic message can quote the input that caused it; log where, never what.
     std::panic::set_hook(Box::new(|info| {
@@ -247,68 +261,42 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Outbox { common, action } => match outbox(&common, action) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
-        Command::Backup { common, to } => match open_gateway(&common)
-            .map_err(String::from)
-            .and_then(|gw| gw.store().backup(&to).map_err(|e| e.to_string()))
-        {
-            Ok(b) => {
-                println!(
-                    "backup verified: {} keys, consistent to commit {}, in {} ({} ms)",
-                    b.keys,
-                    b.commit,
-                    b.dir.display(),
-                    b.millis
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
+        Command::Outbox { common, action } => report(outbox(&common, action)),
+        Command::Backup { common, to } => report(
+            open_gateway(&common)
+                .map_err(String::from)
+                .and_then(|gw| gw.store().backup(&to).map_err(|e| e.to_string()))
+                .map(|b| {
+                    format!(
+                        "backup verified: {} keys, consistent to commit {}, in {} ({} ms)",
+                        b.keys,
+                        b.commit,
+                        b.dir.display(),
+                        b.millis
+                    )
+                }),
+        ),
         Command::Users {
             common,
             gateway,
             ca_file,
             action,
-        } => match match gateway {
+        } => report(match gateway {
             Some(url) => users_remote(&url, ca_file.as_deref(), action),
             None => users(&common, action),
-        } {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
-        Command::Export { common, out } => match export(&common, &out) {
-            Ok(counts) => {
-                for (t, n) in counts {
-                    println!(
+        }),
+        Command::Export { common, out } => report(export(&common, &out).map(|counts| {
+            counts
+                .iter()
+                .map(|(t, n)| {
+                    format!(
                         "{t}: {n} resources → {}",
                         out.join(format!("{t}.ndjson")).display()
-                    );
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })),
         Command::Serve {
             common,
             listen,
