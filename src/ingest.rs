@@ -115,14 +115,18 @@ pub struct CheckedReferral {
     pub age: u32,
 }
 
-fn validator() -> &'static jsonschema::Validator {
-    static V: OnceLock<jsonschema::Validator> = OnceLock::new();
+fn validator() -> &'static schema::Validator {
+    static V: OnceLock<schema::Validator> = OnceLock::new();
     V.get_or_init(|| {
         let schema: Value = match serde_json::from_str(REFERRAL_SCHEMA) {
             Ok(v) => v,
             Err(e) => panic!("profiles/gp-referral.schema.json is not JSON: {e}"),
         };
-        match jsonschema::validator_for(&schema) {
+        let id = schema["$id"]
+            .as_str()
+            .unwrap_or("urn:gp-referral")
+            .to_string();
+        match schema::Validator::compile(&id, schema) {
             Ok(v) => v,
             Err(e) => panic!("profiles/gp-referral.schema.json does not compile: {e}"),
         }

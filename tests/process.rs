@@ -6,8 +6,9 @@ use std::process::{Child, Command, Stdio};
 
 use crate::common::*;
 
-fn spawn(data: &std::path::Path) -> (Child, String) {
-    spawn_binary(data, None)
+/// The gateway on `{dir}/data`, so that its log (`{dir}/data.log`) goes with the temp dir.
+fn spawn(dir: &std::path::Path) -> (Child, String) {
+    spawn_binary(&dir.join("data"), None)
 }
 
 #[tokio::test]
