@@ -24,6 +24,18 @@ pub struct Principal {
     pub provider: Option<String>,
 }
 
+impl Principal {
+    /// The organisations the client acts for, as references (`Organization/{id}`): its
+    /// provider, or its practices.
+    pub fn organisations(&self) -> Vec<String> {
+        self.provider
+            .iter()
+            .chain(self.practices.iter())
+            .map(|o| format!("Organization/{o}"))
+            .collect()
+    }
+}
+
 pub struct Authenticator {
     tokens: Vec<([u8; 32], Principal)>,
     certs: Vec<([u8; 32], Principal)>,

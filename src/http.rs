@@ -336,55 +336,10 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-/// Notes, for the audit trail, the patient-data resources in `v` (a resource or a Bundle of
-/// them) and the Patient each is about: what this response discloses to its caller.
+/// Notes, for the audit trail, what `v` (a resource or a Bundle of them) discloses to the
+/// caller ([`gateway::disclosed_by`]).
 fn disclose(v: &Value) {
-    let mut out = Vec::new();
-    collect_disclosed(v, &mut out);
-    crate::audit::disclose(out);
-}
-
-fn collect_disclosed(v: &Value, out: &mut Vec<String>) {
-    let rtype = v
-        .get("resourceType")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    if rtype == "Bundle" {
-        for e in v
-            .get("entry")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(r) = e.get("resource") {
-                collect_disclosed(r, out);
-            }
-        }
-        return;
-    }
-    if !gateway::STORED_TYPES.contains(&rtype) {
-        return;
-    }
-    let Some(id) = v.get("id").and_then(Value::as_str) else {
-        return;
-    };
-    let patient = match rtype {
-        "Patient" => None,
-        "Task" => v.get("for"),
-        _ => v.get("subject"),
-    }
-    .and_then(|r| crate::fhir::ref_id(r, "Patient"));
-    for e in [
-        Some(format!("{rtype}/{id}")),
-        patient.map(|p| format!("Patient/{p}")),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        if !out.contains(&e) {
-            out.push(e);
-        }
-    }
+    crate::audit::disclose(gateway::disclosed_by(v));
 }
 
 fn fhir_response(status: StatusCode, body: &Value) -> Response {
@@ -442,13 +397,7 @@ impl FromRequestParts<AppState> for Principal {
             .limiter
             .take(&p.client_id)
             .map_err(|secs| ApiError(Error::TooManyRequests(secs)))?;
-        let orgs = p
-            .provider
-            .iter()
-            .chain(p.practices.iter())
-            .map(|o| format!("Organization/{o}"))
-            .collect();
-        crate::audit::set_client(&p.client_id, p.role.as_str(), orgs);
+        crate::audit::set_client(&p.client_id, p.role.as_str(), p.organisations());
         if let Some(slot) = parts.extensions.get::<ClientSlot>() {
             if let Ok(mut g) = slot.0.lock() {
                 *g = Some(p.client_id.clone());
@@ -1635,21 +1584,8 @@ async fn audit_request(State(st): State<AppState>, req: Request, next: Next) -> 
     })
     .await;
     let Some(ctx) = ctx else { return resp };
-    // A write recorded itself; a page's write answers with a redirect (303) to its result.
-    if ctx.recorded && (resp.status().is_success() || resp.status() == StatusCode::SEE_OTHER) {
-        return resp;
-    }
-    let mut entities = crate::audit::path_entities(&ctx.path);
-    // What a successful read or search disclosed (only a 2xx discloses anything).
-    if resp.status().is_success() {
-        for e in &ctx.disclosed {
-            if !entities.contains(e) {
-                entities.push(e.clone());
-            }
-        }
-    }
-    match crate::audit::append(st.gateway.store(), &ctx, resp.status().as_u16(), &entities) {
-        Ok(_) => resp,
+    match crate::audit::finish(st.gateway.store(), &ctx, resp.status().as_u16()) {
+        Ok(()) => resp,
         Err(e) => {
             tracing::error!(error = %e, "audit record failed; response withheld");
             match e {

@@ -6,7 +6,7 @@
 //! agent), verification (`sp-gateway audit verify`), and the request context that lets a
 //! write's AuditEvent land in the same store transaction as the write itself
 //! ([`tx_record`]); reads, searches and refusals are recorded right after the response is
-//! decided ([`append`]). It must not decide who may read the log (that is `capability`).
+//! decided ([`finish`]). It must not decide who may read the log (that is `capability`).
 
 use std::cell::RefCell;
 
@@ -411,6 +411,27 @@ impl SystemActivity {
             SystemActivity::Receive => "acknowledgement-received",
         }
     }
+}
+
+/// Ends a request's audit once its outcome (`status`) is known: a write that succeeded has
+/// recorded itself in its own transaction; anything else (a read, a search, a refusal, a
+/// failed write) is recorded now, naming the entities its path names and, when it
+/// succeeded (2xx), what it disclosed. The caller must withhold the response if this fails
+/// (no unaudited access). A page's write answers 303 (a redirect to its result).
+pub fn finish(store: &Store, ctx: &Context, status: u16) -> crate::error::Result<()> {
+    let ok = (200..300).contains(&status);
+    if ctx.recorded && (ok || status == 303) {
+        return Ok(());
+    }
+    let mut entities = path_entities(&ctx.path);
+    if ok {
+        for e in &ctx.disclosed {
+            if !entities.contains(e) {
+                entities.push(e.clone());
+            }
+        }
+    }
+    append(store, ctx, status, &entities).map(|_| ())
 }
 
 /// Records a request (a read, a search, a refusal) in its own transaction.

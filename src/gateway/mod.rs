@@ -137,6 +137,58 @@ pub mod keys {
 /// Resource types the store holds.
 pub const STORED_TYPES: [&str; 4] = ["Patient", "ServiceRequest", "Task", "Observation"];
 
+/// What a response carrying `v` (a resource or a Bundle of them) discloses to its caller:
+/// each patient-data resource (`Task/{id}`) and the Patient it is about (IHE BALP), for the
+/// request's AuditEvent.
+pub fn disclosed_by(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    collect_disclosed(v, &mut out);
+    out
+}
+
+fn collect_disclosed(v: &Value, out: &mut Vec<String>) {
+    let rtype = v
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if rtype == "Bundle" {
+        for e in v
+            .get("entry")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(r) = e.get("resource") {
+                collect_disclosed(r, out);
+            }
+        }
+        return;
+    }
+    if !STORED_TYPES.contains(&rtype) {
+        return;
+    }
+    let Some(id) = v.get("id").and_then(Value::as_str) else {
+        return;
+    };
+    let patient = match rtype {
+        "Patient" => None,
+        "Task" => v.get("for"),
+        _ => v.get("subject"),
+    }
+    .and_then(|r| crate::fhir::ref_id(r, "Patient"));
+    for e in [
+        Some(format!("{rtype}/{id}")),
+        patient.map(|p| format!("Patient/{p}")),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    }
+}
+
 /// The write time of a transaction: the wall clock, but always after the previous write's
 /// (kept in the store), so that `lastUpdated` and every time index follow commit order
 /// (sled runs transactions one at a time). A poll with `_lastUpdated=gt{last seen}` can then
