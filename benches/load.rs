@@ -8,6 +8,7 @@
 //!   ./target/release/sp-gateway-bench --quick                             # seconds
 //!   ./target/release/sp-gateway-bench --runs 3 --sizes 10000,100000
 //!   ./target/release/sp-gateway-bench --census --lives 2000                # what a life writes
+//!   ./target/release/sp-gateway-bench --census --bulk --lives 1000000      # the same, in process
 //!
 //! Load comes from this process, on the same machine, over loopback.
 
@@ -19,6 +20,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// The gateway's own allocator (src/main.rs), so that `--bulk`, which runs the gateway in
+/// this process, costs what the binary costs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const GP: &str = "demo-gp-token";
 const HUB: &str = "demo-provider-hub-token";
 const AUDITOR: &str = "demo-auditor-token";
@@ -28,6 +34,8 @@ struct Opts {
     /// Run the census instead: `lives` referrals through a realistic life each, then count
     /// what the store holds, by kind of key.
     census: Option<usize>,
+    /// The census through the gateway's use cases in this process, not over HTTP.
+    bulk: bool,
     cache_mb: Option<u64>,
     runs: usize,
     sizes: Vec<usize>,
@@ -63,6 +71,7 @@ fn opts() -> Opts {
     Opts {
         quick,
         census,
+        bulk: args.iter().any(|a| a == "--bulk"),
         cache_mb,
         runs,
         sizes,
@@ -406,44 +415,256 @@ async fn call(r: reqwest::RequestBuilder, what: &str) -> Value {
     serde_json::from_str(&body).unwrap_or(Value::Null)
 }
 
-/// One referral's life after ingest and the provider's two polls: accept, in progress, an
-/// outcome Observation, complete naming it, and the GP pulling the outcome.
-async fn life(http: &reqwest::Client, base: &str, task: Value) {
-    let id = task["id"].as_str().unwrap_or_default().to_string();
-    let put = |t: &Value| {
-        http.put(format!("{base}/fhir/Task/{id}"))
-            .bearer_auth(HUB)
-            .header("content-type", "application/fhir+json")
-            .body(t.to_string())
+/// How the census reaches the gateway: over HTTP to the real binary, or (`--bulk`) through
+/// the same `gateway` use cases in this process, each inside an audit scope closed by
+/// `audit::finish` as the HTTP layer closes it. What the bulk path leaves out: TCP, HTTP
+/// parsing, the bearer token's hash, the rate and concurrency limits, and serialising the
+/// responses. What it keeps: validation, routing, the state machine, every store
+/// transaction with its durable commit (one group flush shared by concurrent writes), and
+/// every AuditEvent with what each read disclosed. Same writes, same keys.
+enum Driver {
+    Http { http: reqwest::Client, base: String },
+    InProcess(Arc<InProcess>),
+}
+
+struct InProcess {
+    gw: Arc<sp_gateway::gateway::Gateway>,
+    gp: sp_gateway::auth::Principal,
+    hub: sp_gateway::auth::Principal,
+}
+
+impl InProcess {
+    /// Runs `f` as `who`'s request `method path?query`, audited as the HTTP layer audits it.
+    async fn call<T>(
+        &self,
+        who: &sp_gateway::auth::Principal,
+        (method, path, query): (&str, &str, Option<&str>),
+        f: impl std::future::Future<Output = sp_gateway::error::Result<T>>,
+    ) -> T {
+        use sp_gateway::audit;
+        let ctx = audit::Context {
+            peer: Some("127.0.0.1".into()),
+            method: method.to_string(),
+            path: path.to_string(),
+            query: query.map(str::to_string),
+            ..Default::default()
+        };
+        let (r, ctx) = audit::scope(ctx, async {
+            audit::set_client(&who.client_id, who.role.as_str(), who.organisations());
+            let r = f.await;
+            (r, audit::current())
+        })
+        .await;
+        let status = if r.is_ok() { 200 } else { 500 };
+        if let Some(ctx) = ctx {
+            audit::finish(self.gw.store(), &ctx, status).expect("audit");
+        }
+        r.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// A search as `who`, its searchset disclosed to the audit trail as the HTTP layer does.
+    async fn search(
+        &self,
+        who: &sp_gateway::auth::Principal,
+        rtype: &str,
+        params: &[(&str, &str)],
+    ) -> Value {
+        use sp_gateway::gateway;
+        let pairs: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        // As the HTTP client sends it (the AuditEvent keeps the query).
+        let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let query = query.join("&");
+        let path = format!("/fhir/{rtype}");
+        self.call(who, ("GET", &path, Some(&query)), async {
+            let q = gateway::search::Query::parse(rtype, &pairs, true)?;
+            let result = self.gw.search(who, &q)?;
+            let bundle = gateway::searchset("http://bulk/fhir", &q, result);
+            sp_gateway::audit::disclose(gateway::disclosed_by(&bundle));
+            Ok(bundle)
+        })
+        .await
+    }
+}
+
+impl Driver {
+    async fn ingest(&self, first: usize, n: usize) {
+        match self {
+            Driver::Http { base, .. } => {
+                ingest(base, first, n, 16).await;
+            }
+            Driver::InProcess(p) => {
+                let mut handles = Vec::new();
+                for c in 0..16 {
+                    let p = p.clone();
+                    handles.push(tokio::spawn(async move {
+                        for i in (first + c..first + n).step_by(16) {
+                            let body = referral(i);
+                            p.call(
+                                &p.gp,
+                                ("POST", "/referrals", None),
+                                p.gw.submit_referral(&p.gp, body.as_bytes()),
+                            )
+                            .await;
+                        }
+                    }));
+                }
+                for h in handles {
+                    h.await.expect("ingest");
+                }
+            }
+        }
+    }
+
+    /// The provider's poll: the oldest `count` requested Tasks.
+    async fn poll(&self, count: usize) -> Value {
+        match self {
+            Driver::Http { http, base } => {
+                let poll = format!(
+                    "{base}/fhir/Task?owner=pendle-cvs-hub&status=requested&_count={count}"
+                );
+                call(http.get(&poll).bearer_auth(HUB), "poll").await
+            }
+            Driver::InProcess(p) => {
+                let count = count.to_string();
+                p.search(
+                    &p.hub,
+                    "Task",
+                    &[
+                        ("owner", "pendle-cvs-hub"),
+                        ("status", "requested"),
+                        ("_count", &count),
+                    ],
+                )
+                .await
+            }
+        }
+    }
+
+    /// One referral's life after ingest and the provider's two polls: accept, in progress,
+    /// an outcome Observation, complete naming it, and the GP pulling the outcome.
+    async fn life(&self, task: Value) {
+        let id = task["id"].as_str().unwrap_or_default().to_string();
+        let obs = json!({
+            "resourceType": "Observation", "status": "final",
+            "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "718466001" }] },
+            "subject": task["for"], "basedOn": [task["focus"]], "valueInteger": 24
+        });
+        let sr = task["focus"]["reference"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let complete = |t: &mut Value, obs: &Value| {
+            t["status"] = json!("completed");
+            t["output"] = json!([{ "type": { "text": "SWEMWBS" }, "valueReference": { "reference": format!("Observation/{}", obs["id"].as_str().unwrap_or_default()) } }]);
+        };
+        match self {
+            Driver::Http { http, base } => {
+                let put = |t: &Value| {
+                    http.put(format!("{base}/fhir/Task/{id}"))
+                        .bearer_auth(HUB)
+                        .header("content-type", "application/fhir+json")
+                        .body(t.to_string())
+                };
+                let mut t = task.clone();
+                t["status"] = json!("accepted");
+                let mut t = call(put(&t), "accept").await;
+                t["status"] = json!("in-progress");
+                let mut t = call(put(&t), "in progress").await;
+                let obs = call(
+                    http.post(format!("{base}/fhir/Observation"))
+                        .bearer_auth(HUB)
+                        .header("content-type", "application/fhir+json")
+                        .body(obs.to_string()),
+                    "observation",
+                )
+                .await;
+                complete(&mut t, &obs);
+                call(put(&t), "complete").await;
+                call(
+                    http.get(format!("{base}/fhir/Observation?based-on={sr}"))
+                        .bearer_auth(GP),
+                    "GP pull",
+                )
+                .await;
+            }
+            Driver::InProcess(p) => {
+                let path = format!("/fhir/Task/{id}");
+                let put = |t: Value| {
+                    let (p, id, path) = (p.clone(), id.clone(), path.clone());
+                    async move {
+                        let body = t.to_string();
+                        p.call(
+                            &p.hub,
+                            ("PUT", &path, None),
+                            p.gw.update_task(&p.hub, &id, None, body.as_bytes()),
+                        )
+                        .await
+                    }
+                };
+                let mut t = task.clone();
+                t["status"] = json!("accepted");
+                let mut t = put(t).await;
+                t["status"] = json!("in-progress");
+                let mut t = put(t).await;
+                let body = obs.to_string();
+                let obs = p
+                    .call(
+                        &p.hub,
+                        ("POST", "/fhir/Observation", None),
+                        p.gw.create_observation(&p.hub, body.as_bytes()),
+                    )
+                    .await;
+                complete(&mut t, &obs);
+                put(t).await;
+                p.search(&p.gp, "Observation", &[("based-on", &sr)]).await;
+            }
+        }
+    }
+}
+
+/// The gateway on `dir` in this process (`--bulk`): the same config as [`start`], the
+/// same server with its background work (outbox, checkpoints), no client over HTTP.
+async fn start_in_process(
+    dir: &Path,
+    cache_mb: Option<u64>,
+) -> (
+    Arc<InProcess>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    use sp_gateway::config::Config;
+    let path = config(dir, cache_mb);
+    let text = std::fs::read_to_string(&path).expect("config");
+    let cfg = Config::parse(&text, "bench.toml")
+        .and_then(|c| {
+            c.with_overrides(
+                "bench.toml",
+                Some("127.0.0.1:0".parse().expect("addr")),
+                Some(dir.join("data")),
+            )
+        })
+        .expect("bench config");
+    let auth = sp_gateway::auth::Authenticator::new(&cfg);
+    let who = |token: &str| {
+        auth.authenticate(Some(&format!("Bearer {token}")), None)
+            .expect("demo token")
     };
-    let mut t = task.clone();
-    t["status"] = json!("accepted");
-    let mut t = call(put(&t), "accept").await;
-    t["status"] = json!("in-progress");
-    let mut t = call(put(&t), "in progress").await;
-    let obs = json!({
-        "resourceType": "Observation", "status": "final",
-        "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "718466001" }] },
-        "subject": task["for"], "basedOn": [task["focus"]], "valueInteger": 24
+    let (gp, hub) = (who(GP), who(HUB));
+    let bound = sp_gateway::server::bind(cfg).await.expect("bind");
+    let gw = bound.gateway();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        bound
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server run");
     });
-    let obs = call(
-        http.post(format!("{base}/fhir/Observation"))
-            .bearer_auth(HUB)
-            .header("content-type", "application/fhir+json")
-            .body(obs.to_string()),
-        "observation",
-    )
-    .await;
-    t["status"] = json!("completed");
-    t["output"] = json!([{ "type": { "text": "SWEMWBS" }, "valueReference": { "reference": format!("Observation/{}", obs["id"].as_str().unwrap_or_default()) } }]);
-    call(put(&t), "complete").await;
-    let sr = task["focus"]["reference"].as_str().unwrap_or_default();
-    call(
-        http.get(format!("{base}/fhir/Observation?based-on={sr}"))
-            .bearer_auth(GP),
-        "GP pull",
-    )
-    .await;
+    (Arc::new(InProcess { gw, gp, hub }), stop, task)
 }
 
 /// The family of a kind of key, for the census's summary table.
@@ -470,24 +691,35 @@ fn family(kind: &str) -> &'static str {
 /// pull), 50 at a time with 16 clients; then a clean stop, the data directory's size on
 /// disk, and every key in the store counted by kind (`gateway::keys::kind`). Prints
 /// Markdown.
-async fn census(lives: usize, cache_mb: Option<u64>) {
+async fn census(lives: usize, cache_mb: Option<u64>, bulk: bool) {
     const BATCH: usize = 50;
     let lives = lives.div_ceil(BATCH) * BATCH;
     let dir = std::env::temp_dir().join(format!("sp-gateway-census-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let (g, _) = start(&dir, cache_mb);
-    let http = reqwest::Client::new();
-    let cpu0 = cpu_ms(g.child.id());
+    // Over HTTP: the real binary, measured from outside. In process: this process.
+    let (driver, server) = if bulk {
+        let (p, stop, task) = start_in_process(&dir, cache_mb).await;
+        (Driver::InProcess(p), Err((stop, task)))
+    } else {
+        let (g, _) = start(&dir, cache_mb);
+        let driver = Driver::Http {
+            http: reqwest::Client::new(),
+            base: g.base.clone(),
+        };
+        (driver, Ok(g))
+    };
+    let pid = match &server {
+        Ok(g) => g.child.id(),
+        Err(_) => std::process::id(),
+    };
+    let driver = Arc::new(driver);
+    let cpu0 = cpu_ms(pid);
     let t = Instant::now();
     for batch in 0..lives / BATCH {
-        ingest(&g.base, batch * BATCH, BATCH, 16).await;
-        let poll = format!(
-            "{}/fhir/Task?owner=pendle-cvs-hub&status=requested&_count={BATCH}",
-            g.base
-        );
-        call(http.get(&poll).bearer_auth(HUB), "poll").await;
-        let page = call(http.get(&poll).bearer_auth(HUB), "poll").await;
+        driver.ingest(batch * BATCH, BATCH).await;
+        driver.poll(BATCH).await;
+        let page = driver.poll(BATCH).await;
         let tasks: Vec<Value> = page["entry"]
             .as_array()
             .map(|e| e.iter().map(|e| e["resource"].clone()).collect())
@@ -499,10 +731,10 @@ async fn census(lives: usize, cache_mb: Option<u64>) {
         );
         let mut handles = Vec::new();
         for chunk in tasks.chunks(BATCH.div_ceil(16)) {
-            let (http, base, chunk) = (http.clone(), g.base.clone(), chunk.to_vec());
+            let (driver, chunk) = (driver.clone(), chunk.to_vec());
             handles.push(tokio::spawn(async move {
                 for task in chunk {
-                    life(&http, &base, task).await;
+                    driver.life(task).await;
                 }
             }));
         }
@@ -514,10 +746,17 @@ async fn census(lives: usize, cache_mb: Option<u64>) {
         }
     }
     let secs = t.elapsed().as_secs_f64();
-    let cpu = cpu_ms(g.child.id()) - cpu0;
-    let rss = peak_rss_mb(g.child.id());
-    let data = g.data.clone();
-    stop(g);
+    let cpu = cpu_ms(pid) - cpu0;
+    let rss = peak_rss_mb(pid);
+    let data = dir.join("data");
+    drop(driver);
+    match server {
+        Ok(g) => stop(g),
+        Err((stop, task)) => {
+            let _ = stop.send(());
+            task.await.expect("in-process gateway stopped");
+        }
+    }
     let disk = dir_mb(&data) * 1e6;
     // Start-up on the filled store: after the clean stop (sled replays all the log written
     // since the store was last opened: here, all of it), then killed with SIGKILL once
@@ -561,7 +800,8 @@ async fn census(lives: usize, cache_mb: Option<u64>) {
     let mut rows: Vec<_> = kinds.into_iter().collect();
     rows.sort_by(|a, b| b.1 .1.cmp(&a.1 .1).then(a.0.cmp(&b.0)));
     println!(
-        "Census: {lives} lives in {secs:.1} s; gateway CPU {:.2} ms per life; peak RSS {rss:.0} MB",
+        "Census{}: {lives} lives in {secs:.1} s; gateway CPU {:.2} ms per life; peak RSS {rss:.0} MB",
+        if bulk { " (bulk, in process)" } else { "" },
         cpu / n
     );
     println!();
@@ -615,7 +855,7 @@ async fn census(lives: usize, cache_mb: Option<u64>) {
 async fn main() {
     let o = opts();
     if let Some(lives) = o.census {
-        census(lives, o.cache_mb).await;
+        census(lives, o.cache_mb, o.bulk).await;
         return;
     }
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
