@@ -188,6 +188,9 @@ impl TestGateway {
         if let Some(t) = self.task.take() {
             t.await.expect("server task");
         }
+        // A new client first: the old one's pooled keep-alive connections would otherwise
+        // keep their connection tasks, and the handles those hold, alive while we wait.
+        self.http = reqwest::Client::new();
         // Connection tasks may still be dropping their handles on the gateway: wait until
         // ours is the last, so that dropping it closes the store (and its lock) now.
         // (Up to 30 s: on a loaded two-core machine connection tasks can be slow to go.)
@@ -205,8 +208,6 @@ impl TestGateway {
                 }
             }
         }
-        // A new client: the old one's pooled connections went with the server.
-        self.http = reqwest::Client::new();
     }
 
     /// Stops and starts again on the same data dir and config.
