@@ -74,6 +74,16 @@ impl Bound {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
+        self.serve(Box::pin(shutdown)).await
+    }
+
+    /// [`Bound::run`], not generic: the accept loop and everything under it (hyper's
+    /// connections over the router, TLS) are compiled once, here, instead of once in every
+    /// binary that starts a server (the gateway, the tests, the bench).
+    async fn serve(
+        self,
+        mut shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> Result<(), ServeError> {
         let gateway = self.state.gateway.clone();
         let (stop_outbox, outbox_stopped) = tokio::sync::watch::channel(false);
         // Background work (outbox workers, inbox readers, checkpoints, the storage watcher):
@@ -109,7 +119,6 @@ impl Bound {
             .max_buf_size(limits.max_header_bytes.max(8192));
         let handshake = Duration::from_secs(limits.handshake_timeout_secs);
         let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-        tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
