@@ -43,10 +43,10 @@ fn census(extra: &[&str]) -> String {
     table
 }
 
-/// The rows of the census's table by kind of key, `| `kind` | keys | bytes |`, but for
-/// the kinds that background work adds to with time, not with lives (the audit records and
-/// agent index of the outbox's retries, the clock, the outbox): the share column goes too.
-fn by_kind(table: &str) -> Vec<String> {
+/// The census's table by kind of key as (kind, keys per referral, bytes per referral), but
+/// for the kinds that background work adds to with time, not with lives (the audit records
+/// and agent index of the outbox's retries, the clock, the outbox).
+fn by_kind(table: &str) -> Vec<(String, String, f64)> {
     table
         .lines()
         .filter(|l| l.starts_with("| `"))
@@ -55,7 +55,14 @@ fn by_kind(table: &str) -> Vec<String> {
                 .iter()
                 .any(|p| l.starts_with(p))
         })
-        .map(|l| l.rsplitn(3, '|').nth(2).unwrap_or_default().to_string())
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (
+                cells[1].to_string(),
+                cells[2].to_string(),
+                cells[3].parse().unwrap_or(f64::NAN),
+            )
+        })
         .collect()
 }
 
@@ -82,10 +89,21 @@ fn the_bulk_census_writes_what_http_writes() {
         bulk.starts_with("Census (bulk, in process): 100 lives"),
         "{bulk}"
     );
-    assert!(!by_kind(&http).is_empty(), "{http}");
-    assert_eq!(
-        by_kind(&http),
-        by_kind(&bulk),
-        "HTTP:\n{http}\nbulk:\n{bulk}"
-    );
+    let (h, b) = (by_kind(&http), by_kind(&bulk));
+    assert!(!h.is_empty(), "{http}");
+    // The same kinds and the same number of keys of each; the same bytes give or take a
+    // timestamp's trailing zeros (a superseded Task's `lastUpdated` is as long as its
+    // fraction of a second).
+    let keys = |rows: &[(String, String, f64)]| -> Vec<(String, String)> {
+        rows.iter()
+            .map(|(k, n, _)| (k.clone(), n.clone()))
+            .collect()
+    };
+    assert_eq!(keys(&h), keys(&b), "HTTP:\n{http}\nbulk:\n{bulk}");
+    for ((kind, _, hb), (_, _, bb)) in h.iter().zip(&b) {
+        assert!(
+            (hb - bb).abs() <= hb * 0.01,
+            "{kind}: {hb} bytes per referral over HTTP, {bb} in bulk"
+        );
+    }
 }
