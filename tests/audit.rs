@@ -230,7 +230,7 @@ async fn tampering_is_detected_and_named() {
     assert_eq!(records, 6);
     let checkpoint = (records, head.clone());
     // The CLI agrees.
-    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+    let out = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
         .args(["audit", "verify", "--data-dir"])
         .arg(&data)
         .output()
@@ -277,7 +277,7 @@ async fn tampering_is_detected_and_named() {
             problem: "its content was altered (hash mismatch)".into()
         }
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+    let out = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
         .args(["audit", "verify", "--data-dir"])
         .arg(&data)
         .output()
@@ -327,7 +327,7 @@ async fn tampering_is_detected_and_named() {
         Verdict::Broken { problem, .. } => assert!(problem.contains("truncated"), "{problem}"),
         v => panic!("truncation not found: {v:?}"),
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+    let out = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
         .args([
             "audit",
             "verify",

@@ -5,7 +5,7 @@ use std::process::Command;
 
 #[test]
 fn the_benchmark_runs() {
-    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway-bench"))
+    let out = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway-bench"))
         .arg("--quick")
         .output()
         .expect("run the benchmark");
@@ -29,7 +29,7 @@ fn the_benchmark_runs() {
 }
 
 fn census(extra: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway-bench"))
+    let out = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway-bench"))
         .args(["--census", "--lives", "100"])
         .args(extra)
         .output()

@@ -93,7 +93,7 @@ async fn independent_fhir_client_and_validator() {
     let gw = TestGateway::start(dir.path()).await;
     let base = format!("{}/fhir", gw.base);
     let returned = dir.path().join("returned.jsonl");
-    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance");
+    let here = Path::new(crate::common::ROOT).join("tests/conformance");
     let (suite, validate) = (here.join("suite.py"), here.join("validate.js"));
     let out = {
         let returned = returned.clone();

@@ -3,8 +3,8 @@
 //! acknowledged referral and update is there exactly once, nothing unacknowledged is half
 //! there, and the store opened cleanly every time.
 //!
-//! Short form (CI): 10 kills. Long form: `SP_CRASH_KILLS=50 cargo test --release --test
-//! integration crash:: -- --nocapture`.
+//! Short form (CI): 10 kills. Long form: `SP_CRASH_KILLS=50 cargo test --release -p
+//! sp-gateway-tests crash:: -- --nocapture`.
 
 use std::collections::{HashMap, HashSet};
 use std::process::Child;

@@ -867,8 +867,7 @@ async fn capability_statement_matches_what_is_served() {
 async fn uk_core_examples_are_accepted_or_refused_precisely() {
     let dir = tempfile::tempdir().unwrap();
     let gw = TestGateway::start(dir.path()).await;
-    let examples =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/ukcore-examples");
+    let examples = std::path::Path::new(crate::common::ROOT).join("fixtures/ukcore-examples");
     // (file, $validate: None = valid, Some(element the first error names))
     let expected: &[(&str, Option<&str>, &str)] = &[
         ("UKCore-Bundle-Batch-Example.json", Some("Bundle"), "$validate is offered for the referral types only"),

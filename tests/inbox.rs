@@ -698,8 +698,7 @@ async fn new_referrals_are_emailed_to_the_group_once_per_interval_with_no_patien
 
     // Now a real SMTP server (STARTTLS required) comes up: one email, for both referrals.
     let out = dir.path().join("mail");
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/inbox/smtp_server.py");
+    let script = std::path::Path::new(crate::common::ROOT).join("tests/inbox/smtp_server.py");
     let mut smtp = std::process::Command::new(&python)
         .arg(&script)
         .arg(port.to_string())
@@ -866,7 +865,7 @@ async fn a_decline_for_capacity_goes_to_the_fallback_hub_and_a_patient_decline_e
 #[test]
 fn readme_lists_the_demo_people_as_the_demo_config_has_them() {
     let readme =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        std::fs::read_to_string(std::path::Path::new(crate::common::ROOT).join("README.md"))
             .expect("README");
     let cfg = sp_gateway::config::Config::parse(&demo_config_with_people(), "demo").expect("cfg");
     assert_eq!(
@@ -881,11 +880,11 @@ fn readme_lists_the_demo_people_as_the_demo_config_has_them() {
 }
 
 fn users_cli(base: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+    std::process::Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
         .args(["users", "--gateway", base])
         .args(args)
         .env("SP_GATEWAY_ADMIN_TOKEN", "demo-admin-token")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(crate::common::ROOT)
         .output()
         .expect("run sp-gateway users")
 }

@@ -47,7 +47,7 @@ async fn the_inbox_works_by_keyboard_in_chromium_and_every_page_passes_axe() {
         .find(|d| d.provider == "pendle-crafts")
         .expect("demo person");
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/inbox/browser.py");
+    let script = Path::new(crate::common::ROOT).join("tests/inbox/browser.py");
     let (base, email, password, secret) = (
         gw.base.clone(),
         crafts.email.clone(),

@@ -1,6 +1,7 @@
 //! The integration tests: one binary, one module per area, all sharing `common`.
 //!
-//! Run one area with `cargo test --test integration <module>::`, e.g. `crash::`.
+//! The package's manifest (`tests/Cargo.toml`) says why the tests are a package of their own.
+//! Run one area with `cargo test --release -p sp-gateway-tests <module>::`, e.g. `crash::`.
 
 mod common;
 

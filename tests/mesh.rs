@@ -59,7 +59,7 @@ fn tools() -> PathBuf {
 }
 
 fn here() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mesh")
+    Path::new(crate::common::ROOT).join("tests/mesh")
 }
 
 fn secret() -> String {

@@ -136,7 +136,7 @@ async fn export_and_backup_restore() {
     post(referral(2)).await;
     // Export refuses while the gateway holds the store.
     let out = dir.path().join("export");
-    let busy = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+    let busy = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
         .args(["export", "--data-dir"])
         .arg(&data)
         .arg("--out")
@@ -158,7 +158,7 @@ async fn export_and_backup_restore() {
         .success());
 
     // Export: one NDJSON file per type, one resource per line.
-    let ok = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+    let ok = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
         .args(["export", "--data-dir"])
         .arg(&data)
         .arg("--out")
@@ -251,7 +251,7 @@ fn an_unusable_store_stops_startup_with_a_clear_message() {
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("db"), b"this is not a store").unwrap();
     std::fs::write(data.join("conf"), b"nor is this").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+    let out = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data)
         .output()
@@ -262,7 +262,7 @@ fn an_unusable_store_stops_startup_with_a_clear_message() {
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("db"), b"garbage").unwrap();
     std::fs::write(data.join("conf"), b"junk\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+    let out = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data)
         .output()

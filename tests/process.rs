@@ -121,9 +121,9 @@ async fn acknowledged_referral_survives_sigkill() {
 #[test]
 fn check_config_names_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
-    let ok = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+    let ok = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
         .args(["check-config", "--config", "config/gateway.toml"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(crate::common::ROOT)
         .output()
         .unwrap();
     assert!(
@@ -142,7 +142,7 @@ fn check_config_names_file_and_key() {
         }),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+    let out = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
         .args(["check-config", "--config"])
         .arg(&bad)
         .output()
@@ -156,7 +156,7 @@ fn check_config_names_file_and_key() {
         "{err}"
     );
     // Demo tokens on a non-loopback listener are refused.
-    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+    let out = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
         .args([
             "serve",
             "--config",
@@ -166,14 +166,14 @@ fn check_config_names_file_and_key() {
             "--data-dir",
         ])
         .arg(dir.path().join("d"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(crate::common::ROOT)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("demo tokens"));
     // --help for every subcommand.
     for sub in ["serve", "check-config"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+        let out = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
             .args([sub, "--help"])
             .output()
             .unwrap();
@@ -190,9 +190,9 @@ fn check_config_names_file_and_key() {
 fn production_example_config_is_valid_but_for_its_certificates() {
     // Everything in it checks out; the certificate files it names are not on this machine,
     // and check-config says exactly which one is missing.
-    let out = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+    let out = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
         .args(["check-config", "--config", "config/production.example.toml"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(crate::common::ROOT)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -217,10 +217,10 @@ async fn logs_never_hold_patient_data() {
         if log_json {
             args.push("--log-json");
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
             .args(&args)
             .env("RUST_LOG", filter)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .current_dir(crate::common::ROOT)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -414,20 +414,72 @@ async fn logs_never_hold_patient_data() {
 #[test]
 fn the_quickstart_command_runs_the_gateway() {
     let manifest =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml")).unwrap();
     assert!(manifest.contains("default-run = \"sp-gateway\""));
     let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
     assert!(readme.contains("cargo run --release -- serve"));
-    let ci = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/run")).unwrap();
-    assert!(readme.contains("cargo test --locked") && ci.contains("\ncargo test --locked\n"));
+    let ci = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/run")).unwrap();
+    let test = "cargo test --release --locked --workspace";
+    assert!(readme.contains(test) && ci.contains(&format!("\n{test}\n")));
+}
+
+/// The test command reuses the release build (issue #11) only while the tests turn on no
+/// feature of a crate the gateway uses that the gateway's own build does not: one such
+/// feature and the test command compiles tokio, the HTTP stack and the gateway again, at
+/// opt-level 3 (minutes). The root Cargo.toml declares those features; this names any that
+/// drift.
+#[test]
+fn the_tests_turn_on_no_feature_the_release_build_lacks() {
+    let tree = |scope: &[&str]| -> std::collections::BTreeMap<String, String> {
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .arg("tree")
+            .args(scope)
+            .args(["--offline", "--locked", "--prefix", "none", "-f", "{p}|{f}"])
+            .current_dir(crate::common::ROOT)
+            .output()
+            .expect("run cargo tree");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('|'))
+            .map(|(p, f)| {
+                (
+                    p.trim_end_matches(" (*)").to_string(),
+                    f.trim_end_matches(" (*)").to_string(),
+                )
+            })
+            .collect()
+    };
+    let gateway = tree(&["-p", "sp-gateway", "-e", "normal"]);
+    let everything = tree(&["--workspace", "-e", "normal,dev"]);
+    let drifted: Vec<String> = gateway
+        .iter()
+        .filter(|(p, f)| everything.get(*p).is_some_and(|g| g != *f))
+        .map(|(p, f)| {
+            format!(
+                "{p}: the gateway builds it with [{f}], the tests with [{}]",
+                everything[p]
+            )
+        })
+        .collect();
+    assert!(gateway.len() > 100, "{gateway:?}");
+    assert!(
+        drifted.is_empty(),
+        "declare these features in the root Cargo.toml too:\n{}",
+        drifted.join("\n")
+    );
 }
 
 /// The repository builds, tests and explains itself with nothing beside it: no file in it
 /// (but build output) names a path in the directory that sits beside it in development.
 #[test]
 fn no_file_refers_outside_the_repository() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = std::path::Path::new(crate::common::ROOT);
     let needle = format!("..{}shared", '/');
     let mut offenders = Vec::new();
     let mut stack = vec![root.to_path_buf()];

@@ -13,7 +13,7 @@ use crate::common::fhir_sdk_parse;
 use sp_gateway::fhir::check_structure;
 
 fn examples() -> Vec<(String, Value)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/ukcore-examples");
+    let dir = std::path::Path::new(crate::common::ROOT).join("fixtures/ukcore-examples");
     let mut out = Vec::new();
     let mut names: Vec<_> = std::fs::read_dir(&dir)
         .expect("read fixtures/ukcore-examples")

@@ -13,6 +13,9 @@ use sp_gateway::gateway::Gateway;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// The repository's root (this package is its `tests/` folder): fixtures, config, README.
+pub const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
 pub const GP: &str = "demo-gp-token"; // gp-pennine: P81001, P81002
 pub const GP2: &str = "demo-gp2-token"; // gp-colne: P81003
 pub const CRAFTS: &str = "demo-provider-crafts-token"; // pendle-crafts
@@ -23,7 +26,7 @@ pub const AUDITOR: &str = "demo-auditor-token";
 pub const ADMIN: &str = "demo-admin-token";
 
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    Path::new(ROOT).join("fixtures")
 }
 
 pub fn fixture(name: &str) -> Value {
@@ -459,7 +462,7 @@ pub fn spawn_binary_env(
 /// `sp-gateway serve` on a free loopback port over `data` (config written beside it when
 /// given), logging to `{data}.log`; not started.
 pub fn gateway_command(data: &Path, config: Option<&str>) -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sp-gateway"));
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"));
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data);
     if let Some(text) = config {
@@ -472,7 +475,7 @@ pub fn gateway_command(data: &Path, config: Option<&str>) -> std::process::Comma
         .append(true)
         .open(data.with_extension("log"))
         .expect("gateway log file");
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+    cmd.current_dir(ROOT)
         .stdin(std::process::Stdio::null())
         .stderr(log);
     cmd
@@ -608,9 +611,9 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    std::process::Command::new(env!("CARGO_BIN_EXE_sp-gateway"))
+    std::process::Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway"))
         .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(ROOT)
         .output()
         .expect("run sp-gateway")
 }
