@@ -635,8 +635,7 @@ async fn email_view(gw: &TestGateway) -> Value {
 #[tokio::test]
 async fn new_referrals_are_emailed_to_the_group_once_per_interval_with_no_patient_data() {
     let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let python =
-        crate::conformance::python_tool(&target.join("smtp-tools"), "aiosmtpd", "aiosmtpd==1.4.6");
+    let python = crate::conformance::python_tool(&target.join("smtp-tools"), "aiosmtpd==1.4.6");
     let dir = tempfile::tempdir().expect("tmp");
     let (ca, cert, key) = smtp_pki(dir.path());
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -17,7 +17,7 @@ const AXE_NPM: &str = "axe-core@4.14.1";
 
 /// Installs selenium and axe-core under `dir`, once; returns (python, axe.min.js).
 fn tools(dir: &Path) -> (PathBuf, PathBuf) {
-    let python = python_tool(dir, "selenium", SELENIUM);
+    let python = python_tool(dir, SELENIUM);
     let axe = npm_tool(dir, "axe-core/axe.min.js", AXE_NPM).join("axe-core/axe.min.js");
     (python, axe)
 }

@@ -29,33 +29,10 @@ const PRACTICE: &str = "X26ABC2";
 /// (installed once), and pdftotext; returns the venv's bin directory.
 fn tools() -> PathBuf {
     ensure_debian_package("poppler-utils", "/usr/bin/pdftotext");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mesh-tools");
-    let bin = dir.join("venv/bin");
-    let ready = dir.join("installed");
-    let want = PIP_PACKAGES.join("\n");
-    if std::fs::read_to_string(&ready).ok().as_deref() != Some(want.as_str()) {
-        std::fs::create_dir_all(&dir).unwrap();
-        run(
-            Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(dir.join("venv")),
-            "python3 -m venv",
-        );
-        run(
-            Command::new(bin.join("python"))
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                ])
-                .args(PIP_PACKAGES),
-            "pip install mesh-sandbox mesh-client fhir.resources",
-        );
-        std::fs::write(&ready, want).unwrap();
-    }
-    bin
+    crate::conformance::venv(
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("mesh-tools"),
+        &PIP_PACKAGES,
+    )
 }
 
 fn here() -> PathBuf {
