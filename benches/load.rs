@@ -9,6 +9,7 @@
 //!   ./target/release/sp-gateway-bench --runs 3 --sizes 10000,100000
 //!   ./target/release/sp-gateway-bench --census --lives 2000                # what a life writes
 //!   ./target/release/sp-gateway-bench --census --bulk --lives 1000000      # the same, in process
+//!   ./target/release/sp-gateway-bench --gateway PATH                       # another build
 //!
 //! Load comes from this process, on the same machine, over loopback.
 
@@ -78,7 +79,16 @@ fn opts() -> Opts {
     }
 }
 
+/// The gateway to measure: `--gateway PATH`, else the `sp-gateway` built beside this binary.
 fn gateway_binary() -> PathBuf {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(path) = args
+        .iter()
+        .position(|a| a == "--gateway")
+        .and_then(|i| args.get(i + 1))
+    {
+        return PathBuf::from(path);
+    }
     let me = std::env::current_exe().expect("own path");
     me.parent().expect("dir").join("sp-gateway")
 }
@@ -110,8 +120,9 @@ fn config(dir: &Path, cache_mb: Option<u64>) -> PathBuf {
 
 fn start(dir: &Path, cache_mb: Option<u64>) -> (Gateway, Duration) {
     let data = dir.join("data");
+    let binary = gateway_binary();
     let t = Instant::now();
-    let mut child = Command::new(gateway_binary())
+    let mut child = Command::new(&binary)
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(config(dir, cache_mb))
         .arg("--data-dir")
@@ -119,7 +130,13 @@ fn start(dir: &Path, cache_mb: Option<u64>) -> (Gateway, Duration) {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start sp-gateway (build it first: cargo build --release)");
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start the gateway at {} ({e}): build it first (cargo build --release) \
+                 or name it with --gateway PATH",
+                binary.display()
+            )
+        });
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("stdout"))
         .read_line(&mut line)

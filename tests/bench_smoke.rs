@@ -7,6 +7,7 @@ use std::process::Command;
 fn the_benchmark_runs() {
     let out = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway-bench"))
         .arg("--quick")
+        .args(["--gateway", env!("CARGO_BIN_EXE_tested-sp-gateway")])
         .output()
         .expect("run the benchmark");
     let table = String::from_utf8_lossy(&out.stdout);
@@ -31,6 +32,7 @@ fn the_benchmark_runs() {
 fn census(extra: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_tested-sp-gateway-bench"))
         .args(["--census", "--lives", "100"])
+        .args(["--gateway", env!("CARGO_BIN_EXE_tested-sp-gateway")])
         .args(extra)
         .output()
         .expect("run the census");
