@@ -10,6 +10,7 @@
 //!   ./target/release/sp-gateway-bench --census --lives 2000                # what a life writes
 //!   ./target/release/sp-gateway-bench --census --bulk --lives 1000000      # the same, in process
 //!   ./target/release/sp-gateway-bench --gateway PATH                       # another build
+//!   ./target/release/sp-gateway-bench --census --lives 200 --dictionary F  # store's dictionary
 //!
 //! Load comes from this process, on the same machine, over loopback.
 
@@ -38,6 +39,8 @@ struct Opts {
     /// The census through the gateway's use cases in this process, not over HTTP.
     bulk: bool,
     cache_mb: Option<u64>,
+    /// With the census: write the store's value dictionary (see [`write_dictionary`]).
+    dictionary: Option<PathBuf>,
     runs: usize,
     sizes: Vec<usize>,
 }
@@ -74,6 +77,7 @@ fn opts() -> Opts {
         census,
         bulk: args.iter().any(|a| a == "--bulk"),
         cache_mb,
+        dictionary: get("--dictionary").map(PathBuf::from),
         runs,
         sizes,
     }
@@ -703,12 +707,48 @@ fn family(kind: &str) -> &'static str {
     }
 }
 
+/// Writes, from a census's store, the sample values that `src/store/dictionary-1.txt` holds
+/// (`--census --dictionary FILE`): for each kind of key whose values are JSON (but the
+/// accounts of people, `u/`, which hold password hashes), its first value of 48 bytes or
+/// more, one a line, the kinds with the fewest bytes first (LZ4 finds the nearest bytes of
+/// its dictionary cheapest, and the end of it is nearest). Synthetic data only: the
+/// census's referrals are made up, with NHS numbers of the 999 range.
+fn write_dictionary(store: &sp_gateway::store::Store, path: &Path) {
+    let mut kinds: std::collections::BTreeMap<String, (u64, Option<Vec<u8>>)> = Default::default();
+    store
+        .for_each(b"", |k, v| {
+            let kind = sp_gateway::gateway::keys::kind(k);
+            if kind.starts_with("u/") || !v.starts_with(b"{") {
+                return Ok(());
+            }
+            let e = kinds.entry(kind).or_default();
+            e.0 += v.len() as u64;
+            if e.1.is_none() && v.len() >= 48 {
+                e.1 = Some(v.to_vec());
+            }
+            Ok(())
+        })
+        .expect("scan");
+    let mut samples: Vec<(u64, Vec<u8>)> = kinds
+        .into_values()
+        .filter_map(|(bytes, v)| v.map(|v| (bytes, v)))
+        .collect();
+    samples.sort();
+    let mut out = Vec::new();
+    for (_, v) in samples {
+        out.extend_from_slice(&v);
+        out.push(b'\n');
+    }
+    std::fs::write(path, &out).expect("write the dictionary");
+    eprintln!("wrote {} ({} bytes)", path.display(), out.len());
+}
+
 /// The census (`--census`): `lives` referrals, each through a realistic life (ingest, two
 /// polls that return it, accept, in progress, one outcome Observation, complete, one GP
 /// pull), 50 at a time with 16 clients; then a clean stop, the data directory's size on
 /// disk, and every key in the store counted by kind (`gateway::keys::kind`). Prints
 /// Markdown.
-async fn census(lives: usize, cache_mb: Option<u64>, bulk: bool) {
+async fn census(lives: usize, cache_mb: Option<u64>, bulk: bool, dictionary: Option<&Path>) {
     const BATCH: usize = 50;
     let lives = lives.div_ceil(BATCH) * BATCH;
     let dir = std::env::temp_dir().join(format!("sp-gateway-census-{}", std::process::id()));
@@ -796,6 +836,17 @@ async fn census(lives: usize, cache_mb: Option<u64>, bulk: bool) {
             Ok(())
         })
         .expect("scan");
+    let mut stored: std::collections::BTreeMap<String, u64> = Default::default();
+    store
+        .for_each_stored_len(b"", |k, v| {
+            *stored
+                .entry(sp_gateway::gateway::keys::kind(k))
+                .or_default() += (k.len() + v) as u64;
+        })
+        .expect("scan");
+    if let Some(path) = dictionary {
+        write_dictionary(&store, path);
+    }
     drop(store);
     if std::env::var_os("SP_GATEWAY_CENSUS_KEEP").is_some() {
         eprintln!("kept {}", data.display());
@@ -807,11 +858,15 @@ async fn census(lives: usize, cache_mb: Option<u64>, bulk: bool) {
         .values()
         .fold((0, 0), |(k, b), (k2, b2)| (k + k2, b + b2));
     let mut families: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+    let mut family_stored: std::collections::BTreeMap<String, u64> = Default::default();
     for (kind, (k, b)) in &kinds {
         let f = families.entry(family(kind)).or_default();
         f.0 += k;
         f.1 += b;
+        *family_stored.entry(family(kind).to_string()).or_default() +=
+            stored.get(kind).copied().unwrap_or(0);
     }
+    let all_stored: u64 = stored.values().sum();
     let mut families: Vec<_> = families.into_iter().collect();
     families.sort_by(|a, b| b.1 .1.cmp(&a.1 .1).then(a.0.cmp(b.0)));
     let mut rows: Vec<_> = kinds.into_iter().collect();
@@ -822,36 +877,44 @@ async fn census(lives: usize, cache_mb: Option<u64>, bulk: bool) {
         cpu / n
     );
     println!();
-    let table = |rows: Vec<(String, (u64, u64))>, what: &str| {
+    let table = |rows: Vec<(String, (u64, u64), u64)>, what: &str| {
         println!(
-            "| {what} | keys per referral | bytes per referral (key + value) | share of bytes |"
+            "| {what} | keys per referral | bytes per referral (key + value) | share of bytes | bytes per referral as stored (values compressed) |"
         );
-        println!("| --- | --- | --- | --- |");
-        for (name, (k, b)) in &rows {
+        println!("| --- | --- | --- | --- | --- |");
+        for (name, (k, b), st) in &rows {
             println!(
-                "| {name} | {:.2} | {:.0} | {:.1}% |",
+                "| {name} | {:.2} | {:.0} | {:.1}% | {:.0} |",
                 *k as f64 / n,
                 *b as f64 / n,
-                100.0 * *b as f64 / bytes.max(1) as f64
+                100.0 * *b as f64 / bytes.max(1) as f64,
+                *st as f64 / n
             );
         }
         println!(
-            "| **all** | **{:.1}** | **{:.0}** | 100% |",
+            "| **all** | **{:.1}** | **{:.0}** | 100% | **{:.0}** |",
             keys as f64 / n,
-            bytes as f64 / n
+            bytes as f64 / n,
+            all_stored as f64 / n
         );
         println!();
     };
     table(
         families
             .into_iter()
-            .map(|(f, c)| (f.to_string(), c))
+            .map(|(f, c)| {
+                let st = family_stored.get(f).copied().unwrap_or(0);
+                (f.to_string(), c, st)
+            })
             .collect(),
         "family of keys",
     );
     table(
         rows.into_iter()
-            .map(|(k, c)| (format!("`{k}`"), c))
+            .map(|(k, c)| {
+                let st = stored.get(&k).copied().unwrap_or(0);
+                (format!("`{k}`"), c, st)
+            })
             .collect(),
         "kind of key",
     );
@@ -861,10 +924,11 @@ async fn census(lives: usize, cache_mb: Option<u64>, bulk: bool) {
         after_kill.as_secs_f64() * 1000.0
     );
     println!(
-        "On disk after a clean stop: {:.1} KB per referral ({:.1} MB in all; logical {:.1} KB per referral)",
+        "On disk after a clean stop: {:.1} KB per referral ({:.1} MB in all; logical {:.1} KB per referral, {:.1} KB as stored)",
         disk / n / 1000.0,
         disk / 1e6,
-        bytes as f64 / n / 1000.0
+        bytes as f64 / n / 1000.0,
+        all_stored as f64 / n / 1000.0
     );
 }
 
@@ -872,7 +936,7 @@ async fn census(lives: usize, cache_mb: Option<u64>, bulk: bool) {
 async fn main() {
     let o = opts();
     if let Some(lives) = o.census {
-        census(lives, o.cache_mb, o.bulk).await;
+        census(lives, o.cache_mb, o.bulk, o.dictionary.as_deref()).await;
         return;
     }
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();

@@ -450,10 +450,13 @@ async fn a_full_disk_refuses_new_referrals_honestly_and_recovers_by_itself() {
         .unwrap()
         .success());
     // sled reuses space it already holds, so this time it takes more writing to meet the
-    // full disk: requests with long (refused) queries, each audited with its query.
-    let junk = "x".repeat(12_000);
+    // full disk: requests with long (refused) queries, each audited with its query, random
+    // so that the store cannot compress them away.
     let mut failed = false;
     for _ in 0..3000 {
+        let junk: String = (0..375)
+            .map(|_| uuid::Uuid::new_v4().simple().to_string())
+            .collect();
         let r = gw.get(GP, &format!("/fhir/Task?junk={junk}")).await;
         if r.status == 503 {
             failed = true;

@@ -31,6 +31,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+
+mod codec;
 use thiserror::Error;
 use tokio::sync::oneshot;
 
@@ -96,7 +98,7 @@ pub enum TxError<E> {
 /// A transaction in progress: reads see the store as last committed plus the
 /// transaction's own writes; all writes land together or not at all.
 pub struct Tx<'a> {
-    tree: &'a sled::Tree,
+    engine: &'a Engine,
     shared: &'a Shared,
     writes: RefCell<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
 }
@@ -106,10 +108,11 @@ impl Tx<'_> {
         if let Some(w) = self.writes.borrow().get(key) {
             return Ok(w.clone());
         }
-        self.tree
-            .get(key)
-            .map(|o| o.map(|v| v.to_vec()))
-            .map_err(|e| ReadError(self.shared.fail_sled(e)))
+        match self.engine.tree.get(key) {
+            Ok(None) => Ok(None),
+            Ok(Some(v)) => self.engine.decode(key, &v).map(Some).map_err(ReadError),
+            Err(e) => Err(ReadError(self.shared.fail_sled(e))),
+        }
     }
 
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), ReadError> {
@@ -173,6 +176,31 @@ struct Engine {
     db: sled::Db,
     tree: sled::Tree,
     files: SyncFiles,
+    format: Format,
+}
+
+impl Engine {
+    /// The stored form of a value.
+    fn encode(&self, value: &[u8]) -> Vec<u8> {
+        match self.format {
+            Format::Plain => value.to_vec(),
+            Format::Compressed => codec::encode(value),
+        }
+    }
+
+    /// The value whose stored form under `key` is `stored`. A value that does not decode
+    /// is damaged: an error naming its key, not a value.
+    fn decode(&self, key: &[u8], stored: &[u8]) -> Result<Vec<u8>, StoreError> {
+        match self.format {
+            Format::Plain => Ok(stored.to_vec()),
+            Format::Compressed => codec::decode(stored, MAX_VALUE_BYTES).map_err(|e| {
+                StoreError::Io(format!(
+                    "the value of {} is damaged: {e}",
+                    String::from_utf8_lossy(key)
+                ))
+            }),
+        }
+    }
 }
 
 /// What the store and its commit thread share.
@@ -285,7 +313,8 @@ fn read_seq(db: &sled::Db) -> Result<u64, String> {
     }
 }
 
-fn open_engine(dir: &Path, opts: &Options) -> Result<(Engine, u64), String> {
+/// Opens the sled database in `dir`; a new one is created in format `new`.
+fn open_engine(dir: &Path, opts: &Options, new: Format) -> Result<(Engine, u64), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create: {e}"))?;
     let existed = dir.join("db").exists();
     // Segments large enough that no value ever becomes a separate blob file (sled writes
@@ -311,10 +340,18 @@ fn open_engine(dir: &Path, opts: &Options) -> Result<(Engine, u64), String> {
             e => e.to_string(),
         })?;
     let tree = db.open_tree("fhir").map_err(|e| e.to_string())?;
-    check_format(&db, &tree, existed)?;
+    let format = check_format(&db, &tree, existed, new)?;
     let seq = read_seq(&db)?;
     let files = SyncFiles::open(dir).map_err(|e| format!("cannot open: {e}"))?;
-    Ok((Engine { db, tree, files }, seq))
+    Ok((
+        Engine {
+            db,
+            tree,
+            files,
+            format,
+        },
+        seq,
+    ))
 }
 
 impl Store {
@@ -341,7 +378,7 @@ impl Store {
             dir: dir.display().to_string(),
             message,
         };
-        let (engine, seq) = open_engine(dir, &opts).map_err(open_err)?;
+        let (engine, seq) = open_engine(dir, &opts, Format::Compressed).map_err(open_err)?;
         let record = CommitRecord::open(dir, seq).map_err(|e| open_err(e.to_string()))?;
         if seq < record.seq {
             return Err(StoreError::Lost {
@@ -478,7 +515,7 @@ impl Store {
         // sled's background writers may hold the file lock a moment longer.
         let deadline = Instant::now() + Duration::from_secs(10);
         let (engine, seq) = loop {
-            match open_engine(&self.dir, &self.opts) {
+            match open_engine(&self.dir, &self.opts, Format::Compressed) {
                 Ok(opened) => break opened,
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!(error = %e, "store reopen: retrying");
@@ -515,12 +552,11 @@ impl Store {
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .engine()?
-            .tree
-            .get(key)
-            .map_err(|e| self.sled_err(e))?
-            .map(|v| v.to_vec()))
+        let engine = self.engine()?;
+        match engine.tree.get(key).map_err(|e| self.sled_err(e))? {
+            None => Ok(None),
+            Some(v) => engine.decode(key, &v).map(Some),
+        }
     }
 
     /// Keys and values under `prefix` whose key is strictly greater than `after` (when
@@ -546,7 +582,8 @@ impl Store {
             if !k.starts_with(prefix) || out.len() >= limit {
                 break;
             }
-            out.push((k.to_vec(), v.to_vec()));
+            let v = engine.decode(&k, &v)?;
+            out.push((k.to_vec(), v));
         }
         Ok(out)
     }
@@ -570,7 +607,8 @@ impl Store {
             if !k.starts_with(prefix) || out.len() >= limit {
                 break;
             }
-            out.push((k.to_vec(), v.to_vec()));
+            let v = engine.decode(&k, &v)?;
+            out.push((k.to_vec(), v));
         }
         Ok(out)
     }
@@ -601,7 +639,7 @@ impl Store {
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let engine = self.engine().map_err(TxError::Store)?;
         let tx = Tx {
-            tree: &engine.tree,
+            engine: &engine,
             shared: &self.shared,
             writes: RefCell::new(BTreeMap::new()),
         };
@@ -620,7 +658,7 @@ impl Store {
             let mut batch = sled::Batch::default();
             for (k, v) in writes {
                 match v {
-                    Some(v) => batch.insert(k, v),
+                    Some(v) => batch.insert(k, engine.encode(&v)),
                     None => batch.remove(k),
                 }
             }
@@ -662,14 +700,31 @@ impl Store {
         prefix: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> std::io::Result<()>,
     ) -> Result<(), StoreError> {
-        for item in self.engine()?.tree.scan_prefix(prefix) {
+        let engine = self.engine()?;
+        for item in engine.tree.scan_prefix(prefix) {
             let (k, v) = item.map_err(|e| self.sled_err(e))?;
+            let v = engine.decode(&k, &v)?;
             f(&k, &v).map_err(|e| StoreError::Io(e.to_string()))?;
         }
         Ok(())
     }
 
-    /// SHA-256 over every key and value, in order: equal digests mean equal contents.
+    /// Calls `f` with every key under `prefix` and the number of bytes its value takes as
+    /// stored (compressed or not), for the benchmark's census.
+    pub fn for_each_stored_len(
+        &self,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], usize),
+    ) -> Result<(), StoreError> {
+        for item in self.engine()?.tree.scan_prefix(prefix) {
+            let (k, v) = item.map_err(|e| self.sled_err(e))?;
+            f(&k, v.len());
+        }
+        Ok(())
+    }
+
+    /// SHA-256 over every key and value (as read, whatever their stored form), in order:
+    /// equal digests mean equal contents.
     pub fn digest(&self) -> Result<String, StoreError> {
         self.digest_excluding(&[])
     }
@@ -677,11 +732,13 @@ impl Store {
     /// [`Store::digest`] leaving out keys under `prefixes`.
     pub fn digest_excluding(&self, prefixes: &[&[u8]]) -> Result<String, StoreError> {
         let mut h = Sha256::new();
-        for item in self.engine()?.tree.iter() {
+        let engine = self.engine()?;
+        for item in engine.tree.iter() {
             let (k, v) = item.map_err(|e| self.sled_err(e))?;
             if prefixes.iter().any(|p| k.starts_with(p)) {
                 continue;
             }
+            let v = engine.decode(&k, &v)?;
             h.update((k.len() as u64).to_be_bytes());
             h.update(&k);
             h.update((v.len() as u64).to_be_bytes());
@@ -727,7 +784,9 @@ impl Store {
         {
             return Err(io("the directory exists and is not empty".into()));
         }
-        let (copy, _) = open_engine(to, &self.opts).map_err(io)?;
+        // The copy takes the store's format: values are copied as stored.
+        let format = self.engine()?.format;
+        let (copy, _) = open_engine(to, &self.opts, format).map_err(io)?;
         // Note every key written from now on (installed under the writer lock, so no
         // transaction is half-noted).
         {
@@ -828,20 +887,46 @@ const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_VALUE_BYTES: usize = SEGMENT_BYTES / 8;
 
 const FORMAT_KEY: &[u8] = b"meta/format";
-const FORMAT: &[u8] = b"sp-gateway store 1";
 
-/// A new store gets the format marker; an existing one must have it, and its first and
-/// last keys must be readable. Garbage in place of a store, or a store of another program
-/// or version, is refused with a message rather than served as empty.
-fn check_format(db: &sled::Db, tree: &sled::Tree, existed: bool) -> Result<(), String> {
+/// How a store keeps its values. A store keeps the format it was created in: stores made
+/// before values were compressed are read and written as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// `sp-gateway store 1`: values as given.
+    Plain,
+    /// `sp-gateway store 2`: values in [`codec`]'s stored form.
+    Compressed,
+}
+
+impl Format {
+    fn marker(self) -> &'static [u8] {
+        match self {
+            Format::Plain => b"sp-gateway store 1",
+            Format::Compressed => b"sp-gateway store 2",
+        }
+    }
+}
+
+/// A new store gets the format marker of `new`; an existing one must have a marker this
+/// gateway reads, and its first and last keys must be readable. Garbage in place of a
+/// store, or a store of another program or version, is refused with a message rather
+/// than served as empty.
+fn check_format(
+    db: &sled::Db,
+    tree: &sled::Tree,
+    existed: bool,
+    new: Format,
+) -> Result<Format, String> {
     let marker = db.get(FORMAT_KEY).map_err(|e| format!("unreadable: {e}"))?;
-    match marker {
-        Some(m) if m.as_ref() == FORMAT => {}
+    let format = match marker {
+        Some(m) if m.as_ref() == Format::Plain.marker() => Format::Plain,
+        Some(m) if m.as_ref() == Format::Compressed.marker() => Format::Compressed,
         Some(m) => {
             return Err(format!(
-                "is a store of format {:?}; this gateway reads {:?}",
+                "is a store of format {:?}; this gateway reads {:?} and {:?}",
                 String::from_utf8_lossy(&m),
-                String::from_utf8_lossy(FORMAT)
+                String::from_utf8_lossy(Format::Plain.marker()),
+                String::from_utf8_lossy(Format::Compressed.marker()),
             ))
         }
         None if existed => {
@@ -852,14 +937,16 @@ fn check_format(db: &sled::Db, tree: &sled::Tree, existed: bool) -> Result<(), S
             )
         }
         None => {
-            db.insert(FORMAT_KEY, FORMAT).map_err(|e| e.to_string())?;
+            db.insert(FORMAT_KEY, new.marker())
+                .map_err(|e| e.to_string())?;
             db.flush().map_err(|e| e.to_string())?;
+            new
         }
-    }
+    };
     for item in [tree.first(), tree.last()] {
         item.map_err(|e| format!("unreadable: {e}"))?;
     }
-    Ok(())
+    Ok(format)
 }
 
 /// The store's own record, outside sled, of the last commit sequence known to be on disk:
@@ -1041,5 +1128,106 @@ mod tests {
             .map_err(|_| "commit")
             .expect("a later transaction runs");
         assert!(store.get(b"k/y").expect("get").is_some());
+    }
+
+    fn put(store: &Store, k: &[u8], v: &[u8]) {
+        store
+            .transact(|tx| -> Result<(), Abort<()>> { tx.put(k, v).map_err(Abort::from) })
+            .map_err(|_| "commit")
+            .expect("commit");
+    }
+
+    fn stored(store: &Store, k: &[u8]) -> Vec<u8> {
+        let engine = store.engine().expect("engine");
+        engine.tree.get(k).expect("get").expect("present").to_vec()
+    }
+
+    const TASK: &[u8] = br#"{"resourceType":"Task","id":"7d3c2a4e-0b59-4c1e-9e07-3f8f2d5c6a11","meta":{"versionId":"2","lastUpdated":"2026-11-22T10:58:59.279386Z"},"status":"accepted","intent":"order","priority":"routine","focus":{"reference":"ServiceRequest/0d8f5c55-1f3c-4f0a-8a6e-9b1f0b6f9c21"},"for":{"reference":"Patient/5b0e7e2e-8d7b-4b8e-a0a4-1f3a9c3e2b77"},"owner":{"reference":"Organization/pendle-cvs-hub"}}"#;
+
+    #[test]
+    fn a_new_store_keeps_values_compressed_and_reads_them_as_written() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        put(&store, b"r/Task/t1", TASK);
+        put(&store, b"x/Task/a/~/1/t1", b"");
+        put(&store, b"c/open/p", b"3");
+        assert_eq!(store.get(b"r/Task/t1").expect("get").as_deref(), Some(TASK));
+        assert_eq!(
+            store.get(b"x/Task/a/~/1/t1").expect("get").as_deref(),
+            Some(&b""[..])
+        );
+        assert_eq!(
+            store.get(b"c/open/p").expect("get").as_deref(),
+            Some(&b"3"[..])
+        );
+        let raw = stored(&store, b"r/Task/t1");
+        assert_eq!(raw[0], codec::LZ4_DICTIONARY_1);
+        assert!(
+            raw.len() * 3 < TASK.len() * 2,
+            "{} of {}",
+            raw.len(),
+            TASK.len()
+        );
+        assert_eq!(stored(&store, b"x/Task/a/~/1/t1"), b"");
+        assert_eq!(stored(&store, b"c/open/p"), b"\x003");
+        let scanned = store.scan(b"r/Task/", None, 10).expect("scan");
+        assert_eq!(scanned, vec![(b"r/Task/t1".to_vec(), TASK.to_vec())]);
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.get(b"r/Task/t1").expect("get").as_deref(), Some(TASK));
+    }
+
+    /// A store made before values were compressed (format 1) is read and written as it
+    /// was, and so is a backup of it.
+    #[test]
+    fn a_store_of_format_1_stays_as_it_was() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let db = sled::Config::new()
+                .path(dir.path())
+                .segment_size(SEGMENT_BYTES)
+                .open()
+                .expect("sled");
+            db.insert(FORMAT_KEY, &b"sp-gateway store 1"[..])
+                .expect("marker");
+            let tree = db.open_tree("fhir").expect("tree");
+            tree.insert(b"r/Task/t0", TASK).expect("value");
+            db.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("open");
+        assert_eq!(store.get(b"r/Task/t0").expect("get").as_deref(), Some(TASK));
+        put(&store, b"r/Task/t1", TASK);
+        assert_eq!(stored(&store, b"r/Task/t1"), TASK);
+        let copy = dir.path().join("copy");
+        store.backup(&copy).expect("backup");
+        drop(store);
+        let copy = Store::open(&copy).expect("open the copy");
+        assert_eq!(copy.get(b"r/Task/t0").expect("get").as_deref(), Some(TASK));
+        put(&copy, b"r/Task/t2", TASK);
+        assert_eq!(stored(&copy, b"r/Task/t2"), TASK);
+    }
+
+    /// A value damaged on disk is an error that names its key, never a wrong value.
+    #[test]
+    fn a_damaged_value_is_an_error_naming_its_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        put(&store, b"r/Task/t1", TASK);
+        let mut raw = stored(&store, b"r/Task/t1");
+        raw.truncate(raw.len() - 8);
+        store
+            .engine()
+            .expect("engine")
+            .tree
+            .insert(b"r/Task/t1", raw)
+            .expect("damage it");
+        let err = store.get(b"r/Task/t1").expect_err("damaged");
+        assert!(err.to_string().contains("r/Task/t1"), "{err}");
+        assert!(store.scan(b"r/", None, 10).is_err());
+        let tx: Result<(), TxError<()>> = store.transact(|tx| {
+            tx.get(b"r/Task/t1")?;
+            Ok(())
+        });
+        assert!(matches!(tx, Err(TxError::Store(_))));
     }
 }
