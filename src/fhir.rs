@@ -22,7 +22,6 @@ pub const SNOMED: &str = "http://snomed.info/sct";
 pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
 pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
 pub const TASK_CODE_SYSTEM: &str = "http://hl7.org/fhir/CodeSystem/task-code";
-/// Canonical base of what this gateway publishes (CodeSystems, extensions, identifiers).
 /// FHIR R4 Task.status codes (the TaskStatus value set).
 pub const TASK_STATUSES: [&str; 12] = [
     "draft",
@@ -39,6 +38,18 @@ pub const TASK_STATUSES: [&str; 12] = [
     "entered-in-error",
 ];
 
+/// FHIR R4 ServiceRequest.status codes (the RequestStatus value set).
+pub const REQUEST_STATUSES: [&str; 7] = [
+    "draft",
+    "active",
+    "on-hold",
+    "revoked",
+    "completed",
+    "entered-in-error",
+    "unknown",
+];
+
+/// Canonical base of what this gateway publishes (CodeSystems, extensions, identifiers).
 pub const CANONICAL: &str = "https://sp-gateway.example.org/fhir";
 
 pub const PROFILE_PATIENT: &str = "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Patient";

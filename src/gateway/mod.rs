@@ -73,7 +73,8 @@ pub mod keys {
         format!("x/acc/{rtype}/{id}/{scope}")
     }
     /// Time-ordered index of a type: scope is `a` (all), `o/{provider}` or `r/{ODS code}`;
-    /// status `~` means any.
+    /// status is the version's for the types searched by status ([`super::statuses_of`]),
+    /// else `~` (stores written before kept a copy of every version under `~` too).
     pub fn time_prefix(rtype: &str, scope: &str, status: &str) -> String {
         format!("x/{rtype}/{scope}/{status}/")
     }
@@ -282,12 +283,21 @@ pub(crate) fn scopes(provider: Option<&str>, practice: Option<&str>) -> Vec<Stri
 /// is rewritten with each version it gains, so it is kept short).
 const TYPE_HISTORY_CHUNK: usize = 8;
 
-/// Types searched by status, whose time index has a copy by status beside the one for any
-/// status (`search` reads the by-status copy only for these).
-const BY_STATUS: [&str; 2] = ["Task", "ServiceRequest"];
+/// The statuses of a type searched by status (Task, ServiceRequest). Such a type's time
+/// index is kept by status only, one key per version: a search without a status reads the
+/// index of every status and merges them by time. A version whose status is not one of
+/// these goes in the index for any status (`~`), which that search reads too, as it does
+/// the copy for any status that stores written before this kept beside the one by status.
+pub(crate) fn statuses_of(rtype: &str) -> Option<&'static [&'static str]> {
+    match rtype {
+        "Task" => Some(&fhir::TASK_STATUSES),
+        "ServiceRequest" => Some(&fhir::REQUEST_STATUSES),
+        _ => None,
+    }
+}
 
-/// The index keys of one resource version: time-ordered by scope (and by status too, for
-/// the types searched by status) and by the patient it refers to.
+/// The index keys of one resource version: time-ordered by scope (by status, for the types
+/// searched by status) and by the patient it refers to.
 pub(crate) fn index_keys(rtype: &str, resource: &Value, scopes: &[String]) -> Vec<String> {
     let id = resource
         .get("id")
@@ -299,11 +309,12 @@ pub(crate) fn index_keys(rtype: &str, resource: &Value, scopes: &[String]) -> Ve
         .unwrap_or("unknown");
     let suffix = keys::suffix(micros_of(fhir::last_updated_of(resource)), id);
     let mut out = Vec::new();
+    let status = match statuses_of(rtype) {
+        Some(known) if known.contains(&status) => status,
+        _ => "~",
+    };
     for s in scopes {
-        out.push(format!("{}{suffix}", keys::time_prefix(rtype, s, "~")));
-        if BY_STATUS.contains(&rtype) {
-            out.push(format!("{}{suffix}", keys::time_prefix(rtype, s, status)));
-        }
+        out.push(format!("{}{suffix}", keys::time_prefix(rtype, s, status)));
     }
     let patient_element = if rtype == "Task" { "for" } else { "subject" };
     if let Some(p) = resource

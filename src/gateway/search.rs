@@ -278,10 +278,10 @@ impl Gateway {
 
     fn source(&self, who: &Principal, q: &Query) -> Result<Option<Source>> {
         let rtype = q.rtype.as_str();
-        let statuses: Vec<&str> = if q.status.is_empty() || !super::BY_STATUS.contains(&rtype) {
-            vec!["~"]
-        } else {
-            q.status.iter().map(String::as_str).collect()
+        let statuses: Vec<&str> = match super::statuses_of(rtype) {
+            None => vec!["~"],
+            Some(_) if !q.status.is_empty() => q.status.iter().map(String::as_str).collect(),
+            Some(known) => known.iter().copied().chain(["~"]).collect(),
         };
         let scoped = |me: &Gateway| -> Result<Option<Source>> {
             Ok(me.scopes_for(who, q)?.map(|scopes| {
@@ -462,6 +462,9 @@ impl Gateway {
         let mut matches = Vec::new();
         let mut last = None;
         let mut more = false;
+        // The entry last taken from the indexes: the same entry in two of them (a version in
+        // an older store's copy for any status and in its index by status) is taken once.
+        let mut previous: Option<String> = None;
         let mut accept = |suffix: String, r: Value, matches: &mut Vec<Value>| -> Result<bool> {
             if !self.matches(q, &r) || !self.visible(who, &q.rtype, &r)? {
                 return Ok(true);
@@ -550,10 +553,22 @@ impl Gateway {
                         // Past the far bound: every later entry is too.
                         break;
                     }
+                    if previous.as_deref() == Some(suffix.as_str()) {
+                        continue;
+                    }
+                    previous = Some(suffix.clone());
                     let id = suffix.rsplit('/').next().unwrap_or_default();
                     let Some(r) = self.load(&q.rtype, id)? else {
                         continue;
                     };
+                    // A time index entry of a version since superseded (an older store's
+                    // copy for any status is not moved by later writes): not the
+                    // resource's place in time.
+                    if streams[i].prefix.starts_with("x/")
+                        && keys::suffix(micros_of(fhir::last_updated_of(&r)), id) != suffix
+                    {
+                        continue;
+                    }
                     if !accept(suffix, r, &mut matches)? {
                         break;
                     }
@@ -654,4 +669,91 @@ pub fn searchset(base: &str, q: &Query, result: SearchResult) -> Value {
         b["entry"] = json!(entries);
     }
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::{Config, Role, EMBEDDED_DEFAULT};
+    use crate::store::{Abort, Store};
+
+    /// Stores written before Tasks were indexed by status only hold a copy of each Task
+    /// under `~` beside its index by status, and a Task updated since keeps its old copy
+    /// there (nothing moves it). A search without a status takes each Task once, at its
+    /// current place in time; a search by status is unchanged.
+    #[test]
+    fn an_older_stores_copies_for_any_status_are_taken_once_and_never_stale() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let cfg = Config::parse(EMBEDDED_DEFAULT, "gateway.toml").expect("config");
+        let provider = cfg.providers[0].id.clone();
+        let g = Gateway::new(Arc::new(cfg), store);
+        let task = |id: &str, v: &str, at: &str, status: &str| {
+            json!({"resourceType": "Task", "id": id, "status": status,
+                   "meta": {"versionId": v, "lastUpdated": at},
+                   "owner": {"reference": format!("Organization/{provider}")}})
+        };
+        // t1: version 1 written by the older gateway, version 2 by this one; t2: written by
+        // the older gateway only.
+        let t1v1 = task("t1", "1", "2026-11-20T10:00:00Z", "requested");
+        let t1v2 = task("t1", "2", "2026-11-21T10:00:00Z", "accepted");
+        let t2 = task("t2", "1", "2026-11-20T12:00:00Z", "requested");
+        let scope = format!("o/{provider}");
+        let at = |r: &Value, status: &str| {
+            let id = r["id"].as_str().unwrap_or_default();
+            let suffix = keys::suffix(micros_of(fhir::last_updated_of(r)), id);
+            format!("{}{suffix}", keys::time_prefix("Task", &scope, status))
+        };
+        g.commit(|tx| -> super::super::TxResult<()> {
+            for (r, id) in [(&t1v2, "t1"), (&t2, "t2")] {
+                let json = serde_json::to_vec(r).unwrap_or_default();
+                tx.put(keys::current("Task", id).as_bytes(), &json)?;
+            }
+            for k in [
+                at(&t1v1, "~"),
+                at(&t1v2, "accepted"),
+                at(&t2, "~"),
+                at(&t2, "requested"),
+            ] {
+                tx.put(k.as_bytes(), b"")?;
+            }
+            Ok::<(), Abort<Error>>(())
+        })
+        .expect("write");
+        let who = Principal {
+            client_id: "hub".into(),
+            role: Role::Provider,
+            practices: vec![],
+            provider: Some(provider.clone()),
+        };
+        let ids = |params: &[(&str, &str)]| -> Vec<(String, String)> {
+            let params: Vec<(String, String)> = params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let q = Query::parse("Task", &params, true).expect("query");
+            g.search(&who, &q)
+                .expect("search")
+                .matches
+                .iter()
+                .map(|r| (r["id"].to_string(), r["status"].to_string()))
+                .collect()
+        };
+        let pair = |id: &str, status: &str| (format!("\"{id}\""), format!("\"{status}\""));
+        assert_eq!(
+            ids(&[]),
+            vec![pair("t2", "requested"), pair("t1", "accepted")]
+        );
+        assert_eq!(
+            ids(&[("_sort", "-_lastUpdated")]),
+            vec![pair("t1", "accepted"), pair("t2", "requested")]
+        );
+        assert_eq!(
+            ids(&[("status", "requested")]),
+            vec![pair("t2", "requested")]
+        );
+        assert_eq!(ids(&[("status", "accepted")]), vec![pair("t1", "accepted")]);
+    }
 }
