@@ -79,7 +79,9 @@ pub mod keys {
         format!("x/{rtype}/{scope}/{status}/")
     }
     /// Resources that refer to a Patient (`Task` by `for`, `ServiceRequest` and
-    /// `Observation` by `subject`), time-ordered.
+    /// `Observation` by `subject`), by the time each was written with that Patient (not
+    /// moved by later versions: a search by patient orders what it finds by its current
+    /// `lastUpdated`).
     pub fn by_patient(rtype: &str, patient: &str) -> String {
         format!("p/{rtype}/{patient}/")
     }
@@ -296,8 +298,8 @@ pub(crate) fn statuses_of(rtype: &str) -> Option<&'static [&'static str]> {
     }
 }
 
-/// The index keys of one resource version: time-ordered by scope (by status, for the types
-/// searched by status) and by the patient it refers to.
+/// The time index keys of one resource version: by scope, and by status for the types
+/// searched by status. (Stores written before also moved a `p/` key with every version.)
 pub(crate) fn index_keys(rtype: &str, resource: &Value, scopes: &[String]) -> Vec<String> {
     let id = resource
         .get("id")
@@ -316,14 +318,15 @@ pub(crate) fn index_keys(rtype: &str, resource: &Value, scopes: &[String]) -> Ve
     for s in scopes {
         out.push(format!("{}{suffix}", keys::time_prefix(rtype, s, status)));
     }
-    let patient_element = if rtype == "Task" { "for" } else { "subject" };
-    if let Some(p) = resource
-        .get(patient_element)
-        .and_then(|r| fhir::ref_id(r, "Patient"))
-    {
-        out.push(format!("{}{suffix}", keys::by_patient(rtype, p)));
-    }
     out
+}
+
+/// The Patient a resource refers to (`Task.for`, else `subject`).
+fn patient_of<'a>(rtype: &str, resource: &'a Value) -> Option<&'a str> {
+    let element = if rtype == "Task" { "for" } else { "subject" };
+    resource
+        .get(element)
+        .and_then(|r| fhir::ref_id(r, "Patient"))
 }
 
 /// Writes a stamped resource: the current version (the version it supersedes, `previous`,
@@ -348,6 +351,16 @@ pub(crate) fn tx_put_resource(
     }
     for k in index_keys(rtype, resource, scopes) {
         tx.put(k.as_bytes(), b"")?;
+    }
+    // By patient: once, when the resource first refers to its Patient.
+    if let Some(p) = patient_of(rtype, resource) {
+        if previous.and_then(|prev| patient_of(rtype, prev)) != Some(p) {
+            let suffix = keys::suffix(micros_of(fhir::last_updated_of(resource)), id);
+            tx.put(
+                format!("{}{suffix}", keys::by_patient(rtype, p)).as_bytes(),
+                b"",
+            )?;
+        }
     }
     let ts = micros_of(fhir::last_updated_of(resource));
     for s in scopes {

@@ -245,7 +245,29 @@ struct Stream {
     done: bool,
 }
 
+/// The most resources of one type a search by patient reads (a Patient belongs to one
+/// referral: it has a Task or two, one ServiceRequest and a few Observations).
+const MAX_BY_PATIENT: usize = 10_000;
+
 impl Gateway {
+    /// The ids of the entries under an index prefix (`…/{µs}/{id}`), each once.
+    fn ids_under(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut ids: Vec<String> = self
+            .store
+            .scan(prefix.as_bytes(), None, MAX_BY_PATIENT)?
+            .into_iter()
+            .filter_map(|(k, _)| {
+                String::from_utf8_lossy(&k)
+                    .rsplit('/')
+                    .next()
+                    .map(str::to_string)
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
     fn scopes_for(&self, who: &Principal, q: &Query) -> Result<Option<Vec<String>>> {
         Ok(Some(match who.role {
             Role::Admin => return Err(Error::Forbidden),
@@ -310,7 +332,7 @@ impl Gateway {
                             .collect(),
                     ))
                 } else if let Some(p) = &q.patient {
-                    Some(Source::Index(vec![keys::by_patient("Task", p)]))
+                    Some(Source::Ids(self.ids_under(&keys::by_patient("Task", p))?))
                 } else {
                     scoped(self)?
                 }
@@ -343,7 +365,9 @@ impl Gateway {
                     }
                     Some(Source::Ids(ids))
                 } else if let Some(p) = &q.subject {
-                    Some(Source::Index(vec![keys::by_patient("ServiceRequest", p)]))
+                    Some(Source::Ids(
+                        self.ids_under(&keys::by_patient("ServiceRequest", p))?,
+                    ))
                 } else {
                     scoped(self)?
                 }
@@ -352,7 +376,9 @@ impl Gateway {
                 if let Some(sr) = &q.based_on {
                     Some(Source::Index(vec![keys::obs_by_sr(sr)]))
                 } else if let Some(p) = &q.subject {
-                    Some(Source::Index(vec![keys::by_patient("Observation", p)]))
+                    Some(Source::Ids(
+                        self.ids_under(&keys::by_patient("Observation", p))?,
+                    ))
                 } else {
                     scoped(self)?
                 }
@@ -755,5 +781,59 @@ mod tests {
             vec![pair("t2", "requested")]
         );
         assert_eq!(ids(&[("status", "accepted")]), vec![pair("t1", "accepted")]);
+    }
+
+    /// A Task's entry by patient is written once, with its first version; later versions
+    /// do not move it, and a search by patient still finds the Task as it is now, in order.
+    #[test]
+    fn the_index_by_patient_is_written_once_and_searched_in_time_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let cfg = Config::parse(EMBEDDED_DEFAULT, "gateway.toml").expect("config");
+        let provider = cfg.providers[0].id.clone();
+        let g = Gateway::new(Arc::new(cfg), store);
+        let task = |id: &str, v: &str, at: &str, status: &str| {
+            json!({"resourceType": "Task", "id": id, "status": status,
+                   "meta": {"versionId": v, "lastUpdated": at},
+                   "for": {"reference": "Patient/p1"},
+                   "owner": {"reference": format!("Organization/{provider}")}})
+        };
+        let scopes = super::super::scopes(Some(&provider), None);
+        let a1 = task("a", "1", "2026-11-20T10:00:00Z", "requested");
+        let a2 = task("a", "2", "2026-11-22T10:00:00Z", "accepted");
+        let b1 = task("b", "1", "2026-11-21T10:00:00Z", "requested");
+        g.commit(|tx| {
+            super::super::tx_put_resource(tx, "Task", &a1, None, &scopes)?;
+            super::super::tx_put_resource(tx, "Task", &b1, None, &scopes)
+        })
+        .expect("write");
+        g.commit(|tx| super::super::tx_put_resource(tx, "Task", &a2, Some(&a1), &scopes))
+            .expect("update");
+        let by_patient = keys::by_patient("Task", "p1");
+        assert_eq!(g.store.count(by_patient.as_bytes()).expect("count"), 2);
+        let who = Principal {
+            client_id: "hub".into(),
+            role: Role::Provider,
+            practices: vec![],
+            provider: Some(provider.clone()),
+        };
+        let found = |sort: &str| -> Vec<String> {
+            let params = vec![
+                ("patient".to_string(), "p1".to_string()),
+                ("_sort".to_string(), sort.to_string()),
+            ];
+            let q = Query::parse("Task", &params, true).expect("query");
+            g.search(&who, &q)
+                .expect("search")
+                .matches
+                .iter()
+                .map(|r| {
+                    let field = |f: &str| r[f].as_str().unwrap_or_default().to_string();
+                    format!("{}:{}", field("id"), field("status"))
+                })
+                .collect()
+        };
+        assert_eq!(found("_lastUpdated"), ["b:requested", "a:accepted"]);
+        assert_eq!(found("-_lastUpdated"), ["a:accepted", "b:requested"]);
     }
 }
