@@ -705,17 +705,29 @@ mod tests {
     use crate::config::{Config, Role, EMBEDDED_DEFAULT};
     use crate::store::{Abort, Store};
 
+    /// A gateway on a new store with the embedded config, its first provider and that
+    /// provider as a caller.
+    fn provider_and_gateway() -> (tempfile::TempDir, Gateway, String, Principal) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let cfg = Config::parse(EMBEDDED_DEFAULT, "gateway.toml").expect("config");
+        let provider = cfg.providers[0].id.clone();
+        let who = Principal {
+            client_id: "hub".into(),
+            role: Role::Provider,
+            practices: vec![],
+            provider: Some(provider.clone()),
+        };
+        (dir, Gateway::new(Arc::new(cfg), store), provider, who)
+    }
+
     /// Stores written before Tasks were indexed by status only hold a copy of each Task
     /// under `~` beside its index by status, and a Task updated since keeps its old copy
     /// there (nothing moves it). A search without a status takes each Task once, at its
     /// current place in time; a search by status is unchanged.
     #[test]
     fn an_older_stores_copies_for_any_status_are_taken_once_and_never_stale() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path()).expect("store");
-        let cfg = Config::parse(EMBEDDED_DEFAULT, "gateway.toml").expect("config");
-        let provider = cfg.providers[0].id.clone();
-        let g = Gateway::new(Arc::new(cfg), store);
+        let (_dir, g, provider, who) = provider_and_gateway();
         let task = |id: &str, v: &str, at: &str, status: &str| {
             json!({"resourceType": "Task", "id": id, "status": status,
                    "meta": {"versionId": v, "lastUpdated": at},
@@ -748,12 +760,6 @@ mod tests {
             Ok::<(), Abort<Error>>(())
         })
         .expect("write");
-        let who = Principal {
-            client_id: "hub".into(),
-            role: Role::Provider,
-            practices: vec![],
-            provider: Some(provider.clone()),
-        };
         let ids = |params: &[(&str, &str)]| -> Vec<(String, String)> {
             let params: Vec<(String, String)> = params
                 .iter()
@@ -787,11 +793,7 @@ mod tests {
     /// do not move it, and a search by patient still finds the Task as it is now, in order.
     #[test]
     fn the_index_by_patient_is_written_once_and_searched_in_time_order() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path()).expect("store");
-        let cfg = Config::parse(EMBEDDED_DEFAULT, "gateway.toml").expect("config");
-        let provider = cfg.providers[0].id.clone();
-        let g = Gateway::new(Arc::new(cfg), store);
+        let (_dir, g, provider, who) = provider_and_gateway();
         let task = |id: &str, v: &str, at: &str, status: &str| {
             json!({"resourceType": "Task", "id": id, "status": status,
                    "meta": {"versionId": v, "lastUpdated": at},
@@ -811,12 +813,6 @@ mod tests {
             .expect("update");
         let by_patient = keys::by_patient("Task", "p1");
         assert_eq!(g.store.count(by_patient.as_bytes()).expect("count"), 2);
-        let who = Principal {
-            client_id: "hub".into(),
-            role: Role::Provider,
-            practices: vec![],
-            provider: Some(provider.clone()),
-        };
         let found = |sort: &str| -> Vec<String> {
             let params = vec![
                 ("patient".to_string(), "p1".to_string()),

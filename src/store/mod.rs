@@ -568,7 +568,6 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
         let engine = self.engine()?;
-        let mut out = Vec::new();
         let iter = match after {
             Some(a) if a >= prefix => {
                 let mut start = a.to_vec();
@@ -577,6 +576,18 @@ impl Store {
             }
             _ => engine.tree.range(prefix.to_vec()..),
         };
+        self.take(&engine, iter, prefix, limit)
+    }
+
+    /// The entries of `iter` while their keys start with `prefix`, at most `limit`.
+    fn take(
+        &self,
+        engine: &Engine,
+        iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::new();
         for item in iter {
             let (k, v) = item.map_err(|e| self.sled_err(e))?;
             if !k.starts_with(prefix) || out.len() >= limit {
@@ -597,20 +608,11 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
         let engine = self.engine()?;
-        let mut out = Vec::new();
         let iter = match before {
             Some(b) => engine.tree.range(prefix.to_vec()..b.to_vec()),
             None => engine.tree.scan_prefix(prefix),
         };
-        for item in iter.rev() {
-            let (k, v) = item.map_err(|e| self.sled_err(e))?;
-            if !k.starts_with(prefix) || out.len() >= limit {
-                break;
-            }
-            let v = engine.decode(&k, &v)?;
-            out.push((k.to_vec(), v));
-        }
-        Ok(out)
+        self.take(&engine, iter.rev(), prefix, limit)
     }
 
     /// Runs `f` as one atomic, isolated transaction: transactions run one at a time (the
