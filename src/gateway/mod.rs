@@ -286,8 +286,8 @@ pub(crate) fn scopes(provider: Option<&str>, practice: Option<&str>) -> Vec<Stri
 const TYPE_HISTORY_CHUNK: usize = 8;
 
 /// The statuses of a type searched by status (Task, ServiceRequest). Such a type's time
-/// index is kept by status only, one key per version: a search without a status reads the
-/// index of every status and merges them by time. A version whose status is not one of
+/// index is kept by status only (one key per scope for the current version): a search
+/// without a status reads the index of every status and merges them by time. A version whose status is not one of
 /// these goes in the index for any status (`~`), which that search reads too, as it does
 /// the copy for any status that stores written before this kept beside the one by status.
 pub(crate) fn statuses_of(rtype: &str) -> Option<&'static [&'static str]> {
