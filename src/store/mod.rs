@@ -180,11 +180,11 @@ struct Engine {
 }
 
 impl Engine {
-    /// The stored form of a value.
-    fn encode(&self, value: &[u8]) -> Vec<u8> {
+    /// The stored form of a value (a store of format 1 keeps it as it is, uncopied).
+    fn encode(&self, value: Vec<u8>) -> Vec<u8> {
         match self.format {
-            Format::Plain => value.to_vec(),
-            Format::Compressed => codec::encode(value),
+            Format::Plain => value,
+            Format::Compressed => codec::encode(&value),
         }
     }
 
@@ -660,7 +660,7 @@ impl Store {
             let mut batch = sled::Batch::default();
             for (k, v) in writes {
                 match v {
-                    Some(v) => batch.insert(k, engine.encode(&v)),
+                    Some(v) => batch.insert(k, engine.encode(v)),
                     None => batch.remove(k),
                 }
             }
