@@ -9,6 +9,7 @@
 //!   ./target/release/sp-gateway-bench --runs 3 --sizes 10000,100000
 //!   ./target/release/sp-gateway-bench --census --lives 2000                # what a life writes
 //!   ./target/release/sp-gateway-bench --census --bulk --lives 1000000      # the same, in process
+//!   ./target/release/sp-gateway-bench --census --bulk --archive            # archiving as it goes
 //!   ./target/release/sp-gateway-bench --gateway PATH                       # another build
 //!   ./target/release/sp-gateway-bench --census --lives 200 --dictionary F  # store's dictionary
 //!
@@ -41,6 +42,9 @@ struct Opts {
     cache_mb: Option<u64>,
     /// With the census: write the store's value dictionary (see [`write_dictionary`]).
     dictionary: Option<PathBuf>,
+    /// With the census: the gateway archives closed referrals as they close (`[archive]
+    /// after_days = 0`, every 5 s), and what remains is archived before counting.
+    archive: bool,
     runs: usize,
     sizes: Vec<usize>,
 }
@@ -78,6 +82,7 @@ fn opts() -> Opts {
         bulk: args.iter().any(|a| a == "--bulk"),
         cache_mb,
         dictionary: get("--dictionary").map(PathBuf::from),
+        archive: args.iter().any(|a| a == "--archive"),
         runs,
         sizes,
     }
@@ -117,10 +122,20 @@ fn config(dir: &Path, cache_mb: Option<u64>) -> PathBuf {
         "[server.limits]\nrate_per_second = 10000000\nrate_burst = 10000000\nmax_concurrent_requests = 4096\n\n[[practices]]",
         1,
     );
+    // `--archive`: the gateway's own archiver, as deployed, with no wait after a referral
+    // closes, looking every five seconds.
+    let text = if ARCHIVE.load(std::sync::atomic::Ordering::Relaxed) {
+        text + "\n[archive]\nafter_days = 0\ninterval_secs = 5\n"
+    } else {
+        text
+    };
     let p = dir.join("bench.toml");
     std::fs::write(&p, text).expect("config");
     p
 }
+
+/// `--archive` (the census): the gateway archives closed referrals while the lives run.
+static ARCHIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn start(dir: &Path, cache_mb: Option<u64>) -> (Gateway, Duration) {
     let data = dir.join("data");
@@ -656,18 +671,7 @@ async fn start_in_process(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
 ) {
-    use sp_gateway::config::Config;
-    let path = config(dir, cache_mb);
-    let text = std::fs::read_to_string(&path).expect("config");
-    let cfg = Config::parse(&text, "bench.toml")
-        .and_then(|c| {
-            c.with_overrides(
-                "bench.toml",
-                Some("127.0.0.1:0".parse().expect("addr")),
-                Some(dir.join("data")),
-            )
-        })
-        .expect("bench config");
+    let cfg = bench_config(dir, cache_mb);
     let auth = sp_gateway::auth::Authenticator::new(&cfg);
     let who = |token: &str| {
         auth.authenticate(Some(&format!("Bearer {token}")), None)
@@ -688,12 +692,56 @@ async fn start_in_process(
     (Arc::new(InProcess { gw, gp, hub }), stop, task)
 }
 
+/// The config [`start`] gives the gateway, as the library reads it.
+fn bench_config(dir: &Path, cache_mb: Option<u64>) -> sp_gateway::config::Config {
+    use sp_gateway::config::Config;
+    let path = config(dir, cache_mb);
+    let text = std::fs::read_to_string(&path).expect("config");
+    Config::parse(&text, "bench.toml")
+        .and_then(|c| {
+            c.with_overrides(
+                "bench.toml",
+                Some("127.0.0.1:0".parse().expect("addr")),
+                Some(dir.join("data")),
+            )
+        })
+        .expect("bench config")
+}
+
+/// `--archive`: moves every closed referral of the stopped gateway's store to the archive,
+/// as `sp-gateway archive run --after-days 0` does; prints what it did and how long it took.
+fn archive_all(dir: &Path, cache_mb: Option<u64>) {
+    let cfg = bench_config(dir, cache_mb);
+    let store = sp_gateway::store::Store::open_with(
+        &cfg.server.data_dir,
+        sp_gateway::server::store_options(&cfg),
+    )
+    .expect("open the store");
+    let gw = sp_gateway::gateway::Gateway::new(Arc::new(cfg), store);
+    let t = Instant::now();
+    let cpu0 = cpu_ms(std::process::id());
+    let r = sp_gateway::server::archive_due(&gw, 0, 500).expect("archive");
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_ms(std::process::id()) - cpu0;
+    println!(
+        "Archived {} referrals in {secs:.1} s ({:.0} a second, CPU {:.2} ms each); {} keys fewer, {:.0} bytes moved per referral; {} passed over",
+        r.archived,
+        r.archived as f64 / secs.max(1e-9),
+        cpu / (r.archived.max(1) as f64),
+        r.keys_removed,
+        r.bytes_moved as f64 / r.archived.max(1) as f64,
+        r.passed_over
+    );
+    println!();
+}
+
 /// The family of a kind of key, for the census's summary table.
 fn family(kind: &str) -> &'static str {
     match kind {
         "r/Provenance" => "Provenance (`r/Provenance`)",
         "a" => "audit chain (`a/`)",
         "b" | "n" => "by patient, referral, NHS number (`p/`, `b/`, `n/`)",
+        "z" => "archived resources: where each group is (`z/`)",
         k if k.starts_with("r/") => "current versions (`r/`)",
         k if k.starts_with("h/") => "history (`h/`)",
         k if k.starts_with("x/ae/") => "audit indexes (`x/ae/`)",
@@ -748,7 +796,13 @@ fn write_dictionary(store: &sp_gateway::store::Store, path: &Path) {
 /// pull), 50 at a time with 16 clients; then a clean stop, the data directory's size on
 /// disk, and every key in the store counted by kind (`gateway::keys::kind`). Prints
 /// Markdown.
-async fn census(lives: usize, cache_mb: Option<u64>, bulk: bool, dictionary: Option<&Path>) {
+async fn census(
+    lives: usize,
+    cache_mb: Option<u64>,
+    bulk: bool,
+    dictionary: Option<&Path>,
+    archive: bool,
+) {
     const BATCH: usize = 50;
     let lives = lives.div_ceil(BATCH) * BATCH;
     let dir = std::env::temp_dir().join(format!("sp-gateway-census-{}", std::process::id()));
@@ -814,11 +868,17 @@ async fn census(lives: usize, cache_mb: Option<u64>, bulk: bool, dictionary: Opt
             task.await.expect("in-process gateway stopped");
         }
     }
+    if archive {
+        // What the archiver had not reached when the lives ended.
+        archive_all(&dir, cache_mb);
+    }
     let disk = dir_mb(&data) * 1e6;
+    let archive_bytes = dir_mb(&data.join("archive")) * 1e6;
     // Start-up on the filled store: after the clean stop (sled replays all the log written
     // since the store was last opened: here, all of it), then killed with SIGKILL once
     // listening and started again (sled wrote a snapshot as the last start opened it).
     let (g, after_stop) = start(&dir, cache_mb);
+    let rss_started = peak_rss_mb(g.child.id());
     let _ = Command::new("kill")
         .args(["-KILL", &g.child.id().to_string()])
         .status();
@@ -919,7 +979,7 @@ async fn census(lives: usize, cache_mb: Option<u64>, bulk: bool, dictionary: Opt
         "kind of key",
     );
     println!(
-        "Start-up: {:.0} ms after the clean stop, {:.0} ms after SIGKILL of that start",
+        "Start-up: {:.0} ms after the clean stop (peak RSS by then {rss_started:.0} MB), {:.0} ms after SIGKILL of that start",
         after_stop.as_secs_f64() * 1000.0,
         after_kill.as_secs_f64() * 1000.0
     );
@@ -930,13 +990,28 @@ async fn census(lives: usize, cache_mb: Option<u64>, bulk: bool, dictionary: Opt
         bytes as f64 / n / 1000.0,
         all_stored as f64 / n / 1000.0
     );
+    if archive {
+        println!(
+            "Of which the archive: {:.1} KB per referral ({:.1} MB)",
+            archive_bytes / n / 1000.0,
+            archive_bytes / 1e6
+        );
+    }
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let o = opts();
+    ARCHIVE.store(o.archive, std::sync::atomic::Ordering::Relaxed);
     if let Some(lives) = o.census {
-        census(lives, o.cache_mb, o.bulk, o.dictionary.as_deref()).await;
+        census(
+            lives,
+            o.cache_mb,
+            o.bulk,
+            o.dictionary.as_deref(),
+            o.archive,
+        )
+        .await;
         return;
     }
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();

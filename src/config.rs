@@ -556,6 +556,35 @@ pub struct Config {
     pub outbox: Outbox,
     #[serde(default)]
     pub inbox: InboxConfig,
+    #[serde(default)]
+    pub archive: ArchiveConfig,
+}
+
+/// Moving closed, delivered referrals out of the hot store into the archive
+/// (`gateway::archive`): they are still read by id, with their history, Provenance and
+/// audit trail, but searches by time, status, owner or patient no longer list them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    pub enabled: bool,
+    /// A referral is archived this many days after its last change, once it is closed and
+    /// nothing for it waits in the outbox.
+    pub after_days: u32,
+    /// How often the gateway looks for referrals to archive.
+    pub interval_secs: u64,
+    /// Referrals archived at most per transaction.
+    pub batch: usize,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            enabled: true,
+            after_days: 90,
+            interval_secs: 600,
+            batch: 200,
+        }
+    }
 }
 
 impl Config {
@@ -630,6 +659,24 @@ impl Config {
             return Err(bad(
                 "server.max_body_bytes".into(),
                 "must be from 1024 to 1048576 (1 MiB)".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&self.archive.interval_secs) {
+            return Err(bad(
+                "archive.interval_secs".into(),
+                "must be from 1 to 86400 (a day)".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&self.archive.batch) {
+            return Err(bad(
+                "archive.batch".into(),
+                "must be from 1 to 10000".into(),
+            ));
+        }
+        if self.archive.after_days > 36_500 {
+            return Err(bad(
+                "archive.after_days".into(),
+                "must be at most 36500 (a hundred years)".into(),
             ));
         }
         if self.server.min_free_percent > 50 {

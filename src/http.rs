@@ -1009,7 +1009,7 @@ async fn search(
             }
         };
         let base = base_url(&headers);
-        let entries: Vec<Value> = crate::audit::provenance(st.gateway.store(), &target)?
+        let entries: Vec<Value> = st.gateway.provenance(&target)?
             .into_iter()
             .map(|p| {
                 let id = p.get("id").and_then(Value::as_str).unwrap_or_default().to_string();

@@ -109,6 +109,9 @@ impl Bound {
             });
         }
         background.spawn(watch_storage(gateway.clone(), stop_outbox.subscribe()));
+        if gateway.config().archive.enabled {
+            background.spawn(archive_loop(gateway.clone(), stop_outbox.subscribe()));
+        }
         let limits = gateway.config().server.limits.clone();
         let router = http::router(self.state);
         let graceful = GracefulShutdown::new();
@@ -303,4 +306,50 @@ pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
         tls,
         outbox,
     })
+}
+
+/// Archives the referrals that are due (`[archive]`), a batch at a time, until none is.
+/// Returns what was done in all.
+pub fn archive_due(
+    gw: &Gateway,
+    after_days: u32,
+    batch: usize,
+) -> crate::error::Result<crate::gateway::archive::Round> {
+    let before = crate::clock::Now::current().micros - i64::from(after_days) * 86_400 * 1_000_000;
+    let mut total = crate::gateway::archive::Round::default();
+    loop {
+        let held = crate::outbox::held_referrals(gw)?;
+        let r = gw.archive_closed(before, batch, &held)?;
+        total.archived += r.archived;
+        total.keys_removed += r.keys_removed;
+        total.bytes_moved += r.bytes_moved;
+        total.passed_over = r.passed_over;
+        if r.archived == 0 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Every `archive.interval_secs`, moves the referrals that are due to the archive.
+async fn archive_loop(gw: Arc<Gateway>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let cfg = gw.config().archive.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(cfg.interval_secs)) => {}
+            _ = stop.changed() => return,
+        }
+        let g = gw.clone();
+        let (days, batch) = (cfg.after_days, cfg.batch);
+        match tokio::task::spawn_blocking(move || archive_due(&g, days, batch)).await {
+            Ok(Ok(r)) if r.archived > 0 => tracing::info!(
+                archived = r.archived,
+                keys_removed = r.keys_removed,
+                passed_over = r.passed_over,
+                "archived closed referrals"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "archiving failed; will try again"),
+            Err(e) => tracing::warn!(error = %e, "archiving stopped unexpectedly"),
+        }
+    }
 }

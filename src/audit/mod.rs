@@ -18,7 +18,9 @@ use sha2::{Digest, Sha256};
 mod provenance;
 mod stored;
 
-pub use provenance::{export_provenance, provenance, provenance_index};
+pub use provenance::{
+    entry as provenance_of_entry, export_provenance, provenance_index, PREFIX as PROVENANCE_PREFIX,
+};
 
 use crate::clock::Now;
 use crate::error::Error;

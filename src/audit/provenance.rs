@@ -18,7 +18,7 @@ use super::TxResult;
 use crate::error::Error;
 use crate::store::{Abort, Store, Tx};
 
-const PREFIX: &str = "x/prov/";
+pub const PREFIX: &str = "x/prov/";
 const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
 
 pub fn provenance_index(target: &str) -> String {
@@ -116,8 +116,10 @@ pub(super) fn tx_record(tx: &Tx<'_>, entities: &[String], seq: u64) -> TxResult<
     Ok(())
 }
 
-/// The Provenances of one index entry of `target`: its list, or one of the older form.
-fn entry(store: &Store, target: &str, value: &[u8]) -> crate::error::Result<Vec<Value>> {
+/// The Provenances of one index entry of `target` (a value under its
+/// [`provenance_index`]): its list, or one of the older form. The caller reads the index
+/// (the gateway: from sled or from an archived group); the AuditEvents are in the chain.
+pub fn entry(store: &Store, target: &str, value: &[u8]) -> crate::error::Result<Vec<Value>> {
     if let Ok(list) = serde_json::from_slice::<Vec<Facts>>(value) {
         let mut out = Vec::new();
         for f in list {
@@ -183,16 +185,6 @@ fn render(store: &Store, target: &str, facts: Facts) -> crate::error::Result<Opt
     Ok(Some(p))
 }
 
-/// Every Provenance of a target (`Task/{id}`), in the order written.
-pub fn provenance(store: &Store, target: &str) -> crate::error::Result<Vec<Value>> {
-    let prefix = provenance_index(target);
-    let mut out = Vec::new();
-    for (_, v) in store.scan(prefix.as_bytes(), None, 10_000)? {
-        out.extend(entry(store, target, &v)?);
-    }
-    Ok(out)
-}
-
 /// Writes every Provenance as one JSON line (FHIR bulk NDJSON), by target; returns how many.
 pub fn export_provenance(
     store: &Store,
@@ -238,7 +230,12 @@ mod tests {
             .map_err(|_| "transaction")
             .expect("write");
         assert_eq!(
-            provenance(&store, "Task/t1").expect("read"),
+            store
+                .scan(provenance_index("Task/t1").as_bytes(), None, 10)
+                .expect("index")
+                .iter()
+                .flat_map(|(_, v)| entry(&store, "Task/t1", v).expect("read"))
+                .collect::<Vec<_>>(),
             vec![old.clone()]
         );
         let mut out = Vec::new();

@@ -14,6 +14,7 @@
 //! - `observation`: provider feedback
 //! - `search`: search parameters, index-backed paging, Bundles
 
+pub mod archive;
 pub mod inbox;
 mod observation;
 mod referral;
@@ -231,6 +232,8 @@ pub struct LetterSources {
 pub struct Gateway {
     cfg: Arc<Config>,
     store: Store,
+    /// Archived groups read lately.
+    recent: archive::Recent,
 }
 
 pub type TxResult<T> = std::result::Result<T, Abort<Error>>;
@@ -389,7 +392,11 @@ pub(crate) fn org_of<'a>(resource: &'a Value, element: &str) -> Option<&'a str> 
 
 impl Gateway {
     pub fn new(cfg: Arc<Config>, store: Store) -> Gateway {
-        Gateway { cfg, store }
+        Gateway {
+            cfg,
+            store,
+            recent: archive::Recent::default(),
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -411,7 +418,7 @@ impl Gateway {
         if !crate::config::is_fhir_id(id) {
             return Ok(None);
         }
-        match self.store.get(keys::current(rtype, id).as_bytes())? {
+        match self.get(keys::current(rtype, id).as_bytes())? {
             None => Ok(None),
             Some(b) => serde_json::from_slice(&b)
                 .map(Some)
@@ -451,10 +458,7 @@ impl Gateway {
             return Ok(None);
         };
         let mut observations = Vec::new();
-        for (k, _) in self
-            .store
-            .scan(keys::obs_by_sr(&sr_id).as_bytes(), None, 10_000)?
-        {
+        for (k, _) in self.scan(keys::obs_by_sr(&sr_id).as_bytes(), 10_000)? {
             let k = String::from_utf8_lossy(&k);
             if let Some(obs) = k.rsplit('/').next().map(|o| self.load("Observation", o)) {
                 if let Some(o) = obs? {
@@ -472,7 +476,7 @@ impl Gateway {
     }
 
     fn has_key(&self, key: &str) -> Result<bool> {
-        Ok(self.store.get(key.as_bytes())?.is_some())
+        Ok(self.get(key.as_bytes())?.is_some())
     }
 
     /// Whether `who` may see `resource` (of `rtype`, current version) at all.
@@ -544,7 +548,7 @@ impl Gateway {
 
     /// Version `v` of a resource: a superseded one from history, the current one from `r/`.
     fn load_version(&self, rtype: &str, id: &str, v: u64) -> Result<Option<Value>> {
-        match self.store.get(keys::version(rtype, id, v).as_bytes())? {
+        match self.get(keys::version(rtype, id, v).as_bytes())? {
             Some(b) => serde_json::from_slice(&b)
                 .map(Some)
                 .map_err(|e| Error::Internal(format!("stored {rtype}/{id} unreadable: {e}"))),
@@ -561,10 +565,13 @@ impl Gateway {
         let current = self.read(who, rtype, id)?;
         let cv = fhir::version_of(&current);
         let mut out = vec![current];
-        for (_, b) in self
-            .store
-            .scan_rev(keys::history(rtype, id).as_bytes(), None, 1000)?
-        {
+        let prefix = keys::history(rtype, id);
+        let mut versions = self.store.scan_rev(prefix.as_bytes(), None, 1000)?;
+        if versions.is_empty() {
+            versions = self.scan(prefix.as_bytes(), 1000)?;
+            versions.reverse();
+        }
+        for (_, b) in versions {
             let v: Value =
                 serde_json::from_slice(&b).map_err(|e| Error::Internal(e.to_string()))?;
             if fhir::version_of(&v) != cv {
@@ -633,7 +640,28 @@ impl Gateway {
             return Ok(n);
         }
         if rtype == "Provenance" {
-            return crate::audit::export_provenance(&self.store, out);
+            let mut n = crate::audit::export_provenance(&self.store, out)?;
+            let prefix = crate::audit::PROVENANCE_PREFIX;
+            self.for_each_archived(|_, group| {
+                for (k, v) in group
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(prefix.as_bytes()))
+                {
+                    let target = String::from_utf8_lossy(&k[prefix.len()..]);
+                    let Some((target, _)) = target.rsplit_once('/') else {
+                        continue;
+                    };
+                    for p in crate::audit::provenance_of_entry(&self.store, target, v)? {
+                        serde_json::to_writer(&mut *out, &p)
+                            .map_err(|e| Error::Internal(e.to_string()))?;
+                        out.write_all(b"\n")
+                            .map_err(|e| Error::Internal(e.to_string()))?;
+                        n += 1;
+                    }
+                }
+                Ok(())
+            })?;
+            return Ok(n);
         }
         let prefix = format!("r/{rtype}/");
         self.store.for_each(prefix.as_bytes(), |_, v| {
@@ -642,7 +670,34 @@ impl Gateway {
             n += 1;
             Ok(())
         })?;
+        // Archived resources of the type, a group at a time.
+        self.for_each_archived(|_, group| {
+            for (_, v) in group
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix.as_bytes()))
+            {
+                out.write_all(v)
+                    .and_then(|_| out.write_all(b"\n"))
+                    .map_err(|e| Error::Internal(format!("export: {e}")))?;
+                n += 1;
+            }
+            Ok(())
+        })?;
         Ok(n)
+    }
+
+    /// Every Provenance of a target (`Task/{id}`), in the order written, archived or not.
+    pub fn provenance(&self, target: &str) -> Result<Vec<Value>> {
+        let prefix = crate::audit::provenance_index(target);
+        let mut out = Vec::new();
+        // An archived target's list, then what was recorded since (an acknowledgement of a
+        // letter that arrived after the referral was archived).
+        let mut rows = self.archived_under(prefix.as_bytes())?;
+        rows.extend(self.store.scan(prefix.as_bytes(), None, 10_000)?);
+        for (_, v) in rows {
+            out.extend(crate::audit::provenance_of_entry(&self.store, target, &v)?);
+        }
+        Ok(out)
     }
 }
 

@@ -325,7 +325,7 @@ impl Gateway {
         Ok(match rtype {
             "Task" => {
                 if let Some(f) = &q.focus {
-                    let id = self.store.get(keys::sr_task(f).as_bytes())?;
+                    let id = self.get(keys::sr_task(f).as_bytes())?;
                     Some(Source::Ids(
                         id.map(|b| String::from_utf8_lossy(&b).into_owned())
                             .into_iter()
@@ -374,7 +374,23 @@ impl Gateway {
             }
             "Observation" => {
                 if let Some(sr) = &q.based_on {
-                    Some(Source::Index(vec![keys::obs_by_sr(sr)]))
+                    if self.is_archived("ServiceRequest", sr)? {
+                        // A closed referral's Observations, from its archived group.
+                        let prefix = keys::obs_by_sr(sr);
+                        Some(Source::Ids(
+                            self.scan(prefix.as_bytes(), MAX_BY_PATIENT)?
+                                .into_iter()
+                                .filter_map(|(k, _)| {
+                                    String::from_utf8_lossy(&k)
+                                        .rsplit('/')
+                                        .next()
+                                        .map(str::to_string)
+                                })
+                                .collect(),
+                        ))
+                    } else {
+                        Some(Source::Index(vec![keys::obs_by_sr(sr)]))
+                    }
                 } else if let Some(p) = &q.subject {
                     Some(Source::Ids(
                         self.ids_under(&keys::by_patient("Observation", p))?,

@@ -172,6 +172,18 @@ fn messages(gw: &Gateway, prefix: &str) -> Result<Vec<Message>> {
         .collect()
 }
 
+/// The referrals (ServiceRequest ids) with a message still to deliver: queued, or
+/// dead-lettered (an operator may retry it). The archive leaves them in the hot store.
+pub fn held_referrals(gw: &Gateway) -> Result<std::collections::HashSet<String>> {
+    let mut held = std::collections::HashSet::new();
+    for prefix in [QUEUE, DEAD] {
+        for m in messages(gw, prefix)? {
+            held.insert(m.service_request);
+        }
+    }
+    Ok(held)
+}
+
 pub fn summary(gw: &Gateway) -> Result<Summary> {
     Ok(Summary {
         pending: messages(gw, QUEUE)?,

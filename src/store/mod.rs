@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+pub mod archive;
 mod codec;
 use thiserror::Error;
 use tokio::sync::oneshot;
@@ -65,6 +66,9 @@ pub enum StoreError {
     Failed(String),
     #[error("store is closed")]
     Closed,
+    /// A frame of the archive is missing, damaged or truncated.
+    #[error("the archive is damaged: {0}; restore the data directory from a backup (README, Operations: Restore)")]
+    Archive(String),
 }
 
 impl From<sled::Error> for StoreError {
@@ -281,6 +285,8 @@ pub struct Store {
     committer: Option<thread::JoinHandle<()>>,
     dir: PathBuf,
     opts: Options,
+    /// Closed referrals' groups, moved out of sled (`archive`).
+    archive: archive::Archive,
     /// While a backup runs: every key written since it began.
     journal: Mutex<Option<HashSet<Vec<u8>>>>,
     /// Whether free space was below the floor when last measured (to log crossings once).
@@ -405,6 +411,7 @@ impl Store {
             commits: Some(commits),
             committer: Some(committer),
             dir: dir.to_path_buf(),
+            archive: archive::Archive::new(dir),
             opts,
             journal: Mutex::new(None),
             low: std::sync::atomic::AtomicBool::new(false),
@@ -846,6 +853,24 @@ impl Store {
         }
         let mut done = result?;
         drop(copy);
+        // The archive's segments, as they are now: every frame the copy points at was
+        // synced before the copy's last pass began (segments only grow).
+        let segments = self.archive.dir();
+        if segments.exists() {
+            let into = to.join("archive");
+            std::fs::create_dir_all(&into).map_err(|e| io(e.to_string()))?;
+            for e in std::fs::read_dir(segments).map_err(|e| io(e.to_string()))? {
+                let e = e.map_err(|e| io(e.to_string()))?;
+                let target = into.join(e.file_name());
+                std::fs::copy(e.path(), &target).map_err(|e| io(e.to_string()))?;
+                File::open(&target)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| io(e.to_string()))?;
+            }
+            File::open(&into)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io(e.to_string()))?;
+        }
         // Verify: the copy opens as a store (format, commit record) with every key.
         let mut record = CommitRecord::open(to, done.commit).map_err(|e| io(e.to_string()))?;
         record.write(done.commit).map_err(|e| io(e.to_string()))?;
