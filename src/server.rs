@@ -317,12 +317,17 @@ pub fn archive_due(
 ) -> crate::error::Result<crate::gateway::archive::Round> {
     let before = crate::clock::Now::current().micros - i64::from(after_days) * 86_400 * 1_000_000;
     let mut total = crate::gateway::archive::Round::default();
+    // Below the free-space floor nothing new is written, archive frames included.
+    if gw.store().space()?.below_floor() {
+        return Ok(total);
+    }
     loop {
         let held = crate::outbox::held_referrals(gw)?;
         let r = gw.archive_closed(before, batch, &held)?;
         total.archived += r.archived;
         total.keys_removed += r.keys_removed;
         total.bytes_moved += r.bytes_moved;
+        // Those left in place by the last round (each round looks at all of them again).
         total.passed_over = r.passed_over;
         if r.archived == 0 {
             return Ok(total);

@@ -367,7 +367,9 @@ pub fn tx_record(tx: &Tx<'_>, entities: &[String], now: &Now) -> TxResult<()> {
 /// practice, receiving its acknowledgement): an AuditEvent with the gateway as agent (DICOM
 /// "transmit"/"receive" as subtype), `entities` as what it was about (the Patient as BALP
 /// names it), and a Provenance on the current version of `target` so the Task's own trail
-/// shows it. `description` is ids and codes only, never patient data.
+/// shows it (`archived`: the target as the archive holds it, when it is not in the hot
+/// store). `description` is ids and codes only, never patient data.
+#[allow(clippy::too_many_arguments)]
 pub fn tx_record_system(
     tx: &Tx<'_>,
     activity: SystemActivity,
@@ -376,6 +378,7 @@ pub fn tx_record_system(
     success: bool,
     target: &str,
     now: &Now,
+    archived: Option<&Value>,
 ) -> TxResult<u64> {
     let (code, display, action) = match activity {
         SystemActivity::Transmit => ("110106", "Export", "R"),
@@ -393,7 +396,7 @@ pub fn tx_record_system(
     e["outcome"] = json!(if success { "0" } else { "4" });
     e["outcomeDesc"] = json!(description);
     let seq = tx_append(tx, e)?;
-    provenance::tx_put(tx, target, seq, 0, false)?;
+    provenance::tx_put(tx, target, seq, 0, false, archived)?;
     Ok(seq)
 }
 

@@ -69,18 +69,25 @@ fn routing_reason(task: &Value) -> Option<String> {
 
 /// Indexes the Provenance of `target`'s current version for AuditEvent `seq` (the `n`th
 /// target of that event); with `reason`, a new Task's routing decision is its reason.
+/// `archived`: the target's current version when it is archived (not in the hot store); its
+/// Provenance then goes in a hot list read after the archived one.
 pub(super) fn tx_put(
     tx: &Tx<'_>,
     target: &str,
     seq: u64,
     n: usize,
     with_reason: bool,
+    archived: Option<&Value>,
 ) -> TxResult<()> {
-    let Some(cur) = tx.get(format!("r/{target}").as_bytes())? else {
-        return Ok(());
-    };
-    let Ok(cur) = serde_json::from_slice::<Value>(&cur) else {
-        return Ok(());
+    let cur = match tx.get(format!("r/{target}").as_bytes())? {
+        Some(b) => match serde_json::from_slice::<Value>(&b) {
+            Ok(v) => v,
+            Err(_) => return Ok(()),
+        },
+        None => match archived {
+            Some(v) => v.clone(),
+            None => return Ok(()),
+        },
     };
     let v = cur
         .pointer("/meta/versionId")
@@ -111,7 +118,7 @@ pub(super) fn tx_put(
 /// the write's AuditEvent `seq`.
 pub(super) fn tx_record(tx: &Tx<'_>, entities: &[String], seq: u64) -> TxResult<()> {
     for (n, target) in entities.iter().enumerate() {
-        tx_put(tx, target, seq, n, true)?;
+        tx_put(tx, target, seq, n, true, None)?;
     }
     Ok(())
 }

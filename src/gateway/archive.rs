@@ -95,6 +95,8 @@ pub struct Verdict {
 
 /// One referral's group, as read.
 struct Group {
+    /// Its referrals (ServiceRequest ids).
+    srs: Vec<String>,
     /// Every key moved, with its value as read.
     entries: Vec<Entry>,
     /// Index keys removed without being kept.
@@ -237,6 +239,7 @@ impl Gateway {
         let prefix = pointer("ServiceRequest", "");
         let mut after: Option<Vec<u8>> = None;
         let mut n = 0;
+        let mut visited = HashSet::new();
         loop {
             let page = self.store.scan(prefix.as_bytes(), after.as_deref(), 1000)?;
             let Some((last, _)) = page.last() else {
@@ -250,6 +253,10 @@ impl Gateway {
                         String::from_utf8_lossy(k)
                     )))
                 })?;
+                // A group of several referrals (one Patient) is visited once.
+                if !visited.insert(loc) {
+                    continue;
+                }
                 let group = self.store.archived(&loc)?;
                 f(&loc, &group)?;
                 n += 1;
@@ -304,7 +311,8 @@ impl Gateway {
                         round.passed_over += 1;
                         continue;
                     }
-                    if let Some(g) = self.closed_group(&sr, before_micros)? {
+                    if let Some(g) = self.closed_group(&sr, before_micros, held)? {
+                        seen.extend(g.srs.iter().cloned());
                         groups.push(g);
                         if groups.len() >= limit {
                             break 'statuses;
@@ -365,20 +373,20 @@ impl Gateway {
     }
 
     /// The group of referral `sr` if it is closed and its last change is before `before`.
-    fn closed_group(&self, sr: &str, before: i64) -> Result<Option<Group>> {
+    /// A group is everything of the referral's Patient: a Patient is usually one
+    /// referral's, but `POST /fhir/ServiceRequest` may name an existing one, and then every
+    /// referral of that Patient must be closed, and none held, for the group to move.
+    fn closed_group(&self, sr: &str, before: i64, held: &HashSet<String>) -> Result<Option<Group>> {
+        let json = |b: &[u8]| -> Result<Value> {
+            serde_json::from_slice(b).map_err(|e| Error::Internal(e.to_string()))
+        };
         let Some(request) = self
             .store
             .get(keys::current("ServiceRequest", sr).as_bytes())?
         else {
             return Ok(None);
         };
-        let request: Value =
-            serde_json::from_slice(&request).map_err(|e| Error::Internal(e.to_string()))?;
-        let status = request.get("status").and_then(Value::as_str).unwrap_or("");
-        if !CLOSED_REQUEST.contains(&status) {
-            return Ok(None);
-        }
-        let Some(patient) = request
+        let Some(patient) = json(&request)?
             .get("subject")
             .and_then(|r| fhir::ref_id(r, "Patient"))
             .map(str::to_string)
@@ -390,8 +398,8 @@ impl Gateway {
             ("Patient".to_string(), patient.clone()),
         ];
         let mut dropped: Vec<Vec<u8>> = Vec::new();
-        // One Patient per referral: everything under its by-patient indexes is this
-        // referral's (the rejected Task of a referral passed to the hub too).
+        // Everything under the Patient's by-patient indexes (the rejected Task of a
+        // referral passed to the hub too).
         for rtype in ["Task", "ServiceRequest", "Observation"] {
             let prefix = keys::by_patient(rtype, &patient);
             for (k, _) in self.store.scan(prefix.as_bytes(), None, 10_000)? {
@@ -404,21 +412,36 @@ impl Gateway {
                 dropped.push(k);
             }
         }
-        for (k, _) in self
-            .store
-            .scan(keys::obs_by_sr(sr).as_bytes(), None, 10_000)?
-        {
-            if let Some(id) = String::from_utf8_lossy(&k).rsplit('/').next() {
-                let m = ("Observation".to_string(), id.to_string());
-                if !members.contains(&m) {
-                    members.push(m);
+        let srs: Vec<String> = members
+            .iter()
+            .filter(|(t, _)| t == "ServiceRequest")
+            .map(|(_, id)| id.clone())
+            .collect();
+        if srs.iter().any(|s| held.contains(s)) {
+            return Ok(None);
+        }
+        let mut entries: Vec<Entry> = Vec::new();
+        for s in &srs {
+            if let Some(task) = self.store.get(keys::sr_task(s).as_bytes())? {
+                entries.push((keys::sr_task(s).into_bytes(), task));
+            }
+            let prefix = keys::obs_by_sr(s);
+            for (k, v) in self.store.scan(prefix.as_bytes(), None, 10_000)? {
+                if let Some(id) = String::from_utf8_lossy(&k).rsplit('/').next() {
+                    let m = ("Observation".to_string(), id.to_string());
+                    if !members.contains(&m) {
+                        members.push(m);
+                    }
                 }
+                entries.push((k, v));
             }
         }
         // Who may read them: every scope that ever could (the scopes their indexes are in).
         let mut scopes = vec!["a".to_string()];
-        for t in ["ServiceRequest", "Patient"] {
-            let id = if t == "Patient" { patient.as_str() } else { sr };
+        for (t, id) in members
+            .iter()
+            .filter(|(t, _)| t == "ServiceRequest" || t == "Patient")
+        {
             let prefix = keys::access(t, id, "");
             for (k, _) in self.store.scan(prefix.as_bytes(), None, 1000)? {
                 let s = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
@@ -427,19 +450,19 @@ impl Gateway {
                 }
             }
         }
-        let mut entries: Vec<Entry> = Vec::new();
         let mut last_change = 0i64;
         for (t, id) in &members {
             let Some(cur) = self.store.get(keys::current(t, id).as_bytes())? else {
                 return Ok(None);
             };
-            let value: Value =
-                serde_json::from_slice(&cur).map_err(|e| Error::Internal(e.to_string()))?;
-            if t == "Task"
-                && !crate::workflow::is_final(
-                    value.get("status").and_then(Value::as_str).unwrap_or(""),
-                )
-            {
+            let value = json(&cur)?;
+            let status = value.get("status").and_then(Value::as_str).unwrap_or("");
+            let open = match t.as_str() {
+                "Task" => !crate::workflow::is_final(status),
+                "ServiceRequest" => !CLOSED_REQUEST.contains(&status),
+                _ => false,
+            };
+            if open {
                 return Ok(None);
             }
             last_change = last_change.max(super::micros_of(fhir::last_updated_of(&value)));
@@ -466,14 +489,17 @@ impl Gateway {
         if last_change >= before {
             return Ok(None);
         }
-        for prefix in [keys::sr_task(sr), keys::obs_by_sr(sr)] {
-            entries.extend(self.store.scan(prefix.as_bytes(), None, 10_000)?);
-        }
         entries.sort();
         entries.dedup_by(|a, b| a.0 == b.0);
+        let size: usize = entries.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
+        if size > crate::store::archive::MAX_GROUP_BYTES {
+            // Too large to archive as one group: it stays in the hot store.
+            return Ok(None);
+        }
         dropped.sort();
         dropped.dedup();
         Ok(Some(Group {
+            srs,
             entries,
             dropped,
             members,

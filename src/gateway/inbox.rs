@@ -318,10 +318,7 @@ impl Gateway {
             })
             .unwrap_or_default();
         let mut recorded = Vec::new();
-        for (k, _) in self
-            .store
-            .scan(keys::obs_by_sr(&sr_id).as_bytes(), None, 1_000)?
-        {
+        for (k, _) in self.scan(keys::obs_by_sr(&sr_id).as_bytes(), 1_000)? {
             let k = String::from_utf8_lossy(&k);
             let Some(obs) = k.rsplit('/').next() else {
                 continue;

@@ -151,6 +151,19 @@ impl Gateway {
             check_id(proposed, id)?;
         }
         let cfg = &self.cfg;
+        // An archived Task is final: refused as any change to a final Task is, not as missing.
+        if self.is_archived("Task", id)? {
+            if let Some(t) = self.load("Task", id)?.filter(|t| task_in_scope(who, t)) {
+                return Err(Error::rule(
+                    "Task.status",
+                    format!(
+                        "Task/{id} is {} and its referral is closed and archived: it cannot \
+                         change",
+                        t.get("status").and_then(Value::as_str).unwrap_or("final")
+                    ),
+                ));
+            }
+        }
         let task = self.commit(|tx| {
             let current = match tx_json(tx, &keys::current("Task", id))? {
                 Some(t) if task_in_scope(who, &t) => t,

@@ -296,9 +296,21 @@ pub(super) fn tx_record_sending(tx: &Tx<'_>, m: &Message, l: &Letter, sent: bool
             m.last_error.as_deref().unwrap_or("dead letter")
         )
     };
-    entities_and_record(tx, m, l, SystemActivity::Transmit, &description, sent, &now)
+    entities_and_record(
+        tx,
+        m,
+        l,
+        SystemActivity::Transmit,
+        &description,
+        sent,
+        &now,
+        None,
+    )
 }
 
+/// `archived`: the Task as the archive holds it, when its referral was archived before the
+/// acknowledgement came (the Task is then not in the hot store).
+#[allow(clippy::too_many_arguments)]
 fn entities_and_record(
     tx: &Tx<'_>,
     m: &Message,
@@ -307,22 +319,34 @@ fn entities_and_record(
     description: &str,
     success: bool,
     now: &Now,
+    archived: Option<&Value>,
 ) -> TxResult<()> {
     let task = format!("Task/{}", l.task);
     let mut entities = vec![
         task.clone(),
         format!("ServiceRequest/{}", m.service_request),
     ];
-    if let Some(b) = tx.get(format!("r/{task}").as_bytes())? {
-        if let Some(p) = serde_json::from_slice::<Value>(&b).ok().and_then(|t| {
-            t.pointer("/for/reference")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        }) {
-            entities.push(p);
-        }
+    let current = match tx.get(format!("r/{task}").as_bytes())? {
+        Some(b) => serde_json::from_slice::<Value>(&b).ok(),
+        None => archived.cloned(),
+    };
+    if let Some(p) = current.as_ref().and_then(|t| {
+        t.pointer("/for/reference")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    }) {
+        entities.push(p);
     }
-    crate::audit::tx_record_system(tx, activity, description, &entities, success, &task, now)?;
+    crate::audit::tx_record_system(
+        tx,
+        activity,
+        description,
+        &entities,
+        success,
+        &task,
+        now,
+        archived,
+    )?;
     Ok(())
 }
 
@@ -534,6 +558,11 @@ async fn record_answer(gw: &Gateway, a: &Answer) -> Result<Option<u64>> {
             tx.remove(key.as_bytes())?;
             tx.put(format!("{DEAD}{seq:020}").as_bytes(), &to_json(&m)?)?;
         }
+        let archived = if gw.is_archived("Task", &l.task).map_err(Abort::Caller)? {
+            gw.load("Task", &l.task).map_err(Abort::Caller)?
+        } else {
+            None
+        };
         entities_and_record(
             tx,
             &m,
@@ -542,6 +571,7 @@ async fn record_answer(gw: &Gateway, a: &Answer) -> Result<Option<u64>> {
             &description,
             a.positive,
             &now,
+            archived.as_ref(),
         )?;
         Ok(Some(seq))
     })?;

@@ -172,6 +172,12 @@ impl Archive {
         let mut out = Vec::with_capacity(groups.len());
         let mut touched = false;
         for g in groups {
+            let raw: usize = g.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
+            if raw > MAX_GROUP_BYTES {
+                return Err(damaged(format!(
+                    "a group of {raw} bytes is over the {MAX_GROUP_BYTES} a group may have"
+                )));
+            }
             let payload = encode_group(g);
             let len = u32::try_from(payload.len())
                 .map_err(|_| damaged("a group too large to archive".into()))?;
@@ -244,6 +250,13 @@ impl Archive {
                 loc.offset
             )
         };
+        if loc.len as usize > max_payload() {
+            return Err(damaged(format!(
+                "{}: the recorded length {} is over any frame's",
+                at(),
+                loc.len
+            )));
+        }
         let file = File::open(&path).map_err(|e| damaged(format!("{}: {e}", at())))?;
         let mut frame = vec![0u8; HEADER + loc.len as usize];
         file.read_exact_at(&mut frame, loc.offset)
@@ -307,6 +320,12 @@ impl Archive {
         }
         Ok(w)
     }
+}
+
+/// The largest payload a group of [`MAX_GROUP_BYTES`] can take (LZ4's bound, the codec's tag
+/// and length).
+fn max_payload() -> usize {
+    lz4_flex::block::get_maximum_output_size(MAX_GROUP_BYTES) + 5
 }
 
 fn check_frame(frame: &[u8], loc: &Location) -> Result<(), String> {
