@@ -724,8 +724,9 @@ fn archive_all(dir: &Path, cache_mb: Option<u64>) {
     let secs = t.elapsed().as_secs_f64();
     let cpu = cpu_ms(std::process::id()) - cpu0;
     println!(
-        "Archived {} referrals in {secs:.1} s ({:.0} a second, CPU {:.2} ms each); {} keys fewer, {:.0} bytes moved per referral; {} passed over",
+        "Archived {} referrals and {} audit records in {secs:.1} s ({:.0} referrals a second, CPU {:.2} ms each); {} keys fewer, {:.0} bytes moved per referral; {} passed over",
         r.archived,
+        r.audit_records,
         r.archived as f64 / secs.max(1e-9),
         cpu / (r.archived.max(1) as f64),
         r.keys_removed,

@@ -731,9 +731,13 @@ fn archive(common: &Common, action: ArchiveAction) -> ExitCode {
                     .map(|r| {
                         format!(
                             "archived {} closed referrals ({} keys fewer in the hot store, {} \
-                             bytes moved); {} closed referrals left in place (still to be \
-                             delivered, or changed meanwhile)",
-                            r.archived, r.keys_removed, r.bytes_moved, r.passed_over
+                             bytes moved) and {} audit records; {} closed referrals left in \
+                             place (still to be delivered, or changed meanwhile)",
+                            r.archived,
+                            r.keys_removed,
+                            r.bytes_moved,
+                            r.audit_records,
+                            r.passed_over
                         )
                     }),
             )
@@ -746,9 +750,10 @@ fn archive_verdict(gw: &crate::gateway::Gateway) -> ExitCode {
     match gw.verify_archive() {
         Ok(v) if v.problems.is_empty() => {
             println!(
-                "archive intact: {} archived resources in {} groups, {} segments, {} bytes{}",
+                "archive intact: {} archived resources in {} groups, {} blocks of audit records, {} segments, {} bytes{}",
                 v.resources,
                 v.groups,
+                v.audit_blocks,
                 v.segments,
                 v.bytes,
                 if v.unreferenced > 0 {

@@ -330,6 +330,8 @@ pub fn archive_due(
         // Those left in place by the last round (each round looks at all of them again).
         total.passed_over = r.passed_over;
         if r.archived == 0 {
+            // And the audit chain's old records, a block at a time.
+            total.audit_records += crate::audit::archive::archive_chain(gw.store(), before)?;
             return Ok(total);
         }
     }

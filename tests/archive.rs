@@ -603,3 +603,108 @@ async fn a_patient_with_two_referrals_is_archived_once_both_are_closed() {
     assert!(r.body.to_string().contains("archived"), "{}", r.body);
     gw.stop().await;
 }
+
+/// Every AuditEvent id, through the search's pages.
+async fn all_audit_ids(gw: &TestGateway) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut url = "/fhir/AuditEvent?_count=200".to_string();
+    loop {
+        let r = gw.get(AUDITOR, &url).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        ids.extend(
+            r.entries()
+                .iter()
+                .filter_map(|e| e["id"].as_str().map(str::to_string)),
+        );
+        match r.next_link() {
+            Some(next) => {
+                url = next
+                    .split_once("/fhir")
+                    .map(|(_, p)| format!("/fhir{p}"))
+                    .expect("a link under /fhir")
+            }
+            None => return ids,
+        }
+    }
+}
+
+/// The audit chain's old records move in blocks of 256: the chain still verifies whole,
+/// every AuditEvent is still read by id, found by entity and in a search of all of them,
+/// and exported; a damaged block breaks `audit verify`.
+#[tokio::test]
+async fn old_audit_records_move_in_blocks_and_the_chain_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut gw = TestGateway::start_with(&data, unthrottled_config()).await;
+    let (_, sid, tid) = gw.refer(GP, &fixture("referral-ada.json")).await;
+    // Each read is an AuditEvent: 600 of them, beside the referral's own.
+    for _ in 0..600 {
+        assert_eq!(gw.get(GP, &format!("/fhir/Task/{tid}")).await.status, 200);
+    }
+    let ids_before = all_audit_ids(&gw).await;
+    let first_before = gw.get(AUDITOR, "/fhir/AuditEvent/1").await.body;
+    let trail_before = trail(&gw, &sid).await;
+    gw.stop().await;
+    let export = |to: &Path| {
+        let o = cli([
+            std::ffi::OsStr::new("export"),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--out".as_ref(),
+            to.as_os_str(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        std::fs::read_to_string(to.join("AuditEvent.ndjson")).unwrap()
+    };
+    let exported_before = export(&dir.path().join("before"));
+    let run = archive_run(&data);
+    // The referral is open; of the chain, two whole blocks (the head stays).
+    assert!(
+        text(&run).contains("archived 0 closed referrals")
+            && text(&run).contains("and 512 audit records"),
+        "{}",
+        text(&run)
+    );
+    assert_eq!(exported_before, export(&dir.path().join("after")));
+    let verify = audit_verify(&data);
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert!(
+        text(&verify).contains("audit chain intact"),
+        "{}",
+        text(&verify)
+    );
+    assert!(
+        text(&verify).contains("2 blocks of audit records"),
+        "{}",
+        text(&verify)
+    );
+    gw.restart().await;
+    assert_eq!(
+        gw.get(AUDITOR, "/fhir/AuditEvent/1").await.body,
+        first_before
+    );
+    let ids_after = all_audit_ids(&gw).await;
+    assert_eq!(ids_after[..ids_before.len()], ids_before[..]);
+    let trail_after = trail(&gw, &sid).await;
+    assert_eq!(trail_after.0, trail_before.0);
+    assert!(trail_before.1.iter().all(|e| trail_after.1.contains(e)));
+    gw.stop().await;
+    // A damaged block is named by `audit verify`.
+    let seg = std::fs::read_dir(data.join("archive"))
+        .expect("archive dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "seg"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&seg).expect("segment");
+    let at = bytes.len() / 3;
+    bytes[at] ^= 0x42;
+    std::fs::write(&seg, &bytes).expect("damage");
+    let verify = audit_verify(&data);
+    assert_eq!(verify.status.code(), Some(1), "{}", text(&verify));
+    assert!(
+        text(&verify).contains("audit chain BROKEN at record 1: an archived block"),
+        "{}",
+        text(&verify)
+    );
+}

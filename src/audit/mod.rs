@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+pub mod archive;
 mod provenance;
 mod stored;
 
@@ -478,7 +479,7 @@ pub fn verify(store: &Store, checkpoint: Option<(u64, &str)>) -> crate::error::R
     let mut prev = String::new();
     let mut broken: Option<(u64, String)> = None;
     let mut count = 0u64;
-    store.for_each(RECORDS.as_bytes(), |k, v| {
+    let walked = archive::for_each_record(store, |k, v| {
         if broken.is_some() {
             return Ok(());
         }
@@ -520,7 +521,15 @@ pub fn verify(store: &Store, checkpoint: Option<(u64, &str)>) -> crate::error::R
         expected_seq += 1;
         count += 1;
         Ok(())
-    })?;
+    });
+    // A damaged archived block breaks the chain where the walk stopped.
+    if let Err(Error::Store(crate::store::StoreError::Archive(m))) = &walked {
+        return Ok(Verdict::Broken {
+            seq: expected_seq,
+            problem: format!("an archived block of records cannot be read: {m}"),
+        });
+    }
+    walked?;
     if let Some((seq, problem)) = broken {
         return Ok(Verdict::Broken { seq, problem });
     }
@@ -538,9 +547,8 @@ pub fn verify(store: &Store, checkpoint: Option<(u64, &str)>) -> crate::error::R
         if seq > count {
             return Ok(Verdict::Broken { seq: count + 1, problem: format!("checkpoint {seq} is beyond the end of the chain ({count}): the tail was truncated") });
         }
-        let rec: Option<Record> = store
-            .get(record_key(seq).as_bytes())?
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let rec: Option<Record> =
+            archive::record(store, seq)?.and_then(|b| serde_json::from_slice(&b).ok());
         if rec.map(|r| r.hash) != Some(hash.to_string()) {
             return Ok(Verdict::Broken {
                 seq,
@@ -596,15 +604,14 @@ pub fn search(store: &Store, q: &Query) -> crate::error::Result<Page> {
                 .into_iter()
                 .map(|e| e.0)
                 .collect(),
+            // Every record: the chain is numbered without gaps up to its head (old records
+            // may be in archived blocks).
             None => {
-                let after = record_key(cursor);
-                store
-                    .scan(RECORDS.as_bytes(), Some(after.as_bytes()), 256)?
-                    .iter()
-                    .filter_map(|(k, _)| {
-                        std::str::from_utf8(&k[RECORDS.len()..]).ok()?.parse().ok()
-                    })
-                    .collect()
+                let head: Head = store
+                    .get(HEAD)?
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default();
+                (cursor.saturating_add(1)..=head.seq.min(cursor.saturating_add(256))).collect()
             }
         };
         let Some(&last) = batch.last() else {
@@ -612,7 +619,7 @@ pub fn search(store: &Store, q: &Query) -> crate::error::Result<Page> {
         };
         cursor = last;
         for seq in batch {
-            let Some(rec) = store.get(record_key(seq).as_bytes())? else {
+            let Some(rec) = archive::record(store, seq)? else {
                 continue;
             };
             let Ok(rec) = serde_json::from_slice::<Record>(&rec) else {
@@ -664,8 +671,7 @@ pub fn read(store: &Store, id: &str) -> crate::error::Result<Option<Value>> {
     let Ok(seq) = id.parse::<u64>() else {
         return Ok(None);
     };
-    Ok(store
-        .get(record_key(seq).as_bytes())?
+    Ok(archive::record(store, seq)?
         .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
         .map(|r| r.fhir()))
 }

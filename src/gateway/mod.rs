@@ -628,15 +628,14 @@ impl Gateway {
     pub fn export(&self, rtype: &str, out: &mut impl std::io::Write) -> Result<usize> {
         let mut n = 0;
         if rtype == "AuditEvent" {
-            self.store
-                .for_each(crate::audit::RECORDS.as_bytes(), |_, v| {
-                    let rec: crate::audit::Record = serde_json::from_slice(v)
-                        .map_err(|e| std::io::Error::other(e.to_string()))?;
-                    serde_json::to_writer(&mut *out, &rec.fhir())?;
-                    out.write_all(b"\n")?;
-                    n += 1;
-                    Ok(())
-                })?;
+            crate::audit::archive::for_each_record(&self.store, |_, v| {
+                let rec: crate::audit::Record =
+                    serde_json::from_slice(v).map_err(|e| std::io::Error::other(e.to_string()))?;
+                serde_json::to_writer(&mut *out, &rec.fhir())?;
+                out.write_all(b"\n")?;
+                n += 1;
+                Ok(())
+            })?;
             return Ok(n);
         }
         if rtype == "Provenance" {
