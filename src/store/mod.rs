@@ -332,7 +332,24 @@ fn open_engine(dir: &Path, opts: &Options, new: Format) -> Result<(Engine, u64),
         .path(dir)
         .cache_capacity(opts.cache_bytes)
         .segment_size(SEGMENT_BYTES);
-    let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+    // A store this process has just dropped may still be closing: sled's own background
+    // threads let go of its lock a moment after the last handle is dropped. Wait for that
+    // (up to 2 s) rather than fail; another process holding the store still fails.
+    let open = || {
+        let mut tries = 0;
+        loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && tries < 100 =>
+                {
+                    tries += 1;
+                    thread::sleep(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    };
+    let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(open))
         .map_err(|_| {
             "is damaged: sled could not read its log (it failed while recovering); restore \
              the data directory from a backup (README, Operations: Restore)"
