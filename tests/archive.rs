@@ -21,6 +21,32 @@ fn archive_run(data: &Path) -> std::process::Output {
     ])
 }
 
+/// Flips bits of the first archive segment's byte at `1/part` of its length.
+fn damage_archive(data: &Path, part: usize, flip: u8) {
+    let seg = std::fs::read_dir(data.join("archive"))
+        .expect("archive dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "seg"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&seg).expect("segment");
+    let at = bytes.len() / part;
+    bytes[at] ^= flip;
+    std::fs::write(&seg, &bytes).expect("damage");
+}
+
+/// `sp-gateway export` of a stopped store into `to`.
+fn export(data: &Path, to: &Path) {
+    let o = cli([
+        std::ffi::OsStr::new("export"),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--out".as_ref(),
+        to.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
 fn text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -151,18 +177,8 @@ async fn an_archived_referral_is_still_read_traced_exported_and_verified() {
     gw.stop().await;
 
     // Export before, to compare.
-    let export = |to: &Path| {
-        let o = cli([
-            std::ffi::OsStr::new("export"),
-            "--data-dir".as_ref(),
-            data.as_os_str(),
-            "--out".as_ref(),
-            to.as_os_str(),
-        ]);
-        assert!(o.status.success(), "{}", text(&o));
-    };
     let ex_before = dir.path().join("export-before");
-    export(&ex_before);
+    export(&data, &ex_before);
 
     let run = archive_run(&data);
     assert!(run.status.success(), "{}", text(&run));
@@ -197,7 +213,7 @@ async fn an_archived_referral_is_still_read_traced_exported_and_verified() {
     );
 
     let ex_after = dir.path().join("export-after");
-    export(&ex_after);
+    export(&data, &ex_after);
     for t in [
         "Patient",
         "ServiceRequest",
@@ -285,16 +301,7 @@ async fn an_archived_referral_is_still_read_traced_exported_and_verified() {
 
     // Damage the archive: reads of it fail plainly, never with other data; both checks
     // name it.
-    let seg = std::fs::read_dir(data.join("archive"))
-        .expect("archive dir")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "seg"))
-        .expect("a segment");
-    let mut bytes = std::fs::read(&seg).expect("segment");
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x5a;
-    std::fs::write(&seg, &bytes).expect("damage");
+    damage_archive(&data, 2, 0x5a);
     let verify = audit_verify(&data);
     assert_eq!(verify.status.code(), Some(1), "{}", text(&verify));
     assert!(
@@ -574,14 +581,7 @@ async fn a_patient_with_two_referrals_is_archived_once_both_are_closed() {
         2
     );
     let out = dir.path().join("export");
-    let ex = cli([
-        std::ffi::OsStr::new("export"),
-        "--data-dir".as_ref(),
-        data.as_os_str(),
-        "--out".as_ref(),
-        out.as_os_str(),
-    ]);
-    assert!(ex.status.success(), "{}", text(&ex));
+    export(&data, &out);
     let count = |t: &str| {
         std::fs::read_to_string(out.join(format!("{t}.ndjson")))
             .unwrap_or_default()
@@ -645,18 +645,11 @@ async fn old_audit_records_move_in_blocks_and_the_chain_still_verifies() {
     let first_before = gw.get(AUDITOR, "/fhir/AuditEvent/1").await.body;
     let trail_before = trail(&gw, &sid).await;
     gw.stop().await;
-    let export = |to: &Path| {
-        let o = cli([
-            std::ffi::OsStr::new("export"),
-            "--data-dir".as_ref(),
-            data.as_os_str(),
-            "--out".as_ref(),
-            to.as_os_str(),
-        ]);
-        assert!(o.status.success(), "{}", text(&o));
+    let audit_events = |to: &Path| {
+        export(&data, to);
         std::fs::read_to_string(to.join("AuditEvent.ndjson")).unwrap()
     };
-    let exported_before = export(&dir.path().join("before"));
+    let exported_before = audit_events(&dir.path().join("before"));
     let run = archive_run(&data);
     // The referral is open; of the chain, two whole blocks (the head stays).
     assert!(
@@ -665,7 +658,7 @@ async fn old_audit_records_move_in_blocks_and_the_chain_still_verifies() {
         "{}",
         text(&run)
     );
-    assert_eq!(exported_before, export(&dir.path().join("after")));
+    assert_eq!(exported_before, audit_events(&dir.path().join("after")));
     let verify = audit_verify(&data);
     assert!(verify.status.success(), "{}", text(&verify));
     assert!(
@@ -690,16 +683,7 @@ async fn old_audit_records_move_in_blocks_and_the_chain_still_verifies() {
     assert!(trail_before.1.iter().all(|e| trail_after.1.contains(e)));
     gw.stop().await;
     // A damaged block is named by `audit verify`.
-    let seg = std::fs::read_dir(data.join("archive"))
-        .expect("archive dir")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "seg"))
-        .expect("a segment");
-    let mut bytes = std::fs::read(&seg).expect("segment");
-    let at = bytes.len() / 3;
-    bytes[at] ^= 0x42;
-    std::fs::write(&seg, &bytes).expect("damage");
+    damage_archive(&data, 3, 0x42);
     let verify = audit_verify(&data);
     assert_eq!(verify.status.code(), Some(1), "{}", text(&verify));
     assert!(

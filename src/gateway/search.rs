@@ -252,17 +252,7 @@ const MAX_BY_PATIENT: usize = 10_000;
 impl Gateway {
     /// The ids of the entries under an index prefix (`…/{µs}/{id}`), each once.
     fn ids_under(&self, prefix: &str) -> Result<Vec<String>> {
-        let mut ids: Vec<String> = self
-            .store
-            .scan(prefix.as_bytes(), None, MAX_BY_PATIENT)?
-            .into_iter()
-            .filter_map(|(k, _)| {
-                String::from_utf8_lossy(&k)
-                    .rsplit('/')
-                    .next()
-                    .map(str::to_string)
-            })
-            .collect();
+        let mut ids = last_fields(self.store.scan(prefix.as_bytes(), None, MAX_BY_PATIENT)?);
         ids.sort();
         ids.dedup();
         Ok(ids)
@@ -377,17 +367,9 @@ impl Gateway {
                     if self.is_archived("ServiceRequest", sr)? {
                         // A closed referral's Observations, from its archived group.
                         let prefix = keys::obs_by_sr(sr);
-                        Some(Source::Ids(
-                            self.scan(prefix.as_bytes(), MAX_BY_PATIENT)?
-                                .into_iter()
-                                .filter_map(|(k, _)| {
-                                    String::from_utf8_lossy(&k)
-                                        .rsplit('/')
-                                        .next()
-                                        .map(str::to_string)
-                                })
-                                .collect(),
-                        ))
+                        Some(Source::Ids(last_fields(
+                            self.scan(prefix.as_bytes(), MAX_BY_PATIENT)?,
+                        )))
                     } else {
                         Some(Source::Index(vec![keys::obs_by_sr(sr)]))
                     }
@@ -711,6 +693,18 @@ pub fn searchset(base: &str, q: &Query, result: SearchResult) -> Value {
         b["entry"] = json!(entries);
     }
     b
+}
+
+/// The last field of each key (an id, after its time): `p/Task/{patient}/{µs}/{id}` → id.
+fn last_fields(rows: Vec<crate::store::Entry>) -> Vec<String> {
+    rows.into_iter()
+        .filter_map(|(k, _)| {
+            String::from_utf8_lossy(&k)
+                .rsplit('/')
+                .next()
+                .map(str::to_string)
+        })
+        .collect()
 }
 
 #[cfg(test)]
