@@ -11,11 +11,9 @@
 //!
 //! Must not: move a record of an incomplete block, or the head's.
 
-use std::sync::{Arc, Mutex};
-
 use crate::error::{Error, Result};
 use crate::store::archive::Location;
-use crate::store::{Abort, Entry, Store, StoreError};
+use crate::store::{Abort, Entry, Store};
 
 use super::{record_key, RECORDS};
 
@@ -25,33 +23,6 @@ const POINTERS: &str = "z/a/";
 
 fn pointer(last: u64) -> String {
     format!("{POINTERS}{last:020}")
-}
-
-/// The block read last (a search or a trail reads many records of one block).
-static RECENT: Mutex<Option<(Location, Arc<Vec<Entry>>)>> = Mutex::new(None);
-
-fn block_at(store: &Store, loc: &Location) -> Result<Arc<Vec<Entry>>> {
-    if let Ok(r) = RECENT.lock() {
-        if let Some((l, g)) = r.as_ref() {
-            if l == loc {
-                return Ok(g.clone());
-            }
-        }
-    }
-    let g = Arc::new(store.archived(loc)?);
-    if let Ok(mut r) = RECENT.lock() {
-        *r = Some((*loc, g.clone()));
-    }
-    Ok(g)
-}
-
-fn location(k: &[u8], v: &[u8]) -> Result<Location> {
-    Location::from_bytes(v).ok_or_else(|| {
-        Error::Store(StoreError::Archive(format!(
-            "the pointer {} is malformed",
-            String::from_utf8_lossy(k)
-        )))
-    })
 }
 
 /// The stored record `seq`, from sled or from its archived block.
@@ -72,7 +43,7 @@ pub fn record(store: &Store, seq: u64) -> Result<Option<Vec<u8>>> {
     else {
         return Ok(None);
     };
-    let block = block_at(store, &location(&k, &v)?)?;
+    let block = store.archived(&Location::parse(&k, &v)?)?;
     Ok(block
         .iter()
         .find(|(bk, _)| bk.as_slice() == key.as_bytes())
@@ -92,7 +63,7 @@ pub fn for_each_record(
         };
         after = Some(last.clone());
         for (k, v) in &page {
-            let block = store.archived(&location(k, v)?)?;
+            let block = store.archived_from_disk(&Location::parse(k, v)?)?;
             for (rk, rv) in block.iter() {
                 f(rk, rv).map_err(|e| Error::Internal(e.to_string()))?;
             }

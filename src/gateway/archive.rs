@@ -25,7 +25,7 @@
 //! archive as it is.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -39,12 +39,6 @@ use crate::store::{Abort, Entry};
 pub fn pointer(rtype: &str, id: &str) -> String {
     format!("z/{rtype}/{id}")
 }
-
-/// Groups read lately (a read of one archived referral reads its group several times).
-#[derive(Default)]
-pub(super) struct Recent(Mutex<Vec<(Location, Arc<Vec<Entry>>)>>);
-
-const RECENT: usize = 8;
 
 /// The resource a key belongs to, for the key families an archived group holds.
 fn owner_of(key: &[u8]) -> Option<(&str, &str)> {
@@ -164,32 +158,12 @@ impl Gateway {
         let Some((rtype, id)) = owner_of(key) else {
             return Ok(None);
         };
-        let Some(loc) = self.store.get(pointer(rtype, id).as_bytes())? else {
+        let key = pointer(rtype, id);
+        let Some(loc) = self.store.get(key.as_bytes())? else {
             return Ok(None);
         };
-        let loc = Location::from_bytes(&loc).ok_or_else(|| {
-            Error::Store(crate::store::StoreError::Archive(format!(
-                "the pointer of {rtype}/{id} is malformed"
-            )))
-        })?;
-        self.group_at(&loc).map(Some)
-    }
-
-    /// The group at `loc` (checked against its hash when read from disk).
-    pub(crate) fn group_at(&self, loc: &Location) -> Result<Arc<Vec<Entry>>> {
-        if let Ok(recent) = self.recent.0.lock() {
-            if let Some((_, g)) = recent.iter().find(|(l, _)| l == loc) {
-                return Ok(g.clone());
-            }
-        }
-        let group = Arc::new(self.store.archived(loc)?);
-        if let Ok(mut recent) = self.recent.0.lock() {
-            if recent.len() >= RECENT {
-                recent.remove(0);
-            }
-            recent.push((*loc, group.clone()));
-        }
-        Ok(group)
+        let loc = Location::parse(key.as_bytes(), &loc)?;
+        Ok(Some(self.store.archived(&loc)?))
     }
 
     /// Checks the archive: every pointer names a frame that is there and matches its hash.
@@ -219,7 +193,7 @@ impl Gateway {
                 if !checked.insert(loc) {
                     continue;
                 }
-                match self.store.archived(&loc) {
+                match self.store.archived_from_disk(&loc) {
                     Ok(_) if k.starts_with(b"z/a/") => {}
                     Ok(_) => v.groups += 1,
                     Err(e) => v
@@ -256,17 +230,12 @@ impl Gateway {
             };
             after = Some(last.clone());
             for (k, v) in &page {
-                let loc = Location::from_bytes(v).ok_or_else(|| {
-                    Error::Store(crate::store::StoreError::Archive(format!(
-                        "the pointer {} is malformed",
-                        String::from_utf8_lossy(k)
-                    )))
-                })?;
+                let loc = Location::parse(k, v)?;
                 // A group of several referrals (one Patient) is visited once.
                 if !visited.insert(loc) {
                     continue;
                 }
-                let group = self.store.archived(&loc)?;
+                let group = self.store.archived_from_disk(&loc)?;
                 f(&loc, &group)?;
                 n += 1;
             }

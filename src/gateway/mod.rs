@@ -232,8 +232,6 @@ pub struct LetterSources {
 pub struct Gateway {
     cfg: Arc<Config>,
     store: Store,
-    /// Archived groups read lately.
-    recent: archive::Recent,
 }
 
 pub type TxResult<T> = std::result::Result<T, Abort<Error>>;
@@ -392,11 +390,7 @@ pub(crate) fn org_of<'a>(resource: &'a Value, element: &str) -> Option<&'a str> 
 
 impl Gateway {
     pub fn new(cfg: Arc<Config>, store: Store) -> Gateway {
-        Gateway {
-            cfg,
-            store,
-            recent: archive::Recent::default(),
-        }
+        Gateway { cfg, store }
     }
 
     pub fn config(&self) -> &Config {

@@ -19,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -53,6 +53,16 @@ impl Location {
         out
     }
 
+    /// The location a pointer `key` holds, or an error naming the key.
+    pub fn parse(key: &[u8], value: &[u8]) -> Result<Location, StoreError> {
+        Location::from_bytes(value).ok_or_else(|| {
+            damaged(format!(
+                "the pointer {} is malformed",
+                String::from_utf8_lossy(key)
+            ))
+        })
+    }
+
     pub fn from_bytes(b: &[u8]) -> Option<Location> {
         if b.len() != Self::BYTES {
             return None;
@@ -77,7 +87,13 @@ struct Active {
 pub(super) struct Archive {
     dir: PathBuf,
     active: Mutex<Option<Active>>,
+    /// Groups read lately, each checked when read (reading one archived referral, or a
+    /// page of audit records, reads its group many times).
+    recent: Mutex<Vec<(Location, Arc<Vec<Entry>>)>>,
 }
+
+/// Groups [`Archive::recent`] keeps.
+const RECENT: usize = 8;
 
 fn damaged(what: String) -> StoreError {
     StoreError::Archive(what)
@@ -156,6 +172,7 @@ impl Archive {
         Archive {
             dir: store_dir.join("archive"),
             active: Mutex::new(None),
+            recent: Mutex::new(Vec::new()),
         }
     }
 
@@ -240,8 +257,24 @@ impl Archive {
         Ok(out)
     }
 
-    /// The group at `loc`, checked against its hash.
-    fn read(&self, loc: &Location) -> Result<Vec<Entry>, StoreError> {
+    /// The group at `loc`: one read lately, or read now and checked against its hash.
+    fn read(&self, loc: &Location) -> Result<Arc<Vec<Entry>>, StoreError> {
+        if let Ok(recent) = self.recent.lock() {
+            if let Some((_, g)) = recent.iter().find(|(l, _)| l == loc) {
+                return Ok(g.clone());
+            }
+        }
+        let group = Arc::new(self.read_checked(loc)?);
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() >= RECENT {
+                recent.remove(0);
+            }
+            recent.push((*loc, group.clone()));
+        }
+        Ok(group)
+    }
+
+    fn read_checked(&self, loc: &Location) -> Result<Vec<Entry>, StoreError> {
         let path = segment_path(&self.dir, loc.segment);
         let at = || {
             format!(
@@ -362,10 +395,16 @@ impl Store {
         self.archive.append(groups)
     }
 
-    /// The group at `loc`, checked against its hash: a damaged archive is
-    /// [`StoreError::Archive`].
-    pub fn archived(&self, loc: &Location) -> Result<Vec<Entry>, StoreError> {
+    /// The group at `loc`, checked against its hash when read from its file (the last few
+    /// are kept): a damaged archive is [`StoreError::Archive`].
+    pub fn archived(&self, loc: &Location) -> Result<Arc<Vec<Entry>>, StoreError> {
         self.archive.read(loc)
+    }
+
+    /// The group at `loc`, read from its file and checked now (never one kept from
+    /// before): for checks of the archive, and walks of all of it.
+    pub fn archived_from_disk(&self, loc: &Location) -> Result<Vec<Entry>, StoreError> {
+        self.archive.read_checked(loc)
     }
 
     /// Every frame of the archive, each checked against its own hash.
@@ -393,7 +432,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("store");
         let locs = store.archive(&[group(1), group(2)]).expect("archive");
-        assert_eq!(store.archived(&locs[1]).expect("read"), group(2));
+        assert_eq!(*store.archived(&locs[1]).expect("read"), group(2));
         assert_eq!(
             Location::from_bytes(&locs[0].to_bytes()),
             Some(locs[0]),
@@ -407,11 +446,14 @@ mod tests {
         let at = locs[1].offset as usize + HEADER + 3;
         data[at] ^= 0x55;
         std::fs::write(&path, &data).expect("damage");
+        // A new process (groups read before are kept by the one that read them).
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
         assert!(matches!(
             store.archived(&locs[1]),
             Err(StoreError::Archive(_))
         ));
-        assert_eq!(store.archived(&locs[0]).expect("intact"), group(1));
+        assert_eq!(*store.archived(&locs[0]).expect("intact"), group(1));
         let walk = store.archive_walk().expect("walk");
         assert_eq!(walk.frames, 1);
         assert!(walk.problems[0].contains("hash"), "{:?}", walk.problems);
@@ -422,7 +464,7 @@ mod tests {
         let store = Store::open(dir.path()).expect("reopen");
         let next = store.archive(&[group(3)]).expect("archive again");
         assert_eq!(next[0].segment, locs[0].segment + 1);
-        assert_eq!(store.archived(&next[0]).expect("read"), group(3));
+        assert_eq!(*store.archived(&next[0]).expect("read"), group(3));
         let walk = store.archive_walk().expect("walk");
         assert!(
             walk.problems.iter().any(|p| p.contains("torn")),
