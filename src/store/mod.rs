@@ -319,6 +319,11 @@ fn read_seq(db: &sled::Db) -> Result<u64, String> {
     }
 }
 
+/// Whether sled refused to open because another handle holds the store's lock.
+fn is_lock_held(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
+}
+
 /// Opens the sled database in `dir`; a new one is created in format `new`.
 fn open_engine(dir: &Path, opts: &Options, new: Format) -> Result<(Engine, u64), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create: {e}"))?;
@@ -339,9 +344,9 @@ fn open_engine(dir: &Path, opts: &Options, new: Format) -> Result<(Engine, u64),
         let mut tries = 0;
         loop {
             match config.open() {
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && tries < 100 =>
-                {
+                // sled reports a held lock as ErrorKind::Other with this message
+                // (config.rs), not as WouldBlock.
+                Err(sled::Error::Io(e)) if is_lock_held(&e) && tries < 100 => {
                     tries += 1;
                     thread::sleep(Duration::from_millis(20));
                 }
@@ -1219,6 +1224,30 @@ mod tests {
         drop(store);
         let store = Store::open(dir.path()).expect("reopen");
         assert_eq!(store.get(b"r/Task/t1").expect("get").as_deref(), Some(TASK));
+    }
+
+    /// A store whose lock is let go of shortly (as sled's threads do after the last handle
+    /// of a store is dropped) opens once it is free; one held throughout is refused.
+    #[test]
+    fn opening_waits_for_a_lock_let_go_of_shortly_and_refuses_one_held() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        drop(Store::open(dir.path()).expect("create"));
+        let held = sled::Config::new()
+            .path(dir.path())
+            .segment_size(SEGMENT_BYTES)
+            .open()
+            .expect("sled");
+        let started = std::time::Instant::now();
+        let refused = Store::open(dir.path()).err().expect("refused while held");
+        assert!(refused.to_string().contains("lock"), "{refused}");
+        assert!(started.elapsed() >= Duration::from_millis(1500));
+        let letting_go = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        let store = Store::open(dir.path()).expect("opens once let go");
+        letting_go.join().expect("thread");
+        drop(store);
     }
 
     /// A store made before values were compressed (format 1) is read and written as it
