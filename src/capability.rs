@@ -247,6 +247,12 @@ pub fn permitted(role: crate::config::Role, rtype: &str, i: Interaction) -> bool
     match role {
         Role::Admin => false,
         Role::Auditor => reads,
+        Role::Referrer => {
+            reads
+                || i == Transaction
+                || (i == Create && rtype == "ServiceRequest")
+                || (matches!(i, Update | Patch) && rtype == "Task")
+        }
         Role::GpSystem => {
             reads
                 || matches!(i, Transaction | Referral)

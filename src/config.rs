@@ -40,6 +40,9 @@ pub enum Role {
     Provider,
     Auditor,
     Admin,
+    /// A referring system that is not a GP practice: a council's social-care system, a
+    /// hospital discharge team, a housing association, the link-worker hub.
+    Referrer,
 }
 
 impl Role {
@@ -49,6 +52,7 @@ impl Role {
             Role::Provider => "provider",
             Role::Auditor => "auditor",
             Role::Admin => "admin",
+            Role::Referrer => "referrer",
         }
     }
 }
@@ -537,6 +541,11 @@ pub struct Client {
     /// For `provider`: the provider id it acts for.
     #[serde(default)]
     pub provider: Option<String>,
+    /// For `referrer`: the source of referral (a code of the gateway's source-of-referral
+    /// CodeSystem, `fhir::SOURCES_OF_REFERRAL`) recorded on its referrals that do not name
+    /// one themselves.
+    #[serde(default)]
+    pub source_of_referral: Option<String>,
 }
 
 /// A checked configuration.
@@ -1168,7 +1177,54 @@ impl Config {
                         ))
                     }
                 },
+                Role::Referrer => {
+                    if !is_fhir_id(&c.id) {
+                        return Err(bad(
+                            format!("clients[{i}].id"),
+                            "a referrer's id names its referrals' scope: letters, digits, `-` and `.` only, at most 64".into(),
+                        ));
+                    }
+                    match c.source_of_referral.as_deref() {
+                        Some(code) if crate::fhir::source_of_referral(code).is_some() => {}
+                        Some(code) => {
+                            return Err(bad(
+                                format!("clients[{i}].source_of_referral"),
+                                format!(
+                                    "`{code}` is not a source-of-referral code; one of: {}",
+                                    crate::fhir::SOURCES_OF_REFERRAL
+                                        .iter()
+                                        .map(|s| s.code)
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                ),
+                            ))
+                        }
+                        None => {
+                            return Err(bad(
+                                format!("clients[{i}].source_of_referral"),
+                                "a referrer client must name the source of referral its referrals are recorded with".into(),
+                            ))
+                        }
+                    }
+                }
                 Role::Auditor | Role::Admin => {}
+            }
+            let misplaced = [
+                (
+                    "practices",
+                    !c.practices.is_empty() && c.role != Role::GpSystem,
+                ),
+                ("provider", c.provider.is_some() && c.role != Role::Provider),
+                (
+                    "source_of_referral",
+                    c.source_of_referral.is_some() && c.role != Role::Referrer,
+                ),
+            ];
+            if let Some((field, _)) = misplaced.iter().find(|(_, m)| *m) {
+                return Err(bad(
+                    format!("clients[{i}].{field}"),
+                    format!("does not apply to a {} client", c.role.as_str()),
+                ));
             }
         }
         let published = published_demo_hashes();
@@ -1305,6 +1361,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("y.toml: "), "{err}");
+    }
+
+    #[test]
+    fn a_referrer_needs_a_known_source_of_referral_and_nothing_of_other_roles() {
+        let with = |from: &str, to: &str| {
+            let text = EMBEDDED_DEFAULT.replacen(from, to, 1);
+            Config::parse(&text, "x.toml").unwrap_err().to_string()
+        };
+        let source = "source_of_referral = \"C1\"";
+        let err = with(source, "");
+        assert!(
+            err.contains("source_of_referral") && err.contains("must name"),
+            "{err}"
+        );
+        let err = with(source, "source_of_referral = \"Z9\"");
+        assert!(
+            err.contains("`Z9` is not a source-of-referral code"),
+            "{err}"
+        );
+        let err = with(
+            source,
+            "source_of_referral = \"C1\"\npractices = [\"P81001\"]",
+        );
+        assert!(
+            err.contains(".practices`") && err.contains("referrer"),
+            "{err}"
+        );
+        let err = with("id = \"lancs-social-care\"", "id = \"lancs social care\"");
+        assert!(err.contains(".id`"), "{err}");
     }
 
     #[test]

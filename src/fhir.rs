@@ -82,6 +82,201 @@ pub fn routing_extension_url() -> String {
     format!("{CANONICAL}/StructureDefinition/routing-decision")
 }
 
+/// UK Core's extension on ServiceRequest for where a referral came from (its source of
+/// referral), carrying a code of [`source_of_referral_system`].
+pub const EXT_SOURCE_OF_REFERRAL: &str =
+    "https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-SourceOfServiceRequest";
+
+/// The CodeSystem of NHS Data Dictionary "source of referral" codes that the gateway records
+/// (`profiles/CodeSystem-source-of-referral.json`). The Data Dictionary publishes no FHIR
+/// CodeSystem for them, so the gateway names its own.
+pub fn source_of_referral_system() -> String {
+    format!("{CANONICAL}/CodeSystem/source-of-referral")
+}
+
+/// One NHS Data Dictionary "source of referral" code the gateway records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceOfReferral {
+    pub code: &'static str,
+    pub display: &'static str,
+}
+
+const fn sor(code: &'static str, display: &'static str) -> SourceOfReferral {
+    SourceOfReferral { code, display }
+}
+
+/// The source-of-referral codes a referral may carry: the NHS Data Dictionary's SOURCE OF
+/// REFERRAL FOR MENTAL HEALTH SERVICES codes (the list MHSDS and NHS Talking Therapies
+/// use) that fit who refers to social prescribing. `profiles/README.md` says where they
+/// were taken from.
+pub const SOURCES_OF_REFERRAL: [SourceOfReferral; 17] = [
+    sor(
+        "A1",
+        "Primary Health Care: General Medical Practitioner Practice",
+    ),
+    sor("A2", "Primary Health Care: Health Visitor"),
+    sor("A3", "Other Primary Health Care"),
+    sor("B1", "Self Referral: Self"),
+    sor("B2", "Self Referral: Carer/Relative"),
+    sor(
+        "C1",
+        "Local Authority and Other Public Services: Social Services",
+    ),
+    sor(
+        "C2",
+        "Local Authority and Other Public Services: Education Service / Educational Establishment",
+    ),
+    sor(
+        "C3",
+        "Local Authority and Other Public Services: Housing Service",
+    ),
+    sor("D1", "Employer"),
+    sor("E1", "Justice System: Police"),
+    sor("E3", "Justice System: Probation Service"),
+    sor("G4", "Voluntary Sector"),
+    sor("H1", "Acute Secondary Care: Emergency Care Department"),
+    sor("H2", "Other secondary care specialty"),
+    sor("M5", "Other: Jobcentre Plus"),
+    sor("M6", "Other SERVICE or agency"),
+    sor("P1", "Internal Referral"),
+];
+
+/// Referrals from a GP practice.
+pub const SOURCE_GP: &str = "A1";
+/// A person referring themselves.
+pub const SOURCE_SELF: &str = "B1";
+/// A carer or relative referring someone.
+pub const SOURCE_CARER: &str = "B2";
+
+pub fn source_of_referral(code: &str) -> Option<SourceOfReferral> {
+    SOURCES_OF_REFERRAL.iter().copied().find(|s| s.code == code)
+}
+
+/// The extension recording a referral's source of referral.
+pub fn source_of_referral_ext(s: SourceOfReferral) -> Value {
+    json!({
+        "url": EXT_SOURCE_OF_REFERRAL,
+        "valueCodeableConcept": { "coding": [{
+            "system": source_of_referral_system(),
+            "code": s.code,
+            "display": s.display
+        }] }
+    })
+}
+
+/// The source-of-referral code a ServiceRequest carries, if any (of the gateway's system).
+pub fn source_of_referral_of(sr: &Value) -> Option<&str> {
+    let system = source_of_referral_system();
+    sr.get("extension")?
+        .as_array()?
+        .iter()
+        .filter(|e| e.get("url").and_then(Value::as_str) == Some(EXT_SOURCE_OF_REFERRAL))
+        .filter_map(|e| e.pointer("/valueCodeableConcept/coding")?.as_array())
+        .flatten()
+        .find(|c| c.get("system").and_then(Value::as_str) == Some(system.as_str()))
+        .and_then(|c| c.get("code")?.as_str())
+}
+
+/// The gateway's extension on a referral's ServiceRequest and Task that did not come from a
+/// GP practice: which referring client sent it (`referrer`), and the GP practice the person
+/// agreed may be told of it (`informedPractice`; absent: no practice sees it). Set by the
+/// gateway only; a referral that arrives with it is refused.
+pub fn referral_scope_extension_url() -> String {
+    format!("{CANONICAL}/StructureDefinition/referral-scope")
+}
+
+/// The gateway's extension on a ServiceRequest from a referrer that is not a GP practice:
+/// `valueBoolean` true when the person agreed that their GP practice may be told of the
+/// referral and its outcome (absent or false: the practice is not told).
+pub fn inform_gp_extension_url() -> String {
+    format!("{CANONICAL}/StructureDefinition/inform-gp")
+}
+
+/// Whether a ServiceRequest says the person agreed their GP practice may be told.
+pub fn consents_to_inform_gp(sr: &Value) -> bool {
+    let url = inform_gp_extension_url();
+    sr.get("extension")
+        .and_then(Value::as_array)
+        .is_some_and(|es| {
+            es.iter().any(|e| {
+                e.get("url").and_then(Value::as_str) == Some(url.as_str())
+                    && e.get("valueBoolean") == Some(&Value::Bool(true))
+            })
+        })
+}
+
+/// Identifier system of the gateway's configured clients (`[[clients]] id`).
+pub fn client_id_system() -> String {
+    format!("{CANONICAL}/Id/client")
+}
+
+pub fn referral_scope_ext(cfg: &Config, referrer: &str, practice: Option<&str>) -> Value {
+    let mut parts = vec![json!({
+        "url": "referrer",
+        "valueIdentifier": { "system": client_id_system(), "value": referrer }
+    })];
+    if let Some(ods) = practice {
+        parts.push(json!({ "url": "informedPractice", "valueReference": practice_ref(cfg, ods) }));
+    }
+    json!({ "url": referral_scope_extension_url(), "extension": parts })
+}
+
+/// The `referral-scope` extension of a ServiceRequest or Task, if it has one.
+pub fn referral_scope_of(resource: &Value) -> Option<&Value> {
+    let url = referral_scope_extension_url();
+    resource
+        .get("extension")?
+        .as_array()?
+        .iter()
+        .find(|e| e.get("url").and_then(Value::as_str) == Some(url.as_str()))
+}
+
+/// Who besides its owner may see a referral's ServiceRequest or Task: its GP practice (the
+/// referring practice, or the one the person agreed may be told) and the referring client
+/// when that was not a GP system.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Parties<'a> {
+    pub practice: Option<&'a str>,
+    pub referrer: Option<&'a str>,
+}
+
+/// The [`Parties`] of a ServiceRequest or Task: from the gateway's `referral-scope`
+/// extension when it has one, else (a GP practice's referral) the requester's practice.
+pub fn parties_of(resource: &Value) -> Parties<'_> {
+    match referral_scope_of(resource) {
+        Some(ext) => {
+            let part = |name: &str| {
+                ext.get("extension")
+                    .and_then(Value::as_array)
+                    .and_then(|ps| {
+                        ps.iter()
+                            .find(|p| p.get("url").and_then(Value::as_str) == Some(name))
+                    })
+            };
+            Parties {
+                practice: part("informedPractice")
+                    .and_then(|p| p.get("valueReference"))
+                    .and_then(|r| ref_id(r, "Organization")),
+                referrer: part("referrer")
+                    .and_then(|p| p.pointer("/valueIdentifier/value"))
+                    .and_then(Value::as_str),
+            }
+        }
+        None => Parties {
+            practice: resource.get("requester").and_then(|r| {
+                let by_ods = (r.pointer("/identifier/system").and_then(Value::as_str)
+                    == Some(ODS_SYSTEM))
+                .then(|| r.pointer("/identifier/value").and_then(Value::as_str))
+                .flatten();
+                by_ods
+                    .or_else(|| ref_id(r, "Organization"))
+                    .filter(|v| crate::config::is_ods_code(v))
+            }),
+            referrer: None,
+        },
+    }
+}
+
 /// Identifier system for GP referral ids: one per practice, since ids are unique only there.
 pub fn referral_id_system(ods: &str) -> String {
     format!("{CANONICAL}/Id/gp-referral/{ods}")
@@ -271,7 +466,10 @@ pub struct TaskSpec<'a> {
     /// The referral's identifier (copied from the ServiceRequest).
     pub identifier: Option<Value>,
     pub priority: Option<&'a str>,
-    pub practice_ods: &'a str,
+    /// The referral's requester (copied from the ServiceRequest).
+    pub requester: Value,
+    /// The ServiceRequest's `referral-scope` extension, when it has one.
+    pub scope: Option<Value>,
     pub patient_id: &'a str,
     pub sr_id: &'a str,
     pub provider: &'a Provider,
@@ -280,7 +478,7 @@ pub struct TaskSpec<'a> {
 }
 
 /// The Task that carries the referral to its provider, recording the routing decision.
-pub fn task(s: &TaskSpec<'_>, cfg: &Config) -> Value {
+pub fn task(s: &TaskSpec<'_>) -> Value {
     let mut t = json!({
         "resourceType": "Task",
         "meta": { "profile": [PROFILE_TASK] },
@@ -298,9 +496,12 @@ pub fn task(s: &TaskSpec<'_>, cfg: &Config) -> Value {
         "for": { "reference": format!("Patient/{}", s.patient_id) },
         "authoredOn": s.now,
         "lastModified": s.now,
-        "requester": practice_ref(cfg, s.practice_ods),
+        "requester": s.requester,
         "owner": provider_ref(s.provider)
     });
+    if let (Some(scope), Some(exts)) = (&s.scope, t["extension"].as_array_mut()) {
+        exts.push(scope.clone());
+    }
     if let Some(id) = &s.identifier {
         let mut id = id.clone();
         if let Some(o) = id.as_object_mut() {
@@ -418,11 +619,11 @@ pub fn service_request_rules(sr: &Value) -> Vec<Issue> {
             "must reference the Patient",
         ));
     }
-    if requester_ods(sr).is_none() {
+    if sr.get("requester").is_none() {
         issues.push(Issue::new(
             "required",
             "ServiceRequest.requester",
-            format!("must identify the GP practice by ODS code (identifier system {ODS_SYSTEM}, or reference Organization/{{ODS code}})"),
+            format!("must say who is referring: a GP practice by ODS code (identifier system {ODS_SYSTEM}, or reference Organization/{{ODS code}}), or for other referrers a Practitioner, PractitionerRole, Organization, the Patient or a RelatedPerson"),
         ));
     }
     let has_id = sr
@@ -473,6 +674,23 @@ pub fn check_patient(p: &Value) -> Result<String> {
                 ))
             }
         }
+    }
+}
+
+/// The NHS number of a Patient that need not have one (from a referrer other than a GP
+/// system): checked like [`check_patient`] when an identifier of its system is given.
+pub fn check_optional_nhs_number(p: &Value) -> Result<Option<String>> {
+    let given = p
+        .get("identifier")
+        .and_then(Value::as_array)
+        .is_some_and(|ids| {
+            ids.iter()
+                .any(|i| i.get("system").and_then(Value::as_str) == Some(NHS_NUMBER_SYSTEM))
+        });
+    if given {
+        check_patient(p).map(Some)
+    } else {
+        Ok(None)
     }
 }
 
@@ -831,6 +1049,39 @@ mod tests {
             .collect();
         assert_eq!(codes, [PATIENT_DECLINED, NO_CAPACITY, NOT_ELIGIBLE]);
         assert_eq!(cs["count"], 3);
+    }
+
+    #[test]
+    fn the_published_sources_of_referral_are_the_ones_the_gateway_accepts() {
+        let cs: Value = serde_json::from_str(include_str!(
+            "../profiles/CodeSystem-source-of-referral.json"
+        ))
+        .unwrap();
+        assert!(schema::check_fhir("CodeSystem", &cs).unwrap().is_empty());
+        assert_eq!(cs["url"], source_of_referral_system());
+        let published: Vec<(&str, &str)> = cs["concept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["code"].as_str().unwrap(), c["display"].as_str().unwrap()))
+            .collect();
+        let ours: Vec<(&str, &str)> = SOURCES_OF_REFERRAL
+            .iter()
+            .map(|s| (s.code, s.display))
+            .collect();
+        assert_eq!(published, ours);
+        assert_eq!(cs["count"], SOURCES_OF_REFERRAL.len());
+        let vs: Value =
+            serde_json::from_str(include_str!("../profiles/ValueSet-source-of-referral.json"))
+                .unwrap();
+        assert!(schema::check_fhir("ValueSet", &vs).unwrap().is_empty());
+        assert_eq!(
+            vs["compose"]["include"][0]["system"],
+            source_of_referral_system()
+        );
+        for code in [SOURCE_GP, SOURCE_SELF, SOURCE_CARER] {
+            assert!(source_of_referral(code).is_some(), "{code}");
+        }
     }
 
     #[test]

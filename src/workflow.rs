@@ -74,11 +74,11 @@ pub fn check(old: &Value, new: &Value, role: Role) -> Result<()> {
         ));
     }
     match role {
-        Role::GpSystem => {
+        Role::GpSystem | Role::Referrer => {
             if to != "cancelled" {
                 return Err(Error::rule(
                     "Task.status",
-                    "a GP system may only cancel a referral (status `cancelled`)",
+                    "a referring system may only cancel a referral (status `cancelled`)",
                 ));
             }
             // The provider's elements stay the provider's.
@@ -86,7 +86,7 @@ pub fn check(old: &Value, new: &Value, role: Role) -> Result<()> {
                 if old.get(element) != new.get(element) {
                     return Err(Error::rule(
                         format!("Task.{element}"),
-                        "a GP system cancelling a referral may change only status, statusReason and note",
+                        "a referring system cancelling a referral may change only status, statusReason and note",
                     ));
                 }
             }

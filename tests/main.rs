@@ -25,5 +25,6 @@ mod outbox;
 mod polling;
 mod process;
 mod referral_loop;
+mod referrers;
 mod structure;
 mod tls;

@@ -307,14 +307,16 @@ impl Gateway {
             .unwrap_or_default();
         let referrer = sr
             .pointer("/note/0/authorString")
+            .or_else(|| sr.pointer("/requester/display"))
             .and_then(Value::as_str)
             .map(str::to_string);
-        let practice = fhir::requester_ods(&sr)
+        let practice = fhir::parties_of(&sr)
+            .practice
             .map(|ods| {
                 self.cfg
-                    .practice(&ods)
+                    .practice(ods)
                     .map(|p| format!("{} ({ods})", p.name))
-                    .unwrap_or(ods)
+                    .unwrap_or_else(|| ods.to_string())
             })
             .unwrap_or_default();
         let mut recorded = Vec::new();

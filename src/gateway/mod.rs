@@ -68,12 +68,14 @@ pub mod keys {
     pub fn open_count(provider: &str) -> String {
         format!("c/open/{provider}")
     }
-    /// A scope (`o/{provider}` or `r/{ODS code}`) may read this Patient or ServiceRequest:
-    /// the provider owns a Task for it, or the practice referred it.
+    /// A scope (`o/{provider}`, `r/{ODS code}` or `f/{client}`) may read this Patient or
+    /// ServiceRequest: the provider owns a Task for it, the practice referred it (or was
+    /// told of it with the person's consent), or the referring client sent it.
     pub fn access(rtype: &str, id: &str, scope: &str) -> String {
         format!("x/acc/{rtype}/{id}/{scope}")
     }
-    /// Time-ordered index of a type: scope is `a` (all), `o/{provider}` or `r/{ODS code}`;
+    /// Time-ordered index of a type: scope is `a` (all), `o/{provider}`, `r/{ODS code}` or
+    /// `f/{referrer client}`;
     /// status is the version's for the types searched by status ([`super::statuses_of`]),
     /// else `~` (stores written before kept a copy of every version under `~` too).
     pub fn time_prefix(rtype: &str, scope: &str, status: &str) -> String {
@@ -117,6 +119,7 @@ pub mod keys {
             "a" => ("a", i + 1),
             "o" => ("o", i + 2),
             "r" => ("r", i + 2),
+            "f" => ("f", i + 2),
             _ => ("?", i + 1),
         };
         match at(0) {
@@ -270,14 +273,18 @@ pub(crate) fn tx_add(tx: &Tx<'_>, key: &str, delta: i64) -> TxResult<()> {
 }
 
 /// The scopes a resource version is indexed under: everyone (`a`), its provider
-/// (`o/{id}`) and its practice (`r/{ods}`).
-pub(crate) fn scopes(provider: Option<&str>, practice: Option<&str>) -> Vec<String> {
+/// (`o/{id}`), its GP practice (`r/{ods}`) and the client that referred it when that was
+/// not a GP system (`f/{client}`).
+pub(crate) fn scopes(provider: Option<&str>, parties: fhir::Parties<'_>) -> Vec<String> {
     let mut out = vec!["a".to_string()];
     if let Some(p) = provider {
         out.push(format!("o/{p}"));
     }
-    if let Some(r) = practice {
+    if let Some(r) = parties.practice {
         out.push(format!("r/{r}"));
+    }
+    if let Some(f) = parties.referrer {
+        out.push(format!("f/{f}"));
     }
     out
 }
@@ -483,8 +490,9 @@ impl Gateway {
         Ok(match (who.role, rtype) {
             (Role::Auditor, _) => true,
             (Role::Admin, _) => false,
-            (Role::GpSystem, "Task") => gp_owns(org_of(resource, "requester")),
-            (Role::GpSystem, "ServiceRequest") => gp_owns(fhir::requester_ods(resource).as_deref()),
+            (Role::GpSystem, "Task" | "ServiceRequest") => {
+                gp_owns(fhir::parties_of(resource).practice)
+            }
             (Role::GpSystem, "Patient") => {
                 let mut any = false;
                 for ods in &who.practices {
@@ -493,6 +501,12 @@ impl Gateway {
                 any
             }
             (Role::Provider, "Task") => org_of(resource, "owner") == who.provider.as_deref(),
+            (Role::Referrer, "Task" | "ServiceRequest") => {
+                fhir::parties_of(resource).referrer == Some(who.client_id.as_str())
+            }
+            (Role::Referrer, "Patient") => {
+                self.has_key(&keys::access(rtype, id, &format!("f/{}", who.client_id)))?
+            }
             (Role::Provider, "Patient" | "ServiceRequest") => match &who.provider {
                 Some(p) => self.has_key(&keys::access(rtype, id, &format!("o/{p}")))?,
                 None => false,
@@ -583,6 +597,7 @@ impl Gateway {
             Role::Auditor => vec!["a".into()],
             Role::Provider => who.provider.iter().map(|p| format!("o/{p}")).collect(),
             Role::GpSystem => who.practices.iter().map(|p| format!("r/{p}")).collect(),
+            Role::Referrer => vec![format!("f/{}", who.client_id)],
         };
         let mut rows = Vec::new();
         for s in &scopes {

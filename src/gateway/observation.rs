@@ -20,16 +20,10 @@ impl Gateway {
         obs: &Value,
         previous: Option<&Value>,
         sr_id: &str,
-        (provider, practice): (Option<&str>, Option<&str>),
+        (provider, parties): (Option<&str>, fhir::Parties<'_>),
         now: &Now,
     ) -> TxResult<()> {
-        tx_put_resource(
-            tx,
-            "Observation",
-            obs,
-            previous,
-            &scopes(provider, practice),
-        )?;
+        tx_put_resource(tx, "Observation", obs, previous, &scopes(provider, parties))?;
         let id = obs.get("id").and_then(Value::as_str).unwrap_or_default();
         let key = |o: &Value| {
             let ts = super::micros_of(fhir::last_updated_of(o));
@@ -37,7 +31,7 @@ impl Gateway {
         };
         match previous {
             Some(p) => tx.remove(key(p).as_bytes())?,
-            None => crate::outbox::tx_enqueue(tx, &self.cfg, practice, id, sr_id, now)?,
+            None => crate::outbox::tx_enqueue(tx, &self.cfg, parties.practice, id, sr_id, now)?,
         }
         tx.put(key(obs).as_bytes(), b"")?;
         Ok(())
@@ -56,19 +50,13 @@ impl Gateway {
             .and_then(|r| fhir::ref_id(r, "ServiceRequest"))
             .unwrap_or_default()
             .to_string();
-        // The same scopes the Observation was written under: its Task's owner and practice.
+        // The same scopes the Observation was written under: its Task's owner and parties.
         let task = match tx.get(keys::sr_task(&sr_id).as_bytes())? {
             Some(t) => tx_json(tx, &keys::current("Task", &String::from_utf8_lossy(&t)))?,
             None => None,
         };
-        let provider = task
-            .as_ref()
-            .and_then(|t| org_of(t, "owner"))
-            .map(str::to_string);
-        let practice = task
-            .as_ref()
-            .and_then(|t| org_of(t, "requester"))
-            .map(str::to_string);
+        let provider = task.as_ref().and_then(|t| org_of(t, "owner"));
+        let parties = task.as_ref().map(fhir::parties_of).unwrap_or_default();
         let now = tx_now(tx)?;
         let mut next = cur.clone();
         let mut exts: Vec<Value> = next
@@ -84,14 +72,7 @@ impl Gateway {
         exts.push(crate::outbox::delivery_extension(state));
         next["extension"] = Value::Array(exts);
         fhir::stamp(&mut next, obs_id, fhir::version_of(&cur) + 1, &now.instant);
-        self.tx_put_observation(
-            tx,
-            &next,
-            Some(&cur),
-            &sr_id,
-            (provider.as_deref(), practice.as_deref()),
-            &now,
-        )
+        self.tx_put_observation(tx, &next, Some(&cur), &sr_id, (provider, parties), &now)
     }
 
     /// `POST /fhir/Observation`: a provider's feedback or outcome for a referral it serves.
@@ -178,7 +159,7 @@ impl Gateway {
             let now = tx_now(tx)?;
             let mut obs = posted.clone();
             fhir::stamp(&mut obs, &obs_id, 1, &now.instant);
-            self.tx_put_observation(tx, &obs, None, &sr_id, (Some(provider_id), org_of(&task, "requester")), &now)?;
+            self.tx_put_observation(tx, &obs, None, &sr_id, (Some(provider_id), fhir::parties_of(&task)), &now)?;
             crate::audit::tx_record(
                 tx,
                 &[format!("Observation/{obs_id}"), format!("ServiceRequest/{sr_id}")],

@@ -43,7 +43,7 @@ enum PatientPlan {
     /// A new Patient for this referral. Each referral gets its own, so that a provider sees
     /// exactly the demographics the patient consented to share with it, never those of a
     /// later referral to someone else.
-    New { body: Value, nhs: String },
+    New { body: Value, nhs: Option<String> },
     /// An existing Patient the caller referenced (conditional create of a ServiceRequest).
     Existing(String),
 }
@@ -51,9 +51,39 @@ enum PatientPlan {
 /// Builds the ServiceRequest for a Patient id and the chosen provider.
 type MakeSr<'a> = Box<dyn Fn(&str, &Provider) -> Value + Send + Sync + 'a>;
 
+/// Who a referral comes from, and so who besides its provider may see it.
+#[derive(Debug, Clone)]
+pub(crate) struct Origin {
+    /// The namespace of its identifiers (idempotency keys): the practice's ODS code, or
+    /// [`referrer_namespace`] of the referring client.
+    ns: String,
+    /// The GP practice that sees it: the referring practice, or the person's own practice
+    /// when they agreed it may be told.
+    practice: Option<String>,
+    /// The referring client when it is not a GP system.
+    referrer: Option<String>,
+    /// Its source of referral.
+    source: fhir::SourceOfReferral,
+}
+
+impl Origin {
+    fn parties(&self) -> fhir::Parties<'_> {
+        fhir::Parties {
+            practice: self.practice.as_deref(),
+            referrer: self.referrer.as_deref(),
+        }
+    }
+}
+
+/// The namespace of a referring client's ServiceRequest identifiers (ODS codes have no `.`,
+/// so it cannot be a practice's).
+pub(crate) fn referrer_namespace(client: &str) -> String {
+    format!("f.{client}")
+}
+
 /// Everything a new referral is made of, before ids exist.
 struct Plan<'a> {
-    practice: String,
+    origin: Origin,
     /// Idempotency keys: the first is the referral's own; a hit on any other with another
     /// referral behind it is a conflict.
     idem_keys: Vec<String>,
@@ -158,7 +188,7 @@ impl Gateway {
             hash: hash_json(&checked.canonical),
             patient: PatientPlan::New {
                 body: fhir::patient(&checked, cfg),
-                nhs: r.patient.nhs_number.clone(),
+                nhs: Some(r.patient.nhs_number.clone()),
             },
             make_sr: Box::new(|patient_id, provider| {
                 fhir::service_request(&checked, cfg, patient_id, provider)
@@ -169,22 +199,32 @@ impl Gateway {
             codes,
             district: checked.district.clone(),
             age: Some(checked.age),
-            practice: ods,
+            origin: Origin {
+                ns: ods.clone(),
+                practice: Some(ods),
+                referrer: None,
+                source: gp_source(),
+            },
         };
         self.create(plan).await
     }
 
     /// `POST /fhir` (transaction): a UK Core Patient and ServiceRequest, all or nothing.
     pub async fn submit_transaction(&self, who: &Principal, body: &[u8]) -> Result<Submitted> {
-        if who.role != Role::GpSystem {
+        if !matches!(who.role, Role::GpSystem | Role::Referrer) {
             return Err(Error::Forbidden);
         }
         let bundle = crate::schema::parse_json(body)?;
         let (patient, sr, patient_url, (pi, si)) = split_transaction(&bundle)?;
         let at = |i: usize| format!("Bundle.entry[{i}].resource");
         let now = Now::current();
-        let nhs = fhir::check_patient(&patient).map_err(|e| reroot(e, "Patient", &at(pi)))?;
-        let ods = check_service_request(&sr, who, &self.cfg)
+        // GP systems always know the NHS number; other referrers may not (checked when given).
+        let nhs = match who.role {
+            Role::GpSystem => fhir::check_patient(&patient).map(Some),
+            _ => fhir::check_optional_nhs_number(&patient),
+        }
+        .map_err(|e| reroot(e, "Patient", &at(pi)))?;
+        let origin = check_service_request(&sr, who, &self.cfg, Some((&patient, &patient_url)))
             .map_err(|e| reroot(e, "ServiceRequest", &at(si)))?;
         // The ServiceRequest must name the Patient of this transaction.
         let subject = sr.pointer("/subject/reference").and_then(Value::as_str);
@@ -194,7 +234,8 @@ impl Gateway {
                 format!("must reference the Patient entry of this transaction ({patient_url})"),
             ));
         }
-        self.fhir_plan(who, ods, sr, PatientPlan::New { body: patient, nhs }, &now)
+        let sr = with_requester(sr, &patient_url, "Patient/{patient}");
+        self.fhir_plan(origin, sr, PatientPlan::New { body: patient, nhs }, &now)
             .await
     }
 
@@ -206,51 +247,68 @@ impl Gateway {
         body: &[u8],
         if_none_exist: Option<&str>,
     ) -> Result<Submitted> {
-        if who.role != Role::GpSystem {
+        if !matches!(who.role, Role::GpSystem | Role::Referrer) {
             return Err(Error::Forbidden);
         }
         let sr = crate::schema::parse_json(body)?;
         let now = Now::current();
-        let ods = check_service_request(&sr, who, &self.cfg)?;
+        let patient_id = sr
+            .get("subject")
+            .and_then(|s| fhir::ref_id(s, "Patient"))
+            .map(str::to_string);
+        // The caller's own scope: the practice it refers for, or its own referrals.
+        let own_scope = |me: &Self, id: &str, scope: &str| -> Result<bool> {
+            Ok(me
+                .store
+                .get(keys::access("Patient", id, scope).as_bytes())?
+                .is_some())
+        };
+        let patient = match &patient_id {
+            Some(id) => self.load("Patient", id)?,
+            None => None,
+        };
+        let patient_ref = patient_id.as_ref().map(|id| format!("Patient/{id}"));
+        let origin = check_service_request(
+            &sr,
+            who,
+            &self.cfg,
+            patient.as_ref().zip(patient_ref.as_deref()),
+        )?;
         if let Some(cond) = if_none_exist {
             let (system, value) = parse_if_none_exist(cond)?;
             if let Some(rec) = self
                 .store
-                .get(identifier_key(&ods, &system, &value).as_bytes())?
+                .get(identifier_key(&origin.ns, &system, &value).as_bytes())?
             {
                 let rec: ReferralRecord = serde_json::from_slice(&rec)
                     .map_err(|e| Error::Internal(format!("referral record: {e}")))?;
                 return self.existing(&rec);
             }
         }
-        let patient_id = sr
-            .get("subject")
-            .and_then(|s| fhir::ref_id(s, "Patient"))
-            .map(str::to_string);
-        let visible = match &patient_id {
-            Some(id) => self.load("Patient", id)?.is_some_and(|_| {
-                self.store
-                    .get(keys::access("Patient", id, &format!("r/{ods}")).as_bytes())
-                    .ok()
-                    .flatten()
-                    .is_some()
-            }),
-            None => false,
+        let (scope, whose) = match &origin.referrer {
+            Some(client) => (format!("f/{client}"), "this client referred".to_string()),
+            None => (
+                format!("r/{}", origin.ns),
+                format!("of practice {}", origin.ns),
+            ),
+        };
+        let visible = match (&patient_id, &patient) {
+            (Some(id), Some(_)) => own_scope(self, id, &scope)?,
+            _ => false,
         };
         let Some(patient_id) = patient_id.filter(|_| visible) else {
             return Err(Error::rule(
                 "ServiceRequest.subject",
-                format!("must reference an existing Patient/{{id}} of practice {ods} (create one with a transaction Bundle)"),
+                format!("must reference an existing Patient/{{id}} {whose} (create one with a transaction Bundle)"),
             ));
         };
-        self.fhir_plan(who, ods, sr, PatientPlan::Existing(patient_id), &now)
+        self.fhir_plan(origin, sr, PatientPlan::Existing(patient_id), &now)
             .await
     }
 
     async fn fhir_plan(
         &self,
-        _who: &Principal,
-        ods: String,
+        origin: Origin,
         sr: Value,
         patient: PatientPlan,
         now: &Now,
@@ -310,13 +368,18 @@ impl Gateway {
         let plan = Plan {
             idem_keys: identifiers
                 .iter()
-                .map(|(s, v)| identifier_key(&ods, s, v))
+                .map(|(s, v)| identifier_key(&origin.ns, s, v))
                 .collect(),
             hash: hash_json(&hash_input),
             patient,
             make_sr: Box::new(move |patient_id, _provider| {
                 let mut s = sr_template.clone();
                 s["subject"] = json!({ "reference": format!("Patient/{patient_id}") });
+                if s.pointer("/requester/reference").and_then(Value::as_str)
+                    == Some("Patient/{patient}")
+                {
+                    s["requester"]["reference"] = json!(format!("Patient/{patient_id}"));
+                }
                 s
             }),
             identifier: sr.pointer("/identifier/0").cloned(),
@@ -328,7 +391,7 @@ impl Gateway {
             codes,
             district,
             age,
-            practice: ods,
+            origin,
         };
         self.create(plan).await
     }
@@ -353,12 +416,13 @@ impl Gateway {
         let new_patient = uuid::Uuid::new_v4().to_string();
         let sr_id = uuid::Uuid::new_v4().to_string();
         let task_id = uuid::Uuid::new_v4().to_string();
-        let ods = plan.practice.as_str();
+        let origin = &plan.origin;
+        let parties = origin.parties();
         let facts = routing::Facts {
             needs: &plan.needs,
             codes: plan.codes.iter().map(String::as_str).collect(),
             district: &plan.district,
-            practice: ods,
+            practice: parties.practice.unwrap_or_default(),
             age: plan.age,
         };
         let Some(own_key) = plan.idem_keys.first() else {
@@ -402,49 +466,60 @@ impl Gateway {
                 }
             }
             let now = tx_now(tx)?;
-            let practice_scope = format!("r/{ods}");
             let decision = routing::route(cfg, &facts, |p| tx_count(tx, &keys::open_count(p)))?;
             let Some(provider) = cfg.provider(&decision.provider) else {
                 return fail(Error::Internal("routed to an unknown provider".into()));
             };
-            let both = scopes(Some(&provider.id), Some(ods));
+            let both = scopes(Some(&provider.id), parties);
             let (patient_id, new_patient_resource) = match &plan.patient {
                 PatientPlan::Existing(id) => (id.clone(), None),
                 PatientPlan::New { body, nhs } => {
                     let mut p = body.clone();
                     fhir::stamp(&mut p, &new_patient, 1, &now.instant);
                     tx_put_resource(tx, "Patient", &p, None, &both)?;
-                    tx.put(
-                        format!("{}{new_patient}", keys::patient_by_nhs(nhs)).as_bytes(),
-                        b"",
-                    )?;
+                    if let Some(nhs) = nhs {
+                        tx.put(
+                            format!("{}{new_patient}", keys::patient_by_nhs(nhs)).as_bytes(),
+                            b"",
+                        )?;
+                    }
                     (new_patient.clone(), Some(p))
                 }
             };
             let mut sr = (plan.make_sr)(&patient_id, provider);
+            let scope_ext = origin
+                .referrer
+                .as_deref()
+                .map(|client| fhir::referral_scope_ext(cfg, client, origin.practice.as_deref()));
+            mark_origin(&mut sr, origin.source, scope_ext.clone());
             fhir::stamp(&mut sr, &sr_id, 1, &now.instant);
-            let mut task = fhir::task(
-                &fhir::TaskSpec {
-                    identifier: plan.identifier.clone(),
-                    priority: plan.priority.as_deref(),
-                    practice_ods: ods,
-                    patient_id: &patient_id,
-                    sr_id: &sr_id,
-                    provider,
-                    decision: &decision,
-                    now: &now.instant,
-                },
-                cfg,
-            );
+            // A GP practice's referral names the practice as its requester, as written by
+            // the gateway (the ServiceRequest may identify it by ODS code only).
+            let requester = match (&origin.referrer, &origin.practice) {
+                (None, Some(ods)) => fhir::practice_ref(cfg, ods),
+                _ => sr.get("requester").cloned().unwrap_or(Value::Null),
+            };
+            let mut task = fhir::task(&fhir::TaskSpec {
+                identifier: plan.identifier.clone(),
+                priority: plan.priority.as_deref(),
+                requester,
+                scope: scope_ext,
+                patient_id: &patient_id,
+                sr_id: &sr_id,
+                provider,
+                decision: &decision,
+                now: &now.instant,
+            });
             fhir::stamp(&mut task, &task_id, 1, &now.instant);
             tx_put_resource(tx, "ServiceRequest", &sr, None, &both)?;
             tx_put_resource(tx, "Task", &task, None, &both)?;
             tx_add(tx, &keys::open_count(&provider.id), 1)?;
             tx.put(keys::sr_task(&sr_id).as_bytes(), task_id.as_bytes())?;
-            let provider_scope = format!("o/{}", provider.id);
+            // Who may read the Patient and ServiceRequest: every scope but `a`.
             for (t, id) in [("Patient", &patient_id), ("ServiceRequest", &sr_id)] {
-                tx.put(keys::access(t, id, &provider_scope).as_bytes(), b"")?;
-                tx.put(keys::access(t, id, &practice_scope).as_bytes(), b"")?;
+                for scope in both.iter().filter(|s| s.as_str() != "a") {
+                    tx.put(keys::access(t, id, scope).as_bytes(), b"")?;
+                }
             }
             let rec = ReferralRecord {
                 hash: plan.hash.clone(),
@@ -611,22 +686,278 @@ fn split_transaction(bundle: &Value) -> Result<(Value, Value, String, (usize, us
     }
 }
 
-/// The gateway's rules for an inbound ServiceRequest; returns the practice's ODS code.
-pub(crate) fn check_service_request(sr: &Value, who: &Principal, cfg: &Config) -> Result<String> {
+/// The source of referral of a GP practice's referral.
+fn gp_source() -> fhir::SourceOfReferral {
+    fhir::source_of_referral(fhir::SOURCE_GP).unwrap_or(fhir::SOURCES_OF_REFERRAL[0])
+}
+
+/// Points a ServiceRequest's requester that names the transaction's Patient entry
+/// (`urn:uuid:…`, a self-referral) at `to` instead.
+fn with_requester(mut sr: Value, patient_url: &str, to: &str) -> Value {
+    if sr.pointer("/requester/reference").and_then(Value::as_str) == Some(patient_url) {
+        sr["requester"]["reference"] = json!(to);
+    }
+    sr
+}
+
+/// Records a new referral's source of referral (UK Core's extension; a coding of the
+/// gateway's system is added when the one sent carries other codes only) and, for a referral
+/// that did not come from a GP practice, the gateway's `referral-scope` extension.
+fn mark_origin(sr: &mut Value, source: fhir::SourceOfReferral, scope: Option<Value>) {
+    let ours = fhir::source_of_referral_ext(source);
+    let Some(obj) = sr.as_object_mut() else {
+        return;
+    };
+    let exts = obj.entry("extension").or_insert_with(|| json!([]));
+    let Some(exts) = exts.as_array_mut() else {
+        return;
+    };
+    let sent = exts
+        .iter_mut()
+        .find(|e| e.get("url").and_then(Value::as_str) == Some(fhir::EXT_SOURCE_OF_REFERRAL));
+    match sent {
+        Some(e) => {
+            let has_ours =
+                fhir::source_of_referral_of(&json!({ "extension": [e.clone()] })).is_some();
+            if !has_ours {
+                if let (Some(coding), Some(codings)) = (
+                    ours.pointer("/valueCodeableConcept/coding/0").cloned(),
+                    e.pointer_mut("/valueCodeableConcept/coding")
+                        .and_then(Value::as_array_mut),
+                ) {
+                    codings.push(coding);
+                } else {
+                    *e = ours;
+                }
+            }
+        }
+        None => exts.push(ours),
+    }
+    if let Some(scope) = scope {
+        exts.push(scope);
+    }
+}
+
+/// The practice a Patient is registered with (`generalPractitioner`, by ODS code or
+/// `Organization/{ODS code}`), if it is one this gateway serves.
+fn registered_practice(patient: &Value, cfg: &Config) -> Option<String> {
+    patient
+        .get("generalPractitioner")?
+        .as_array()?
+        .iter()
+        .find_map(|g| {
+            let by_id = (g.pointer("/identifier/system").and_then(Value::as_str)
+                == Some(fhir::ODS_SYSTEM))
+            .then(|| g.pointer("/identifier/value").and_then(Value::as_str))
+            .flatten();
+            by_id
+                .or_else(|| fhir::ref_id(g, "Organization"))
+                .filter(|ods| cfg.practice(ods).is_some())
+                .map(str::to_string)
+        })
+}
+
+/// Who may be a referral's requester when a referrer (not a GP system) sends it.
+const REQUESTER_TYPES: [&str; 5] = [
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+    "Patient",
+    "RelatedPerson",
+];
+
+/// Checks the requester of a referrer's ServiceRequest and returns its resource type.
+/// `patient_ref` is how the ServiceRequest may name its own Patient (a self-referral).
+fn check_referrer_requester(
+    sr: &Value,
+    cfg: &Config,
+    patient_ref: Option<&str>,
+) -> Result<&'static str> {
+    const AT: &str = "ServiceRequest.requester";
+    let kinds = REQUESTER_TYPES.join(", ");
+    let Some(r) = sr.get("requester") else {
+        return Err(Error::rule(
+            AT,
+            format!("is required: who is referring ({kinds}; the Patient for a self-referral, a RelatedPerson for family or a carer)"),
+        ));
+    };
+    let declared = r.get("type").and_then(Value::as_str);
+    if let Some(t) = declared {
+        if !REQUESTER_TYPES.contains(&t) {
+            return Err(Error::rule(
+                format!("{AT}.type"),
+                format!("`{t}` cannot request a referral; one of: {kinds}"),
+            ));
+        }
+    }
+    let kind_of = |t: &str| REQUESTER_TYPES.iter().copied().find(|k| *k == t);
+    let kind = match r.get("reference").and_then(Value::as_str) {
+        Some(x) if Some(x) == patient_ref => "Patient",
+        Some(x) if x.starts_with('#') => {
+            let id = &x[1..];
+            let contained = sr
+                .get("contained")
+                .and_then(Value::as_array)
+                .and_then(|cs| {
+                    cs.iter()
+                        .find(|c| c.get("id").and_then(Value::as_str) == Some(id))
+                })
+                .and_then(|c| c.get("resourceType").and_then(Value::as_str));
+            match contained.and_then(kind_of).filter(|k| *k != "Patient") {
+                Some(k) => k,
+                None => {
+                    return Err(Error::rule(
+                        format!("{AT}.reference"),
+                        format!("`{x}` must name a contained Practitioner, PractitionerRole, Organization or RelatedPerson"),
+                    ))
+                }
+            }
+        }
+        Some(x) => match x.split_once('/') {
+            Some(("Organization", id)) if cfg.provider(id).is_some() => "Organization",
+            _ => {
+                return Err(Error::rule(
+                    format!("{AT}.reference"),
+                    "must be the referral's own Patient (a self-referral), a contained resource (`#id`) \
+                     or Organization/{provider id}; name anyone else by identifier and display",
+                ))
+            }
+        },
+        None => {
+            let named = r.get("identifier").is_some() || r.get("display").is_some();
+            match declared.and_then(kind_of).filter(|_| named) {
+                Some(k) if k != "Patient" => k,
+                _ => {
+                    return Err(Error::rule(
+                        AT,
+                        format!("needs a reference, or a type ({kinds}, not Patient) with an identifier or display"),
+                    ))
+                }
+            }
+        }
+    };
+    if declared.is_some_and(|t| t != kind) {
+        return Err(Error::rule(
+            format!("{AT}.type"),
+            format!(
+                "says {} but the reference is to a {kind}",
+                declared.unwrap_or_default()
+            ),
+        ));
+    }
+    let ods = r
+        .pointer("/identifier/value")
+        .and_then(Value::as_str)
+        .filter(|_| {
+            r.pointer("/identifier/system").and_then(Value::as_str) == Some(fhir::ODS_SYSTEM)
+        });
+    if ods.is_some_and(|o| cfg.practice(o).is_some()) {
+        return Err(Error::rule(
+            format!("{AT}.identifier"),
+            "names a GP practice: practices refer through their own gp-system client",
+        ));
+    }
+    Ok(kind)
+}
+
+/// The gateway's rules for an inbound ServiceRequest, by who sends it; returns where it
+/// comes from. `patient` is the referral's Patient with the reference by which the
+/// ServiceRequest may name it (its `fullUrl` in a transaction, `Patient/{id}` otherwise).
+pub(crate) fn check_service_request(
+    sr: &Value,
+    who: &Principal,
+    cfg: &Config,
+    patient: Option<(&Value, &str)>,
+) -> Result<Origin> {
     fhir::check_structure(sr, "ServiceRequest")?;
     let issues = fhir::service_request_rules(sr);
     if !issues.is_empty() {
         return Err(Error::Unprocessable(issues));
     }
-    let ods = fhir::requester_ods(sr).unwrap_or_default();
-    if cfg.practice(&ods).is_none() || !who.practices.contains(&ods) {
+    if fhir::referral_scope_of(sr).is_some() {
         return Err(Error::rule(
-            "ServiceRequest.requester",
-            "must be a practice this client may refer for: {\"identifier\": {\"system\": \
-             \"https://fhir.nhs.uk/Id/ods-organization-code\", \"value\": \"<ODS code>\"}}",
+            "ServiceRequest.extension",
+            format!(
+                "must not carry {}: the gateway records who referred",
+                fhir::referral_scope_extension_url()
+            ),
         ));
     }
-    Ok(ods)
+    let claimed = match fhir::source_of_referral_of(sr) {
+        Some(code) => Some(fhir::source_of_referral(code).ok_or_else(|| {
+            Error::rule(
+                "ServiceRequest.extension",
+                format!(
+                    "`{code}` is not a source-of-referral code of {}; one of: {}",
+                    fhir::source_of_referral_system(),
+                    fhir::SOURCES_OF_REFERRAL
+                        .iter()
+                        .map(|s| s.code)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?),
+        None => None,
+    };
+    if who.role == Role::GpSystem {
+        let ods = fhir::requester_ods(sr).unwrap_or_default();
+        if cfg.practice(&ods).is_none() || !who.practices.contains(&ods) {
+            return Err(Error::rule(
+                "ServiceRequest.requester",
+                "must be a practice this client may refer for: {\"identifier\": {\"system\": \
+                 \"https://fhir.nhs.uk/Id/ods-organization-code\", \"value\": \"<ODS code>\"}}",
+            ));
+        }
+        return Ok(Origin {
+            ns: ods.clone(),
+            practice: Some(ods),
+            referrer: None,
+            source: claimed.unwrap_or_else(gp_source),
+        });
+    }
+    let kind = check_referrer_requester(sr, cfg, patient.map(|p| p.1))?;
+    let configured = cfg
+        .clients
+        .iter()
+        .find(|c| c.id == who.client_id)
+        .and_then(|c| c.source_of_referral.as_deref())
+        .and_then(fhir::source_of_referral);
+    let by_requester = match kind {
+        "Patient" => fhir::source_of_referral(fhir::SOURCE_SELF),
+        "RelatedPerson" => fhir::source_of_referral(fhir::SOURCE_CARER),
+        _ => None,
+    };
+    let Some(source) = claimed.or(by_requester).or(configured) else {
+        return Err(Error::Internal(format!(
+            "referrer client {} has no source of referral",
+            who.client_id
+        )));
+    };
+    // A GP practice learns of a referral it did not make only if the person agreed.
+    let practice = if fhir::consents_to_inform_gp(sr) {
+        match patient.and_then(|(p, _)| registered_practice(p, cfg)) {
+            Some(ods) => Some(ods),
+            None => {
+                return Err(Error::rule(
+                    "ServiceRequest.extension",
+                    format!(
+                        "{} is true, but the Patient's generalPractitioner names no practice this \
+                         gateway serves (by ODS code): the practice cannot be told",
+                        fhir::inform_gp_extension_url()
+                    ),
+                ))
+            }
+        }
+    } else {
+        None
+    };
+    Ok(Origin {
+        ns: referrer_namespace(&who.client_id),
+        practice,
+        referrer: Some(who.client_id.clone()),
+        source,
+    })
 }
 
 fn parse_if_none_exist(cond: &str) -> Result<(String, String)> {

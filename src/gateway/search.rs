@@ -280,6 +280,7 @@ impl Gateway {
                 }
                 s
             }
+            Role::Referrer => vec![format!("f/{}", who.client_id)],
             Role::Auditor => match (&q.owner, &q.requester) {
                 (Some(o), _) => vec![format!("o/{o}")],
                 (None, Some(r)) => vec![format!("r/{r}")],
@@ -336,9 +337,24 @@ impl Gateway {
                             "must be system|value for ServiceRequest",
                         ));
                     };
+                    // Identifiers are unique within a practice, or within a referring
+                    // client (the namespaces of the idempotency keys).
                     let practices: Vec<String> = match who.role {
                         Role::GpSystem => who.practices.clone(),
-                        _ => self.cfg.practices.iter().map(|p| p.ods.clone()).collect(),
+                        Role::Referrer => vec![super::referral::referrer_namespace(&who.client_id)],
+                        _ => self
+                            .cfg
+                            .practices
+                            .iter()
+                            .map(|p| p.ods.clone())
+                            .chain(
+                                self.cfg
+                                    .clients
+                                    .iter()
+                                    .filter(|c| c.role == Role::Referrer)
+                                    .map(|c| super::referral::referrer_namespace(&c.id)),
+                            )
+                            .collect(),
                     };
                     let mut ids = Vec::new();
                     for ods in practices {
@@ -810,7 +826,7 @@ mod tests {
                    "for": {"reference": "Patient/p1"},
                    "owner": {"reference": format!("Organization/{provider}")}})
         };
-        let scopes = super::super::scopes(Some(&provider), None);
+        let scopes = super::super::scopes(Some(&provider), Default::default());
         let a1 = task("a", "1", "2026-11-20T10:00:00Z", "requested");
         let a2 = task("a", "2", "2026-11-22T10:00:00Z", "accepted");
         let b1 = task("b", "1", "2026-11-21T10:00:00Z", "requested");

@@ -69,9 +69,15 @@ impl Change {
 fn task_in_scope(who: &Principal, task: &Value) -> bool {
     match who.role {
         Role::Provider => org_of(task, "owner") == who.provider.as_deref(),
+        // A referring system may cancel the referrals it sent itself, not those it was told of.
         Role::GpSystem => {
-            org_of(task, "requester").is_some_and(|o| who.practices.iter().any(|p| p == o))
+            let parties = fhir::parties_of(task);
+            parties.referrer.is_none()
+                && parties
+                    .practice
+                    .is_some_and(|o| who.practices.iter().any(|p| p == o))
         }
+        Role::Referrer => fhir::parties_of(task).referrer == Some(who.client_id.as_str()),
         _ => false,
     }
 }
@@ -85,7 +91,7 @@ impl Gateway {
         if_match: Option<&str>,
         body: &[u8],
     ) -> Result<Value> {
-        if !matches!(who.role, Role::Provider | Role::GpSystem) {
+        if !matches!(who.role, Role::Provider | Role::GpSystem | Role::Referrer) {
             return Err(Error::Forbidden);
         }
         let proposed = crate::schema::parse_json(body)?;
@@ -105,7 +111,7 @@ impl Gateway {
         if_match: Option<&str>,
         body: &[u8],
     ) -> Result<Value> {
-        if !matches!(who.role, Role::Provider | Role::GpSystem) {
+        if !matches!(who.role, Role::Provider | Role::GpSystem | Role::Referrer) {
             return Err(Error::Forbidden);
         }
         let doc = crate::schema::parse_json(body)?;
@@ -227,8 +233,9 @@ impl Gateway {
             }
             fhir::stamp(&mut task, id, version + 1, &now.instant);
             let owner = org_of(&current, "owner");
-            let practice = org_of(&current, "requester");
-            tx_put_resource(tx, "Task", &task, Some(&current), &scopes(owner, practice))?;
+            let parties = fhir::parties_of(&current);
+            let practice = parties.practice;
+            tx_put_resource(tx, "Task", &task, Some(&current), &scopes(owner, parties))?;
             // A group without room, or for whom the person is not eligible, passes the
             // referral to the fallback hub rather than ending it there.
             let fallback = cfg.routing.fallback_provider.as_str();
@@ -251,11 +258,11 @@ impl Gateway {
                     let obs_id = uuid::Uuid::new_v4().to_string();
                     fhir::stamp(&mut obs, &obs_id, 1, &now.instant);
                     touched.push(format!("Observation/{obs_id}"));
-                    self.tx_put_observation(tx, &obs, None, &sr_id, (owner, practice), &now)?;
+                    self.tx_put_observation(tx, &obs, None, &sr_id, (owner, parties), &now)?;
                 }
             }
             if let Some(why) = reroute {
-                let new_task = tx_reroute(tx, cfg, &current, &sr_id, owner, practice, why, &now)?;
+                let new_task = tx_reroute(tx, cfg, &current, &sr_id, owner, parties, why, &now)?;
                 touched.push(format!("Task/{new_task}"));
                 touched.push(format!("ServiceRequest/{sr_id}"));
                 crate::audit::tx_record(tx, &touched, &now)?;
@@ -280,7 +287,7 @@ impl Gateway {
                         "ServiceRequest",
                         &next,
                         Some(&sr),
-                        &scopes(owner, practice),
+                        &scopes(owner, parties),
                     )?;
                 }
             }
@@ -306,7 +313,7 @@ fn tx_reroute(
     rejected: &Value,
     sr_id: &str,
     owner: Option<&str>,
-    practice: Option<&str>,
+    parties: fhir::Parties<'_>,
     why: &str,
     now: &crate::clock::Now,
 ) -> super::TxResult<String> {
@@ -332,21 +339,19 @@ fn tx_reroute(
         ),
     };
     let new_id = uuid::Uuid::new_v4().to_string();
-    let mut task = fhir::task(
-        &fhir::TaskSpec {
-            identifier: rejected.pointer("/identifier/0").cloned(),
-            priority: rejected.get("priority").and_then(Value::as_str),
-            practice_ods: practice.unwrap_or_default(),
-            patient_id: &patient_id,
-            sr_id,
-            provider: hub,
-            decision: &decision,
-            now: &now.instant,
-        },
-        cfg,
-    );
+    let mut task = fhir::task(&fhir::TaskSpec {
+        identifier: rejected.pointer("/identifier/0").cloned(),
+        priority: rejected.get("priority").and_then(Value::as_str),
+        requester: rejected.get("requester").cloned().unwrap_or(Value::Null),
+        scope: fhir::referral_scope_of(rejected).cloned(),
+        patient_id: &patient_id,
+        sr_id,
+        provider: hub,
+        decision: &decision,
+        now: &now.instant,
+    });
     fhir::stamp(&mut task, &new_id, 1, &now.instant);
-    let hub_scopes = scopes(Some(&hub.id), practice);
+    let hub_scopes = scopes(Some(&hub.id), parties);
     tx_put_resource(tx, "Task", &task, None, &hub_scopes)?;
     tx_add(tx, &keys::open_count(&hub.id), 1)?;
     tx.put(keys::sr_task(sr_id).as_bytes(), new_id.as_bytes())?;

@@ -140,7 +140,10 @@ impl Facts {
                     .join(" ")
             })
             .unwrap_or_default();
-        let practice_ods = crate::fhir::requester_ods(sr).unwrap_or_default();
+        let practice_ods = crate::fhir::parties_of(sr)
+            .practice
+            .unwrap_or_default()
+            .to_string();
         let practice_name = cfg
             .practice(&practice_ods)
             .map(|p| p.name.clone())

@@ -24,6 +24,7 @@ pub const HOUSING: &str = "demo-provider-housing-token";
 pub const HUB: &str = "demo-provider-hub-token";
 pub const AUDITOR: &str = "demo-auditor-token";
 pub const ADMIN: &str = "demo-admin-token";
+pub const REFERRER: &str = "demo-referrer-token"; // lancs-social-care: a council's social care
 
 pub fn fixtures() -> PathBuf {
     Path::new(ROOT).join("fixtures")
