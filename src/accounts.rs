@@ -318,14 +318,21 @@ pub fn tx_reset(
 /// Per-address limit on sign-in attempts (in memory: a restart forgets it, the per-account
 /// lock is in the store).
 pub struct AddressLimiter {
-    per_minute: u32,
+    limit: u32,
+    window_secs: u64,
     seen: Mutex<HashMap<std::net::IpAddr, (std::time::Instant, u32)>>,
 }
 
 impl AddressLimiter {
     pub fn new(per_minute: u32) -> AddressLimiter {
+        AddressLimiter::per_window(per_minute, 60)
+    }
+
+    /// At most `limit` attempts from one address in a window of `window_secs`.
+    pub fn per_window(limit: u32, window_secs: u64) -> AddressLimiter {
         AddressLimiter {
-            per_minute,
+            limit,
+            window_secs,
             seen: Mutex::new(HashMap::new()),
         }
     }
@@ -333,16 +340,17 @@ impl AddressLimiter {
     /// Counts an attempt from `ip`; false when it is over the limit.
     pub fn allow(&self, ip: std::net::IpAddr) -> bool {
         let now = std::time::Instant::now();
+        let window = self.window_secs;
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if seen.len() > 100_000 {
-            seen.retain(|_, (t, _)| now.duration_since(*t).as_secs() < 60);
+            seen.retain(|_, (t, _)| now.duration_since(*t).as_secs() < window);
         }
         let e = seen.entry(ip).or_insert((now, 0));
-        if now.duration_since(e.0).as_secs() >= 60 {
+        if now.duration_since(e.0).as_secs() >= window {
             *e = (now, 0);
         }
         e.1 += 1;
-        e.1 <= self.per_minute
+        e.1 <= self.limit
     }
 }
 

@@ -399,6 +399,43 @@ pub struct InboxConfig {
     pub email: Option<EmailConfig>,
 }
 
+/// The public self-referral page (`/refer`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferConfig {
+    /// Whether the page is served at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Referrals an hour from one address.
+    #[serde(default = "default_refer_per_address")]
+    pub per_address_per_hour: u32,
+    /// Referrals an hour from everyone together.
+    #[serde(default = "default_refer_overall")]
+    pub per_hour: u32,
+    /// Route self-referrals by the routing rules, as any referral; false (the default): to
+    /// the fallback provider (the link-worker hub) for triage.
+    #[serde(default)]
+    pub route_by_rules: bool,
+}
+
+impl Default for ReferConfig {
+    fn default() -> Self {
+        ReferConfig {
+            enabled: true,
+            per_address_per_hour: default_refer_per_address(),
+            per_hour: default_refer_overall(),
+            route_by_rules: false,
+        }
+    }
+}
+
+fn default_refer_per_address() -> u32 {
+    5
+}
+fn default_refer_overall() -> u32 {
+    200
+}
+
 /// The SMTP server the gateway sends "new referrals are waiting" emails through.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -565,6 +602,8 @@ pub struct Config {
     pub outbox: Outbox,
     #[serde(default)]
     pub inbox: InboxConfig,
+    #[serde(default)]
+    pub refer: ReferConfig,
     #[serde(default)]
     pub archive: ArchiveConfig,
 }

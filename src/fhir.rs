@@ -210,13 +210,22 @@ pub fn client_id_system() -> String {
     format!("{CANONICAL}/Id/client")
 }
 
-pub fn referral_scope_ext(cfg: &Config, referrer: &str, practice: Option<&str>) -> Value {
-    let mut parts = vec![json!({
-        "url": "referrer",
-        "valueIdentifier": { "system": client_id_system(), "value": referrer }
-    })];
+/// The `referral-scope` extension: the referring client (none for a self-referral from
+/// the public page) and the practice told (none without the person's consent).
+pub fn referral_scope_ext(cfg: &Config, referrer: Option<&str>, practice: Option<&str>) -> Value {
+    let mut parts = Vec::new();
+    if let Some(referrer) = referrer {
+        parts.push(json!({
+            "url": "referrer",
+            "valueIdentifier": { "system": client_id_system(), "value": referrer }
+        }));
+    }
     if let Some(ods) = practice {
         parts.push(json!({ "url": "informedPractice", "valueReference": practice_ref(cfg, ods) }));
+    }
+    if parts.is_empty() {
+        // Nobody but the provider: an extension needs a value or parts, so it says so.
+        return json!({ "url": referral_scope_extension_url(), "valueCode": "provider-only" });
     }
     json!({ "url": referral_scope_extension_url(), "extension": parts })
 }

@@ -1558,13 +1558,16 @@ async fn negotiate(req: Request, next: Next) -> Response {
 async fn audit_request(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     // Probes, the CapabilityStatement, the pages' stylesheet and icons, and the empty
-    // sign-in forms touch no patient data.
+    // sign-in and self-referral forms touch no patient data.
     let exempt = matches!(
         path.as_str(),
         "/healthz" | "/readyz" | "/metrics" | "/fhir/metadata"
     ) || path.starts_with("/assets/")
         || (req.method() == axum::http::Method::GET
-            && matches!(path.as_str(), "/inbox/sign-in" | "/inbox/sign-in/code"));
+            && matches!(
+                path.as_str(),
+                "/inbox/sign-in" | "/inbox/sign-in/code" | "/refer" | "/refer/privacy"
+            ));
     if exempt {
         return next.run(req).await;
     }

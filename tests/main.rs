@@ -24,6 +24,7 @@ mod operations;
 mod outbox;
 mod polling;
 mod process;
+mod refer;
 mod referral_loop;
 mod referrers;
 mod structure;

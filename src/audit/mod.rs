@@ -102,6 +102,9 @@ pub struct Context {
     pub interaction: Option<(&'static str, &'static str)>,
     /// A sign-in step (DICOM 110122 Login) or sign-out (110123 Logout).
     pub login: Option<&'static str>,
+    /// A self-referral from the public page: the person referred themselves (`self`: the
+    /// agent is their Patient) or a carer or relative referred them (`carer`).
+    pub self_referral: Option<&'static str>,
 }
 
 /// Key prefixes of the audit trail (left out of the clinical data's digest).
@@ -140,6 +143,17 @@ pub fn set_person(id: &str, email: &str, provider: &str) {
         c.role = Some("provider-person".into());
         c.organisations = vec![format!("Organization/{provider}")];
         c.person = Some((id.to_string(), email.to_string()));
+    });
+}
+
+/// Marks the request as a self-referral from the public page, by the person themselves
+/// (`"self"`) or by a carer or relative (`"carer"`): they, not a client system, are the agent.
+pub fn set_self_referral(kind: &'static str) {
+    let _ = REQUEST.try_with(|c| {
+        let mut c = c.borrow_mut();
+        c.client = Some("self-referral-page".into());
+        c.role = Some("person referring".into());
+        c.self_referral = Some(kind);
     });
 }
 
@@ -195,7 +209,20 @@ pub fn event(ctx: &Context, status: u16, entities: &[String], now: &Now) -> Valu
         400..=499 => "4",
         _ => "8",
     };
-    let mut agent = json!({ "who": agent_who(ctx), "requestor": true });
+    let who = match ctx.self_referral {
+        // The person referred themselves: they are the Patient this request wrote.
+        Some("self") => match entities.iter().find(|e| e.starts_with("Patient/")) {
+            Some(p) => json!({ "reference": p, "type": "Patient" }),
+            None => agent_who(ctx),
+        },
+        Some(_) => json!({
+            "type": "RelatedPerson",
+            "identifier": { "system": format!("{}/Id/client", crate::fhir::CANONICAL), "value": "self-referral-page" },
+            "display": "a carer or relative of the person referred (self-referral page)"
+        }),
+        None => agent_who(ctx),
+    };
+    let mut agent = json!({ "who": who, "requestor": true });
     if let Some(r) = &ctx.role {
         agent["role"] = json!([{ "text": r }]);
     }
@@ -330,6 +357,7 @@ pub fn tx_append(tx: &Tx<'_>, mut event: Value) -> TxResult<u64> {
     let agent = rec
         .event
         .pointer("/agent/0/who/identifier/value")
+        .or_else(|| rec.event.pointer("/agent/0/who/reference"))
         .and_then(Value::as_str)
         .unwrap_or("unauthenticated");
     crate::lists::tx_push(tx, &by_agent(agent), seq, b"", INDEX_CHUNK)?;

@@ -13,12 +13,14 @@
 //! - `task`: Task updates (PUT, PATCH) under the state machine
 //! - `observation`: provider feedback
 //! - `search`: search parameters, index-backed paging, Bundles
+//! - `self_referral`: a person's own referral from the public page
 
 pub mod archive;
 pub mod inbox;
 mod observation;
 mod referral;
 pub mod search;
+pub mod self_referral;
 mod task;
 
 use std::sync::Arc;

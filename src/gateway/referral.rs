@@ -39,7 +39,7 @@ pub struct Submitted {
 }
 
 /// The Patient side of a new referral.
-enum PatientPlan {
+pub(super) enum PatientPlan {
     /// A new Patient for this referral. Each referral gets its own, so that a provider sees
     /// exactly the demographics the patient consented to share with it, never those of a
     /// later referral to someone else.
@@ -49,11 +49,11 @@ enum PatientPlan {
 }
 
 /// Builds the ServiceRequest for a Patient id and the chosen provider.
-type MakeSr<'a> = Box<dyn Fn(&str, &Provider) -> Value + Send + Sync + 'a>;
+pub(super) type MakeSr<'a> = Box<dyn Fn(&str, &Provider) -> Value + Send + Sync + 'a>;
 
 /// Who a referral comes from, and so who besides its provider may see it.
 #[derive(Debug, Clone)]
-pub(crate) struct Origin {
+pub(super) struct Origin {
     /// The namespace of its identifiers (idempotency keys): the practice's ODS code, or
     /// [`referrer_namespace`] of the referring client.
     ns: String,
@@ -64,9 +64,27 @@ pub(crate) struct Origin {
     referrer: Option<String>,
     /// Its source of referral.
     source: fhir::SourceOfReferral,
+    /// Whether a GP practice referred (its requester is the practice); otherwise the
+    /// referral carries the gateway's `referral-scope` extension.
+    gp: bool,
 }
 
 impl Origin {
+    pub(super) fn new(
+        ns: String,
+        practice: Option<String>,
+        referrer: Option<String>,
+        source: fhir::SourceOfReferral,
+    ) -> Origin {
+        Origin {
+            ns,
+            practice,
+            referrer,
+            source,
+            gp: false,
+        }
+    }
+
     fn parties(&self) -> fhir::Parties<'_> {
         fhir::Parties {
             practice: self.practice.as_deref(),
@@ -82,28 +100,31 @@ pub(crate) fn referrer_namespace(client: &str) -> String {
 }
 
 /// Everything a new referral is made of, before ids exist.
-struct Plan<'a> {
-    origin: Origin,
+pub(super) struct Plan<'a> {
+    pub(super) origin: Origin,
+    /// Straight to the fallback provider (the link-worker hub) for triage, whatever the
+    /// routing rules say (self-referrals, unless configured otherwise).
+    pub(super) triage: bool,
     /// Idempotency keys: the first is the referral's own; a hit on any other with another
     /// referral behind it is a conflict.
-    idem_keys: Vec<String>,
-    hash: String,
-    patient: PatientPlan,
+    pub(super) idem_keys: Vec<String>,
+    pub(super) hash: String,
+    pub(super) patient: PatientPlan,
     /// Builds the ServiceRequest for a Patient id and the chosen provider.
-    make_sr: MakeSr<'a>,
-    identifier: Option<Value>,
-    priority: Option<String>,
-    needs: Vec<String>,
-    codes: Vec<String>,
-    district: String,
-    age: Option<u32>,
+    pub(super) make_sr: MakeSr<'a>,
+    pub(super) identifier: Option<Value>,
+    pub(super) priority: Option<String>,
+    pub(super) needs: Vec<String>,
+    pub(super) codes: Vec<String>,
+    pub(super) district: String,
+    pub(super) age: Option<u32>,
 }
 
 fn sha256_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
 
-fn hash_json(v: &Value) -> String {
+pub(super) fn hash_json(v: &Value) -> String {
     // serde_json's Map is ordered by key, so equal JSON gives equal bytes.
     sha256_hex(&v.to_string())
 }
@@ -204,7 +225,9 @@ impl Gateway {
                 practice: Some(ods),
                 referrer: None,
                 source: gp_source(),
+                gp: true,
             },
+            triage: false,
         };
         self.create(plan).await
     }
@@ -392,6 +415,7 @@ impl Gateway {
             district,
             age,
             origin,
+            triage: false,
         };
         self.create(plan).await
     }
@@ -411,7 +435,7 @@ impl Gateway {
     }
 
     /// Writes a new referral in one transaction, or finds the same one already written.
-    async fn create(&self, plan: Plan<'_>) -> Result<Submitted> {
+    pub(super) async fn create(&self, plan: Plan<'_>) -> Result<Submitted> {
         let cfg = &self.cfg;
         let new_patient = uuid::Uuid::new_v4().to_string();
         let sr_id = uuid::Uuid::new_v4().to_string();
@@ -466,7 +490,15 @@ impl Gateway {
                 }
             }
             let now = tx_now(tx)?;
-            let decision = routing::route(cfg, &facts, |p| tx_count(tx, &keys::open_count(p)))?;
+            let decision = if plan.triage {
+                routing::Decision {
+                    provider: cfg.routing.fallback_provider.clone(),
+                    rule: "triage".into(),
+                    reason: "a self-referral goes to the link-worker hub for triage".into(),
+                }
+            } else {
+                routing::route(cfg, &facts, |p| tx_count(tx, &keys::open_count(p)))?
+            };
             let Some(provider) = cfg.provider(&decision.provider) else {
                 return fail(Error::Internal("routed to an unknown provider".into()));
             };
@@ -487,16 +519,19 @@ impl Gateway {
                 }
             };
             let mut sr = (plan.make_sr)(&patient_id, provider);
-            let scope_ext = origin
-                .referrer
-                .as_deref()
-                .map(|client| fhir::referral_scope_ext(cfg, client, origin.practice.as_deref()));
+            let scope_ext = (!origin.gp).then(|| {
+                fhir::referral_scope_ext(
+                    cfg,
+                    origin.referrer.as_deref(),
+                    origin.practice.as_deref(),
+                )
+            });
             mark_origin(&mut sr, origin.source, scope_ext.clone());
             fhir::stamp(&mut sr, &sr_id, 1, &now.instant);
             // A GP practice's referral names the practice as its requester, as written by
             // the gateway (the ServiceRequest may identify it by ODS code only).
-            let requester = match (&origin.referrer, &origin.practice) {
-                (None, Some(ods)) => fhir::practice_ref(cfg, ods),
+            let requester = match (origin.gp, &origin.practice) {
+                (true, Some(ods)) => fhir::practice_ref(cfg, ods),
                 _ => sr.get("requester").cloned().unwrap_or(Value::Null),
             };
             let mut task = fhir::task(&fhir::TaskSpec {
@@ -914,6 +949,7 @@ pub(crate) fn check_service_request(
             practice: Some(ods),
             referrer: None,
             source: claimed.unwrap_or_else(gp_source),
+            gp: true,
         });
     }
     let kind = check_referrer_requester(sr, cfg, patient.map(|p| p.1))?;
@@ -957,6 +993,7 @@ pub(crate) fn check_service_request(
         practice,
         referrer: Some(who.client_id.clone()),
         source,
+        gp: false,
     })
 }
 

@@ -354,6 +354,7 @@ impl Gateway {
                                     .filter(|c| c.role == Role::Referrer)
                                     .map(|c| super::referral::referrer_namespace(&c.id)),
                             )
+                            .chain([super::self_referral::NAMESPACE.to_string()])
                             .collect(),
                     };
                     let mut ids = Vec::new();

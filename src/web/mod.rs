@@ -1,5 +1,6 @@
-//! The provider inbox in a browser (`/inbox`): pages for people of small groups that have
-//! no system of their own, over the same `gateway` use cases as the FHIR API.
+//! Pages for people in a browser, over the same `gateway` use cases as the FHIR API: the
+//! provider inbox (`/inbox`) for small groups with no system of their own, and the public
+//! self-referral page (`/refer`, in `refer`).
 //!
 //! Owns: the page routes, sessions as cookies (`HttpOnly`, `SameSite=Strict`, `Secure`
 //! over TLS), the CSRF token on every form, turning a person's session into the provider
@@ -9,6 +10,7 @@
 //! nor touch the store except through `accounts` and `gateway`.
 
 mod pages;
+mod refer;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -31,14 +33,17 @@ use crate::gateway::Gateway;
 pub struct WebState {
     pub gateway: Arc<Gateway>,
     limiter: Arc<AddressLimiter>,
+    refer: Arc<refer::ReferLimits>,
 }
 
 impl WebState {
     pub fn new(gateway: Arc<Gateway>) -> WebState {
         let per_minute = gateway.config().inbox.attempts_per_address_per_minute;
+        let refer = refer::ReferLimits::new(&gateway.config().refer);
         WebState {
             gateway,
             limiter: Arc::new(AddressLimiter::new(per_minute)),
+            refer,
         }
     }
 }
@@ -67,6 +72,8 @@ pub fn router(state: WebState) -> Router {
         .route("/inbox/referrals/{id}", get(pages::referral))
         .route("/inbox/referrals/{id}/{action}", post(pages::act))
         .route("/inbox/{*rest}", get(pages::not_found))
+        .route("/refer", get(refer::form).post(refer::submit))
+        .route("/refer/privacy", get(refer::privacy))
         .route("/assets/{*path}", get(asset))
         .with_state(state)
 }
