@@ -411,16 +411,10 @@ pub fn patient(c: &CheckedReferral, cfg: &Config) -> Value {
     out
 }
 
-/// UK Core ServiceRequest from a referral.
-pub fn service_request(
-    c: &CheckedReferral,
-    cfg: &Config,
-    patient_id: &str,
-    provider: &Provider,
-) -> Value {
-    let r = &c.referral;
-    let mut reason_codes: Vec<Value> = r
-        .needs
+/// A ServiceRequest's `reasonCode`s for need categories: each category's SNOMED CT codes,
+/// with the category's own words as text.
+pub fn need_reason_codes(cfg: &Config, needs: &[String]) -> Vec<Value> {
+    needs
         .iter()
         .filter_map(|n| cfg.need(n))
         .map(|n| {
@@ -431,7 +425,18 @@ pub fn service_request(
                 .collect();
             json!({ "coding": coding, "text": n.display })
         })
-        .collect();
+        .collect()
+}
+
+/// UK Core ServiceRequest from a referral.
+pub fn service_request(
+    c: &CheckedReferral,
+    cfg: &Config,
+    patient_id: &str,
+    provider: &Provider,
+) -> Value {
+    let r = &c.referral;
+    let mut reason_codes = need_reason_codes(cfg, &r.needs);
     for reason in &r.reasons {
         let mut coding = json!({ "system": reason.system, "code": reason.code });
         if let Some(d) = &reason.display {

@@ -146,7 +146,7 @@ fn needs_for_codes(cfg: &Config, codes: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn age_of(birth_date: Option<&str>, now: &Now) -> Option<u32> {
+pub(super) fn age_of(birth_date: Option<&str>, now: &Now) -> Option<u32> {
     let d = ingest::parse_date(birth_date?)?;
     let today = now.time.date();
     let mut years = today.year() - d.year();
@@ -532,7 +532,7 @@ impl Gateway {
             // the gateway (the ServiceRequest may identify it by ODS code only).
             let requester = match (origin.gp, &origin.practice) {
                 (true, Some(ods)) => fhir::practice_ref(cfg, ods),
-                _ => sr.get("requester").cloned().unwrap_or(Value::Null),
+                _ => task_requester(&sr),
             };
             let mut task = fhir::task(&fhir::TaskSpec {
                 identifier: plan.identifier.clone(),
@@ -719,6 +719,57 @@ fn split_transaction(bundle: &Value) -> Result<(Value, Value, String, (usize, us
             "a transaction here holds exactly one Patient and one ServiceRequest",
         )),
     }
+}
+
+/// A Task's requester from its ServiceRequest's. A reference to a resource contained in the
+/// ServiceRequest (`#id`) would dangle in the Task: it becomes its type and a display (the
+/// contained resource's name, as given), with any identifier kept.
+fn task_requester(sr: &Value) -> Value {
+    let Some(r) = sr.get("requester") else {
+        return Value::Null;
+    };
+    let Some(local) = r
+        .get("reference")
+        .and_then(Value::as_str)
+        .and_then(|x| x.strip_prefix('#'))
+    else {
+        return r.clone();
+    };
+    let contained = sr
+        .get("contained")
+        .and_then(Value::as_array)
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.get("id").and_then(Value::as_str) == Some(local))
+        });
+    let mut out = serde_json::Map::new();
+    if let Some(t) = contained.and_then(|c| c.get("resourceType")).cloned() {
+        out.insert("type".into(), t);
+    }
+    if let Some(i) = r.get("identifier") {
+        out.insert("identifier".into(), i.clone());
+    }
+    let name = contained.and_then(|c| {
+        let n = c.pointer("/name/0").or_else(|| c.get("name"))?;
+        n.get("text")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| n.as_str().map(str::to_string))
+            .or_else(|| {
+                let given = n.get("given")?.as_array()?.iter().filter_map(Value::as_str);
+                let family = n.get("family").and_then(Value::as_str);
+                Some(given.chain(family).collect::<Vec<_>>().join(" "))
+            })
+    });
+    let display = r
+        .get("display")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or(name)
+        .filter(|d| !d.trim().is_empty())
+        .unwrap_or_else(|| "the requester named in the ServiceRequest".into());
+    out.insert("display".into(), Value::String(display));
+    Value::Object(out)
 }
 
 /// The source of referral of a GP practice's referral.

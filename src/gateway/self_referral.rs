@@ -6,7 +6,7 @@
 //! ServiceRequest. The referral is written by the same [`Gateway::create`] as every other,
 //! so it is routed, audited and idempotent the same way. It must not know HTML or HTTP.
 
-use serde_json::{json, Value};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::referral::{Origin, PatientPlan, Plan, Submitted};
@@ -276,18 +276,7 @@ impl Gateway {
             patient["generalPractitioner"] = json!([fhir::practice_ref(cfg, &f.practice)]);
         }
         let needs: Vec<String> = f.needs.clone();
-        let reason_codes: Vec<Value> = needs
-            .iter()
-            .filter_map(|n| cfg.need(n))
-            .map(|n| {
-                let coding: Vec<Value> = n
-                    .snomed
-                    .iter()
-                    .map(|code| json!({ "system": fhir::SNOMED, "code": code }))
-                    .collect();
-                json!({ "coding": coding, "text": n.display })
-            })
-            .collect();
+        let reason_codes = fhir::need_reason_codes(cfg, &needs);
         let codes: Vec<String> = needs
             .iter()
             .filter_map(|n| cfg.need(n))
@@ -336,14 +325,7 @@ impl Gateway {
         })
         .ok_or_else(|| Error::Internal("source-of-referral codes missing".into()))?;
         let practice = (f.consent_gp && !f.practice.is_empty()).then(|| f.practice.clone());
-        let age = {
-            let today = now.time.date();
-            let mut y = today.year() - dob.year();
-            if (today.month() as u8, today.day()) < (dob.month() as u8, dob.day()) {
-                y -= 1;
-            }
-            u32::try_from(y).ok()
-        };
+        let age = super::referral::age_of(Some(&dob.to_string()), &now);
         let district = postcode.split(' ').next().unwrap_or_default().to_string();
         // The form as sent, less the token: the same token with other answers is a conflict.
         let hash_input = json!({ "patient": patient, "serviceRequest": { "identifier": sr["identifier"], "requester": sr["requester"], "contained": sr["contained"], "reasonCode": sr["reasonCode"], "note": sr.pointer("/note/0/text"), "extension": sr["extension"] } });
