@@ -272,15 +272,7 @@ pub fn parties_of(resource: &Value) -> Parties<'_> {
             }
         }
         None => Parties {
-            practice: resource.get("requester").and_then(|r| {
-                let by_ods = (r.pointer("/identifier/system").and_then(Value::as_str)
-                    == Some(ODS_SYSTEM))
-                .then(|| r.pointer("/identifier/value").and_then(Value::as_str))
-                .flatten();
-                by_ods
-                    .or_else(|| ref_id(r, "Organization"))
-                    .filter(|v| crate::config::is_ods_code(v))
-            }),
+            practice: resource.get("requester").and_then(ods_of),
             referrer: None,
         },
     }
@@ -572,17 +564,18 @@ pub fn organization(cfg: &Config, id: &str) -> Option<Value> {
 /// The ODS code of a ServiceRequest's requester: its identifier (ODS system), or a literal
 /// `Organization/{ODS code}` reference.
 pub fn requester_ods(sr: &Value) -> Option<String> {
-    let r = sr.get("requester")?;
-    if r.pointer("/identifier/system").and_then(Value::as_str) == Some(ODS_SYSTEM) {
-        return r
-            .pointer("/identifier/value")
-            .and_then(Value::as_str)
-            .filter(|v| crate::config::is_ods_code(v))
-            .map(str::to_string);
-    }
-    ref_id(r, "Organization")
-        .filter(|v| crate::config::is_ods_code(v))
-        .map(str::to_string)
+    ods_of(sr.get("requester")?).map(str::to_string)
+}
+
+/// The ODS code a reference names: its identifier when that is of the ODS system, else a
+/// literal `Organization/{ODS code}`.
+pub fn ods_of(r: &Value) -> Option<&str> {
+    let code = if r.pointer("/identifier/system").and_then(Value::as_str) == Some(ODS_SYSTEM) {
+        r.pointer("/identifier/value").and_then(Value::as_str)
+    } else {
+        ref_id(r, "Organization")
+    };
+    code.filter(|v| crate::config::is_ods_code(v))
 }
 
 fn has_coding(concept: Option<&Value>, system: &str, code: &str) -> bool {

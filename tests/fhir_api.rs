@@ -12,7 +12,7 @@ fn transaction() -> Value {
     fixture("fhir/transaction-dora.json")
 }
 
-async fn post_fhir(
+pub(crate) async fn post_fhir(
     gw: &TestGateway,
     token: &str,
     path: &str,

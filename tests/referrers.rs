@@ -4,10 +4,8 @@
 //! only when the person agreed.
 
 use crate::common::*;
-use reqwest::Method;
 use serde_json::{json, Value};
 
-const FHIR: &str = "application/fhir+json";
 const SOR_SYSTEM: &str = "https://sp-gateway.example.org/fhir/CodeSystem/source-of-referral";
 const SOR_EXT: &str =
     "https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-SourceOfServiceRequest";
@@ -26,15 +24,7 @@ fn with_id(mut b: Value, id: &str) -> Value {
 }
 
 async fn post(gw: &TestGateway, token: &str, path: &str, body: &Value) -> Resp {
-    gw.request(
-        Method::POST,
-        path,
-        Some(token),
-        Some(FHIR),
-        Some(body.to_string().into_bytes()),
-        &[],
-    )
-    .await
+    crate::fhir_api::post_fhir(gw, token, path, body, &[]).await
 }
 
 /// (Patient, ServiceRequest, Task) ids of a transaction's answer.

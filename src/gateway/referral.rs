@@ -831,16 +831,9 @@ fn registered_practice(patient: &Value, cfg: &Config) -> Option<String> {
         .get("generalPractitioner")?
         .as_array()?
         .iter()
-        .find_map(|g| {
-            let by_id = (g.pointer("/identifier/system").and_then(Value::as_str)
-                == Some(fhir::ODS_SYSTEM))
-            .then(|| g.pointer("/identifier/value").and_then(Value::as_str))
-            .flatten();
-            by_id
-                .or_else(|| fhir::ref_id(g, "Organization"))
-                .filter(|ods| cfg.practice(ods).is_some())
-                .map(str::to_string)
-        })
+        .filter_map(fhir::ods_of)
+        .find(|ods| cfg.practice(ods).is_some())
+        .map(str::to_string)
 }
 
 /// Who may be a referral's requester when a referrer (not a GP system) sends it.

@@ -265,6 +265,14 @@ impl IntoResponse for PageError {
     }
 }
 
+/// The message of a form's fault at `field`, among (field, message) pairs.
+pub fn field_error<'a>(errors: &'a [(String, String)], field: &str) -> Option<&'a str> {
+    errors
+        .iter()
+        .find(|(f, _)| f == field)
+        .map(|(_, m)| m.as_str())
+}
+
 /// Headers every page carries: nothing from elsewhere, not framed, not cached.
 fn html_response(status: StatusCode, html: String) -> Response {
     let mut r = (status, html).into_response();

@@ -511,10 +511,7 @@ struct ReferralPage {
 
 impl ReferralPage {
     fn field_error(&self, field: &str) -> Option<&str> {
-        self.errors
-            .iter()
-            .find(|(f, _)| f == field)
-            .map(|(_, e)| e.as_str())
+        super::field_error(&self.errors, field)
     }
 }
 

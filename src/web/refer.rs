@@ -55,10 +55,7 @@ struct FormPage {
 
 impl FormPage {
     fn err(&self, field: &str) -> Option<&str> {
-        self.errors
-            .iter()
-            .find(|(f, _)| f == field)
-            .map(|(_, m)| m.as_str())
+        super::field_error(&self.errors, field)
     }
 }
 
