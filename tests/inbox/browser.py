@@ -9,24 +9,25 @@ it, records a contact, records SWEMWBS 99 (and checks the message beside the fie
 violations. The queue and the referral are also checked at a phone's width and at 200%
 zoom (1280 px / 2): no sideways scrolling. Screenshots of the queue and the referral are
 written to SCREENSHOT_DIR. Prints one line per check; exits non-zero on the first failure.
+The browser, axe and keyboard helpers are in pagecheck.py, beside this script.
 """
 
 import base64
 import hashlib
 import hmac
 import json
+import os
 import struct
 import sys
 import time
 
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pagecheck import Browser, by_id, fail, link_to  # noqa: E402  (beside this script)
+
 BASE, EMAIL, PASSWORD, SECRET, TASK, AXE_JS, SHOTS = sys.argv[1:8]
-AXE = open(AXE_JS, encoding="utf-8").read()
-TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
 
 
 def totp(secret, at=None):
@@ -39,181 +40,85 @@ def totp(secret, at=None):
     return f"{n % 1_000_000:06d}"
 
 
-def fail(msg):
-    print(f"FAIL: {msg}", flush=True)
-    sys.exit(1)
-
-
-opts = webdriver.ChromeOptions()
-opts.binary_location = "/usr/bin/chromium"
-for a in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
-          "--disable-gpu", "--no-first-run", "--lang=en-GB"]:
-    opts.add_argument(a)
-driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
-driver.set_page_load_timeout(30)
-checked = []
-
-
-def axe(label):
-    driver.execute_script(AXE)
-    result = driver.execute_async_script(
-        "const done = arguments[arguments.length - 1];"
-        "axe.run(document, {runOnly: {type: 'tag', values: %s}}).then(r => done(r))"
-        ".catch(e => done({error: String(e)}));" % json.dumps(TAGS)
-    )
-    if "error" in result:
-        fail(f"axe on {label}: {result['error']}")
-    v = result["violations"]
-    if v:
-        detail = "; ".join(f"{x['id']} ({len(x['nodes'])}): {x['help']} e.g. {x['nodes'][0]['html'][:120]}" for x in v)
-        fail(f"axe on {label}: {len(v)} violations: {detail}")
-    checked.append(label)
-    print(f"axe ok: {label} ({len(result['passes'])} rules passed)", flush=True)
-
-
-def no_sideways_scroll(label):
-    for width, what in [(375, "phone width"), (640, "200% zoom")]:
-        driver.set_window_size(width, 900)
-        time.sleep(0.2)
-        sw = driver.execute_script("return document.documentElement.scrollWidth")
-        cw = driver.execute_script("return document.documentElement.clientWidth")
-        if sw > cw + 1:
-            fail(f"{label} at {what}: scrolls sideways ({sw} > {cw})")
-        axe(f"{label} at {what}")
-    driver.set_window_size(1280, 1000)
-
-
-def focused():
-    return driver.switch_to.active_element
-
-
-def tab_to(predicate, what, limit=80):
-    """Presses Tab until the focused element satisfies predicate (keyboard only)."""
-    for _ in range(limit):
-        focused().send_keys(Keys.TAB)
-        el = focused()
-        if predicate(el):
-            return el
-    fail(f"Tab never reached {what}")
-
-
-def by_id(i):
-    return lambda el: el.get_attribute("id") == i
-
-
-def button(text):
-    return lambda el: el.tag_name == "button" and el.text.strip() == text
-
-
-def type_into(field_id, text):
-    el = tab_to(by_id(field_id), f"#{field_id}")
-    el.send_keys(Keys.CONTROL, "a")
-    el.send_keys(text)
-
-
-def press(label):
-    tab_to(button(label), f"button '{label}'").send_keys(Keys.ENTER)
-    time.sleep(0.3)
-
-
-def start_at(path):
-    driver.get(BASE + path)
-    # Keyboard from the top of the page: the first Tab lands on the skip link.
-    driver.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
-    first = focused()
-    if "Skip to main content" not in first.text:
-        fail(f"the first Tab on {path} is not the skip link: {first.text!r}")
-
-
-def axe_finds_a_planted_fault():
-    """A control: axe must report an image with no text alternative, or it checks nothing."""
-    driver.execute_script(AXE)
-    driver.execute_script("const i = document.createElement('img'); i.src = '/assets/x.svg';"
-                          "document.querySelector('main').appendChild(i);")
-    r = driver.execute_async_script(
-        "const done = arguments[arguments.length - 1];"
-        "axe.run(document, {runOnly: {type: 'tag', values: %s}}).then(r => done(r));" % json.dumps(TAGS))
-    if not any(v["id"] == "image-alt" for v in r["violations"]):
-        fail("axe did not report a planted image without alt text: it is not checking")
-    print("axe control ok: a planted fault is reported", flush=True)
-
+b = Browser(BASE, AXE_JS, SHOTS)
+driver = b.driver
 
 try:
     driver.get(BASE + "/inbox/sign-in")
-    axe_finds_a_planted_fault()
-    start_at("/inbox")
+    b.axe_finds_a_planted_fault()
+    b.start_at("/inbox")
     if "/inbox/sign-in" not in driver.current_url:
         fail("the queue did not send an unsigned browser to sign in")
-    axe("sign-in")
-    type_into("email", EMAIL)
-    type_into("password", PASSWORD)
-    press("Continue")
+    b.axe("sign-in")
+    b.type_into("email", EMAIL)
+    b.type_into("password", PASSWORD)
+    b.press("Continue")
     if "/inbox/sign-in/code" not in driver.current_url:
         fail(f"password step went to {driver.current_url}")
-    axe("security code")
+    b.axe("security code")
     # A wrong code first: the message is beside the field, and the page still passes axe.
-    focused().send_keys(Keys.TAB)
-    type_into("code", "000000")
-    press("Continue")
+    b.focused().send_keys(Keys.TAB)
+    b.type_into("code", "000000")
+    b.press("Continue")
     if "code-error" not in driver.page_source:
         fail("a wrong code shows no message beside the field")
-    axe("security code, wrong code")
-    type_into("code", totp(SECRET))
-    press("Continue")
+    b.axe("security code, wrong code")
+    b.type_into("code", totp(SECRET))
+    b.press("Continue")
     if not driver.current_url.rstrip("/").endswith("/inbox"):
         fail(f"code step went to {driver.current_url}")
 
-    axe("queue")
+    b.axe("queue")
     if "Ada Example" not in driver.page_source:
         fail("the queue does not show the routed referral")
-    driver.save_screenshot(f"{SHOTS}/queue.png")
-    no_sideways_scroll("queue")
-    start_at("/inbox")
-    link = tab_to(lambda el: el.tag_name == "a" and TASK in (el.get_attribute("href") or ""), "the referral's link")
+    b.screenshot("queue.png")
+    b.no_sideways_scroll("queue")
+    b.start_at("/inbox")
+    link = b.tab_to(link_to(TASK), "the referral's link")
     link.send_keys(Keys.ENTER)
     time.sleep(0.3)
     if TASK not in driver.current_url:
         fail("Enter on the referral's link did not open it")
-    axe("referral (new)")
+    b.axe("referral (new)")
     if "<script>alert" not in driver.find_element(By.TAG_NAME, "main").text:
         fail("the GP's notes (which hold markup) are not shown as text")
-    driver.save_screenshot(f"{SHOTS}/referral.png")
-    no_sideways_scroll("referral")
+    b.screenshot("referral.png")
+    b.no_sideways_scroll("referral")
 
-    start_at(f"/inbox/referrals/{TASK}")
-    press("Accept this referral")
+    b.start_at(f"/inbox/referrals/{TASK}")
+    b.press("Accept this referral")
     if "You accepted this referral" not in driver.page_source:
         fail("accept did not say it was done")
-    axe("referral (accepted)")
+    b.axe("referral (accepted)")
 
-    start_at(f"/inbox/referrals/{TASK}")
-    type_into("contact-date", "21/11/2026")
-    el = tab_to(by_id("contact-attempted"), "the contact radios")
+    b.start_at(f"/inbox/referrals/{TASK}")
+    b.type_into("contact-date", "21/11/2026")
+    el = b.tab_to(by_id("contact-attempted"), "the contact radios")
     el.send_keys(Keys.ARROW_DOWN)  # radios move by arrow keys
     if not driver.find_element(By.ID, "contact-made").is_selected():
         fail("arrow key did not choose 'We spoke to them'")
-    press("Record contact")
+    b.press("Record contact")
     if "Contact recorded" not in driver.page_source:
         fail("contact was not recorded")
 
-    start_at(f"/inbox/referrals/{TASK}")
-    type_into("score", "99")
-    press("Record score")
+    b.start_at(f"/inbox/referrals/{TASK}")
+    b.type_into("score", "99")
+    b.press("Record score")
     err = driver.find_elements(By.ID, "score-error")
     if not err or "from 7 to 35" not in err[0].text:
         fail("score 99 was not refused beside its field")
-    axe("referral (score refused)")
-    driver.save_screenshot(f"{SHOTS}/score-refused.png")
-    type_into("score", "24")
-    press("Record score")
+    b.axe("referral (score refused)")
+    b.screenshot("score-refused.png")
+    b.type_into("score", "24")
+    b.press("Record score")
     if "Score recorded" not in driver.page_source:
         fail("score 24 was not recorded")
 
-    start_at(f"/inbox/referrals/{TASK}")
-    press("Mark as complete")
+    b.start_at(f"/inbox/referrals/{TASK}")
+    b.press("Mark as complete")
     if "The referral is complete" not in driver.page_source:
         fail("complete did not say it was done")
-    axe("referral (completed)")
-    print(json.dumps({"ok": True, "pages_checked": checked}), flush=True)
+    b.axe("referral (completed)")
+    print(json.dumps({"ok": True, "pages_checked": b.checked}), flush=True)
 finally:
-    driver.quit()
+    b.quit()
