@@ -199,8 +199,43 @@ pub const RESOURCES: &[Resource] = &[
     Resource {
         rtype: "Organization",
         profile: crate::fhir::PROFILE_ORGANIZATION,
-        interactions: &[Read],
-        search: &[],
+        interactions: &[Read, SearchType],
+        search: &[
+            p("_id", "token", "the Organization's id (an ODS code, a provider id or an ORUK organisation id)"),
+            p("name", "string", "starts with, ignoring case"),
+        ],
+        includes: &[],
+        conditional_create: false,
+        validate: false,
+    },
+    Resource {
+        rtype: "HealthcareService",
+        profile: crate::fhir::PROFILE_HEALTHCARE_SERVICE,
+        interactions: &[Read, Vread, HistoryInstance, SearchType, Update, Patch],
+        search: &[
+            p("_id", "token", "the service's id (its ORUK id)"),
+            p("active", "token", "true or false"),
+            p("service-category", "token", "a need category ([code] or [system]|[code]); comma: any of them"),
+            p("service-type", "token", "an ORUK taxonomy term ([system]|[code])"),
+            p("coverage-area", "reference", "Location/district-{postcode district}, e.g. Location/district-BB9"),
+            p("location", "reference", "Location/{id}: where it is offered"),
+            p("organization", "reference", "Organization/{id}: who provides it"),
+            p("name", "string", "starts with, ignoring case"),
+        ],
+        includes: &crate::gateway::directory::SERVICE_INCLUDES,
+        conditional_create: false,
+        validate: false,
+    },
+    Resource {
+        rtype: "Location",
+        profile: crate::fhir::PROFILE_LOCATION,
+        interactions: &[Read, Vread, HistoryInstance, SearchType],
+        search: &[
+            p("_id", "token", "the Location's id"),
+            p("name", "string", "starts with, ignoring case"),
+            p("address-postalcode", "string", "starts with, ignoring case and spaces: BB9 finds every place in BB9 and the district itself"),
+            p("organization", "reference", "Organization/{id}"),
+        ],
         includes: &[],
         conditional_create: false,
         validate: false,
@@ -219,7 +254,7 @@ pub fn supports(rtype: &str, i: Interaction) -> bool {
 /// audit trail (which is ordered as recorded, not by `_lastUpdated`).
 fn common_for(rtype: &str) -> impl Iterator<Item = &'static SearchParam> + '_ {
     COMMON_SEARCH.iter().filter(move |s| match rtype {
-        "AuditEvent" => s.name == "_count",
+        "AuditEvent" | "HealthcareService" | "Location" | "Organization" => s.name == "_count",
         "Provenance" => false,
         _ => true,
     })
@@ -262,6 +297,7 @@ pub fn permitted(role: crate::config::Role, rtype: &str, i: Interaction) -> bool
         Role::Provider => {
             reads
                 || (i == Create && rtype == "Observation")
+                || (matches!(i, Update | Patch) && rtype == "HealthcareService")
                 || (matches!(i, Update | Patch) && rtype == "Task")
         }
     }

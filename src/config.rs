@@ -336,6 +336,10 @@ pub struct Need {
 pub struct Provider {
     pub id: String,
     pub name: String,
+    /// The organisation's id in the imported directory (ORUK `organization.id`): its
+    /// Organization keeps this provider's id, and its services route to this provider.
+    #[serde(default)]
+    pub oruk_organization: Option<String>,
     #[serde(default)]
     pub needs: Vec<String>,
     /// Postcode districts served (outward codes, e.g. "BB9").
@@ -523,7 +527,14 @@ pub struct DemoUser {
 #[serde(deny_unknown_fields)]
 pub struct Route {
     pub name: String,
+    /// The provider this rule sends to (one of `provider` and `service`).
+    #[serde(default)]
     pub provider: String,
+    /// A directory service (HealthcareService id) this rule sends to: the service's own
+    /// needs, postcode districts and ages apply as well as the rule's, and it must be
+    /// active, recently assured and have capacity.
+    #[serde(default)]
+    pub service: Option<String>,
     /// Need category names or SNOMED codes; any one matching is enough. Empty: any need.
     #[serde(default)]
     pub needs: Vec<String>,
@@ -545,6 +556,64 @@ pub struct Routing {
     /// Provider that takes every referral no rule (with capacity) matched.
     pub fallback_provider: String,
     pub routes: Vec<Route>,
+    /// After the rules, try every directory service the referral fits (its needs, postcode
+    /// district and age), by the service's local priority, then name.
+    #[serde(default)]
+    pub directory: bool,
+}
+
+/// The directory of services (`sp-gateway directory import`): how ORUK categories become
+/// need categories, how recent an assurance must be, and the fields kept locally per
+/// service (an import never changes them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectoryConfig {
+    /// A service is routed to only if its `assured_date` is at most this many months old;
+    /// 0: assurance is not required.
+    pub assured_within_months: u32,
+    /// The taxonomies the gateway reads; a service tagged with a term of any other is
+    /// refused at import.
+    pub taxonomies: Vec<Taxonomy>,
+    /// Local fields of directory services, by service id.
+    pub services: Vec<LocalService>,
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        DirectoryConfig {
+            assured_within_months: 12,
+            taxonomies: Vec::new(),
+            services: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Taxonomy {
+    /// The ORUK `taxonomy_term.taxonomy` value (e.g. "sp-gateway-needs", "esd").
+    pub name: String,
+    /// Term (its `term`, `name` or `id`) → need category name.
+    #[serde(default)]
+    pub terms: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalService {
+    pub id: String,
+    /// Need categories this service takes, instead of those its ORUK categories map to.
+    #[serde(default)]
+    pub needs: Option<Vec<String>>,
+    /// Postcode districts, instead of those read from its ORUK service areas.
+    #[serde(default)]
+    pub areas: Option<Vec<String>>,
+    /// Routing order among directory services: lower first (default 100).
+    #[serde(default)]
+    pub priority: Option<u32>,
+    /// Practices whose referrals it takes; empty: any.
+    #[serde(default)]
+    pub practices: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -606,6 +675,8 @@ pub struct Config {
     pub refer: ReferConfig,
     #[serde(default)]
     pub archive: ArchiveConfig,
+    #[serde(default)]
+    pub directory: DirectoryConfig,
 }
 
 /// Moving closed, delivered referrals out of the hot store into the archive
@@ -695,6 +766,97 @@ impl Config {
 
     pub fn outcome(&self, code: &str) -> Option<&Outcome> {
         self.outcomes.iter().find(|o| o.code == code)
+    }
+
+    /// `[directory]`: known taxonomies map terms to real needs; local service fields name
+    /// real needs, districts and practices; providers link distinct ORUK organisations.
+    fn check_directory(
+        &self,
+        need_names: &HashSet<&str>,
+        practices: &HashSet<&str>,
+        bad: &dyn Fn(String, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let d = &self.directory;
+        if d.assured_within_months > 1200 {
+            return Err(bad(
+                "directory.assured_within_months".into(),
+                "must be from 0 (not required) to 1200".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, t) in d.taxonomies.iter().enumerate() {
+            if t.name.trim().is_empty() || !names.insert(t.name.as_str()) {
+                return Err(bad(
+                    format!("directory.taxonomies[{i}].name"),
+                    "must be a taxonomy name, listed once".into(),
+                ));
+            }
+            for (term, need) in &t.terms {
+                if !need_names.contains(need.as_str()) {
+                    return Err(bad(
+                        format!("directory.taxonomies[{i}].terms.{term}"),
+                        format!("`{need}` is not a need named in [[needs]]"),
+                    ));
+                }
+            }
+        }
+        let mut ids = HashSet::new();
+        for (i, s) in d.services.iter().enumerate() {
+            if !is_fhir_id(&s.id) || !ids.insert(s.id.as_str()) {
+                return Err(bad(
+                    format!("directory.services[{i}].id"),
+                    format!("`{}` is not a FHIR id, or is listed twice", s.id),
+                ));
+            }
+            for n in s.needs.iter().flatten() {
+                if !need_names.contains(n.as_str()) {
+                    return Err(bad(
+                        format!("directory.services[{i}].needs"),
+                        format!("`{n}` is not a need named in [[needs]]"),
+                    ));
+                }
+            }
+            for a in s.areas.iter().flatten() {
+                if !is_postcode_district(a) {
+                    return Err(bad(
+                        format!("directory.services[{i}].areas"),
+                        format!("`{a}` is not a postcode district such as \"BB9\""),
+                    ));
+                }
+            }
+            for o in &s.practices {
+                if !practices.contains(o.as_str()) {
+                    return Err(bad(
+                        format!("directory.services[{i}].practices"),
+                        format!("`{o}` is not a practice in [[practices]]"),
+                    ));
+                }
+            }
+        }
+        let mut linked = HashSet::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            if let Some(o) = &p.oruk_organization {
+                if o.trim().is_empty() || !linked.insert(o.as_str()) {
+                    return Err(bad(
+                        format!("providers[{i}].oruk_organization"),
+                        "must be an ORUK organisation id, linked to one provider only".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The provider an ORUK organisation is linked to.
+    pub fn provider_for_oruk(&self, org: &str) -> Option<&Provider> {
+        self.providers
+            .iter()
+            .find(|p| p.oruk_organization.as_deref() == Some(org))
+    }
+
+    /// A directory service's local fields, if the config has any.
+    pub fn local_service(&self, id: &str) -> Option<&LocalService> {
+        self.directory.services.iter().find(|s| s.id == id)
     }
 
     fn check(&self, file: &str) -> Result<(), ConfigError> {
@@ -1081,11 +1243,27 @@ impl Config {
                     format!("`{}` is listed twice", r.name),
                 ));
             }
-            if !provider_ids.contains(r.provider.as_str()) {
-                return Err(bad(
-                    format!("routing.routes[{i}].provider"),
-                    format!("`{}` is not a provider id", r.provider),
-                ));
+            match &r.service {
+                Some(s) if r.provider.is_empty() && !is_fhir_id(s) => {
+                    return Err(bad(
+                        format!("routing.routes[{i}].service"),
+                        format!("`{s}` is not a FHIR id"),
+                    ));
+                }
+                Some(_) if r.provider.is_empty() => {}
+                Some(_) => {
+                    return Err(bad(
+                        format!("routing.routes[{i}]"),
+                        "names both a provider and a service: name one".into(),
+                    ))
+                }
+                None if !provider_ids.contains(r.provider.as_str()) => {
+                    return Err(bad(
+                        format!("routing.routes[{i}].provider"),
+                        format!("`{}` is not a provider id", r.provider),
+                    ));
+                }
+                None => {}
             }
             for (j, n) in r.needs.iter().enumerate() {
                 if !need_names.contains(n.as_str()) && !is_sctid(n) {
@@ -1120,6 +1298,7 @@ impl Config {
                 }
             }
         }
+        self.check_directory(&need_names, &seen, &bad)?;
         let mut outcome_codes = HashSet::new();
         for (i, o) in self.outcomes.iter().enumerate() {
             if !is_sctid(&o.code) {

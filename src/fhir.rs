@@ -61,6 +61,10 @@ pub const PROFILE_OBSERVATION: &str =
 pub const PROFILE_ORGANIZATION: &str =
     "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Organization";
 
+pub const PROFILE_HEALTHCARE_SERVICE: &str =
+    "https://fhir.hl7.org.uk/StructureDefinition/UKCore-HealthcareService";
+pub const PROFILE_LOCATION: &str = "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Location";
+
 pub const CODE_SP_REFERRAL: &str = "871731000000106";
 pub const CODE_SP_DECLINED: &str = "871711000000103";
 pub const CODE_PATIENT_REFERRAL: &str = "3457005";
@@ -308,6 +312,8 @@ pub fn profile_for(rtype: &str) -> Option<&'static str> {
         "Task" => PROFILE_TASK,
         "Observation" => PROFILE_OBSERVATION,
         "Organization" => PROFILE_ORGANIZATION,
+        "HealthcareService" => PROFILE_HEALTHCARE_SERVICE,
+        "Location" => PROFILE_LOCATION,
         _ => return None,
     })
 }
@@ -505,6 +511,14 @@ pub fn task(s: &TaskSpec<'_>) -> Value {
         "requester": s.requester,
         "owner": provider_ref(s.provider)
     });
+    if let Some((id, name)) = &s.decision.service {
+        if let Some(parts) = t
+            .pointer_mut("/extension/0/extension")
+            .and_then(Value::as_array_mut)
+        {
+            parts.push(json!({ "url": "service", "valueReference": { "reference": format!("HealthcareService/{id}"), "display": name } }));
+        }
+    }
     if let (Some(scope), Some(exts)) = (&s.scope, t["extension"].as_array_mut()) {
         exts.push(scope.clone());
     }

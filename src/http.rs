@@ -120,6 +120,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/backup", post(admin_backup))
         .route("/admin/outbox/{seq}/{action}", post(admin_outbox_action))
         .route("/admin/users", get(admin_users).post(admin_users_add))
+        .route("/admin/directory/import", post(admin_directory_import))
         .route("/admin/users/{email}/{action}", post(admin_users_action))
         .route("/fhir/metadata", get(metadata))
         .route("/referrals", post(post_referral))
@@ -662,6 +663,25 @@ fn person_view(u: &crate::accounts::User) -> Value {
     })
 }
 
+/// A directory feed's largest size (a national ORUK feed is tens of megabytes).
+const MAX_FEED_BYTES: usize = 256 * 1024 * 1024;
+
+/// `POST /admin/directory/import`: an ORUK feed (JSON) into the directory; answers the
+/// import's report (what was added, changed, retired and refused, and why).
+async fn admin_directory_import(
+    State(st): State<AppState>,
+    who: Principal,
+    body: Body,
+) -> ApiResult {
+    require_admin(&who)?;
+    let bytes = axum::body::to_bytes(body, MAX_FEED_BYTES)
+        .await
+        .map_err(|_| ApiError(Error::PayloadTooLarge(MAX_FEED_BYTES)))?;
+    let feed = crate::schema::parse_json(&bytes)?;
+    let report = st.gateway.import_directory(&feed).await?;
+    Ok((StatusCode::OK, axum::Json(report)).into_response())
+}
+
 /// `GET /admin/users`: the provider inbox's people.
 async fn admin_users(State(st): State<AppState>, who: Principal) -> ApiResult {
     require_admin(&who)?;
@@ -1022,6 +1042,12 @@ async fn search(
             b["entry"] = json!(entries);
         }
         return Ok(fhir_response(StatusCode::OK, &b));
+    }
+    if crate::directory::TYPES.contains(&rtype.as_str()) {
+        let bundle = st
+            .gateway
+            .search_directory(&who, &rtype, &params, &base_url(&headers))?;
+        return Ok(fhir_response(StatusCode::OK, &bundle));
     }
     let q = Query::parse(&rtype, &params, !prefer(&headers).lenient)?;
     let result = st.gateway.search(&who, &q)?;
@@ -1447,8 +1473,14 @@ async fn update(
     require(&rtype, Interaction::Update, &who)?;
     let bytes = read_body(&st, &headers, body).await?;
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
-    let task = st.gateway.update_task(&who, &id, if_match, &bytes).await?;
-    Ok(written(&headers, StatusCode::OK, &task, None))
+    let r = if rtype == "HealthcareService" {
+        st.gateway
+            .update_service(&who, &id, if_match, &bytes, false)
+            .await?
+    } else {
+        st.gateway.update_task(&who, &id, if_match, &bytes).await?
+    };
+    Ok(written(&headers, StatusCode::OK, &r, None))
 }
 
 async fn patch(
@@ -1465,8 +1497,14 @@ async fn patch(
     ];
     let bytes = read_body_as(&st, &headers, body, &patch_types).await?;
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
-    let task = st.gateway.patch_task(&who, &id, if_match, &bytes).await?;
-    Ok(written(&headers, StatusCode::OK, &task, None))
+    let r = if rtype == "HealthcareService" {
+        st.gateway
+            .update_service(&who, &id, if_match, &bytes, true)
+            .await?
+    } else {
+        st.gateway.patch_task(&who, &id, if_match, &bytes).await?
+    };
+    Ok(written(&headers, StatusCode::OK, &r, None))
 }
 
 /// Every error leaves as an OperationOutcome: a rejection produced by the framework itself

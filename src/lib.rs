@@ -11,6 +11,7 @@ pub mod cardinality;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod directory;
 pub mod error;
 pub mod fhir;
 pub mod gateway;

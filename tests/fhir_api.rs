@@ -755,8 +755,8 @@ async fn search_parameters() {
         !self_link.contains("colour") && self_link.contains("status=accepted"),
         "{self_link}"
     );
-    // Search on a type that has none.
-    assert_eq!(gw.get(GP, "/fhir/Organization").await.status, 405);
+    // The directory's types are searched too (tests/directory.rs); an unknown type is 404.
+    assert_eq!(gw.get(GP, "/fhir/Organization").await.status, 200);
     assert_eq!(gw.get(GP, "/fhir/Medication").await.status, 404);
 }
 
@@ -784,7 +784,9 @@ async fn capability_statement_matches_what_is_served() {
             "Observation",
             "AuditEvent",
             "Provenance",
-            "Organization"
+            "Organization",
+            "HealthcareService",
+            "Location"
         ]
     );
     // Every advertised interaction is answered by something other than 404/405, and
@@ -839,6 +841,7 @@ async fn capability_statement_matches_what_is_served() {
                 ("_count", _) => "5",
                 ("_sort", _) => "_lastUpdated",
                 ("_summary", _) => "count",
+                ("active", _) => "true",
                 ("status", _) => {
                     if t == "Task" {
                         "requested"

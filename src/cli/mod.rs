@@ -8,6 +8,8 @@
 //! subscriber, the HTTP client) are shared with the library's instead of compiled again,
 //! which shortened a cold release build (issue #11, BENCHMARKS.md).
 
+mod directory;
+
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -97,6 +99,14 @@ enum Command {
         ca_file: Option<PathBuf>,
         #[command(subcommand)]
         action: UsersAction,
+    },
+    /// The directory of services: import an Open Referral UK feed (a file or a URL) into a
+    /// stopped gateway's store, or into a running one with --gateway.
+    Directory {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        action: directory::Action,
     },
     /// Export every stored resource as FHIR bulk-data NDJSON, one file per type, from a
     /// stopped gateway's data directory.
@@ -310,6 +320,7 @@ pub fn main() -> ExitCode {
             Some(url) => users_remote(&url, ca_file.as_deref(), action),
             None => users(&common, action),
         }),
+        Command::Directory { common, action } => report(directory::run(&common, action)),
         Command::Export { common, out } => report(export(&common, &out).map(|counts| {
             counts
                 .iter()

@@ -14,8 +14,11 @@
 //! - `observation`: provider feedback
 //! - `search`: search parameters, index-backed paging, Bundles
 //! - `self_referral`: a person's own referral from the public page
+//! - `directory`: importing ORUK feeds, reading and searching the directory, a provider's
+//!   capacity status
 
 pub mod archive;
+pub mod directory;
 pub mod inbox;
 mod observation;
 mod referral;
@@ -237,6 +240,10 @@ pub struct LetterSources {
 pub struct Gateway {
     cfg: Arc<Config>,
     store: Store,
+    /// The directory's facts (services, places), reloaded after each directory write.
+    directory: std::sync::RwLock<Arc<crate::directory::Directory>>,
+    /// Directory writes (imports, capacity statuses) one at a time.
+    directory_writes: tokio::sync::Mutex<()>,
 }
 
 pub type TxResult<T> = std::result::Result<T, Abort<Error>>;
@@ -399,7 +406,16 @@ pub(crate) fn org_of<'a>(resource: &'a Value, element: &str) -> Option<&'a str> 
 
 impl Gateway {
     pub fn new(cfg: Arc<Config>, store: Store) -> Gateway {
-        Gateway { cfg, store }
+        let gw = Gateway {
+            cfg,
+            store,
+            directory: std::sync::RwLock::default(),
+            directory_writes: tokio::sync::Mutex::new(()),
+        };
+        if let Err(e) = gw.reload_directory() {
+            tracing::error!(error = %e, "the directory could not be read: routing uses the config's rules only");
+        }
+        gw
     }
 
     pub fn config(&self) -> &Config {
@@ -532,10 +548,8 @@ impl Gateway {
 
     /// `GET /fhir/{type}/{id}`: the current version, if `who` may see it.
     pub fn read(&self, who: &Principal, rtype: &str, id: &str) -> Result<Value> {
-        if rtype == "Organization" {
-            return fhir::organization(&self.cfg, id)
-                .filter(|_| who.role != Role::Admin)
-                .ok_or_else(|| Error::not_found(format!("Organization/{id}")));
+        if crate::directory::TYPES.contains(&rtype) {
+            return self.read_directory(who, rtype, id);
         }
         if !STORED_TYPES.contains(&rtype) {
             return Err(Error::not_found(format!("resource type {rtype}")));

@@ -455,6 +455,7 @@ impl Gateway {
                 "at least one identifier (system and value) is required: it makes resubmission safe",
             ));
         };
+        let directory = self.directory();
         let (patient_written, rec, written) = self.commit(|tx| {
             if let Some(rec) = tx_json(tx, own_key)? {
                 let rec: ReferralRecord = serde_json::from_value(rec)
@@ -495,9 +496,14 @@ impl Gateway {
                     provider: cfg.routing.fallback_provider.clone(),
                     rule: "triage".into(),
                     reason: "a self-referral goes to the link-worker hub for triage".into(),
+                    service: None,
                 }
             } else {
-                routing::route(cfg, &facts, |p| tx_count(tx, &keys::open_count(p)))?
+                let today = crate::ingest::parse_date(now.instant.get(..10).unwrap_or_default())
+                    .unwrap_or(time::Date::MIN);
+                routing::route(cfg, &directory, today, &facts, |p| {
+                    tx_count(tx, &keys::open_count(p))
+                })?
             };
             let Some(provider) = cfg.provider(&decision.provider) else {
                 return fail(Error::Internal("routed to an unknown provider".into()));

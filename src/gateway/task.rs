@@ -46,7 +46,32 @@ pub(super) enum Change {
 }
 
 impl Change {
-    fn proposed(&self, id: &str, current: &Value) -> Result<Value> {
+    /// A PATCH body: a JSON Patch (RFC 6902, an array) or a JSON Merge Patch (RFC 7386, an
+    /// object).
+    pub(super) fn patch(body: &[u8]) -> Result<Change> {
+        let doc = crate::schema::parse_json(body)?;
+        let json_patch = if doc.is_object() {
+            None
+        } else {
+            Some(
+                serde_json::from_value::<json_patch::Patch>(doc.clone()).map_err(|e| {
+                    Error::invalid(
+                        "structure",
+                        "",
+                        format!(
+                            "the body is neither a JSON Patch (RFC 6902) array nor a JSON Merge \
+                             Patch (RFC 7386) object: {e}"
+                        ),
+                    )
+                })?,
+            )
+        };
+        Ok(Change::Patch { json_patch, doc })
+    }
+
+    /// The resource as it would be: a whole one as sent, or `current` patched (`what`
+    /// names it in errors: `Task/{id}`).
+    pub(super) fn proposed(&self, what: &str, current: &Value) -> Result<Value> {
         match self {
             Change::Whole(v) => Ok(v.clone()),
             Change::Patch { json_patch, doc } => {
@@ -55,7 +80,7 @@ impl Change {
                     Some(p) => json_patch::patch(&mut proposed, p).map_err(|e| {
                         Error::rule(
                             "",
-                            format!("the JSON Patch cannot be applied to Task/{id}: {e}"),
+                            format!("the JSON Patch cannot be applied to {what}: {e}"),
                         )
                     })?,
                     None => json_patch::merge(&mut proposed, doc),
@@ -114,34 +139,9 @@ impl Gateway {
         if !matches!(who.role, Role::Provider | Role::GpSystem | Role::Referrer) {
             return Err(Error::Forbidden);
         }
-        let doc = crate::schema::parse_json(body)?;
-        let patch = if doc.is_object() {
-            None
-        } else {
-            Some(
-                serde_json::from_value::<json_patch::Patch>(doc.clone()).map_err(|e| {
-                    Error::invalid(
-                        "structure",
-                        "",
-                        format!(
-                        "the body is neither a JSON Patch (RFC 6902) array nor a JSON Merge Patch \
-                         (RFC 7386) object: {e}"
-                    ),
-                    )
-                })?,
-            )
-        };
+        let change = Change::patch(body)?;
         let expected = parse_if_match(if_match, self.cfg.server.require_if_match)?;
-        self.apply_task(
-            who,
-            id,
-            expected,
-            Change::Patch {
-                json_patch: patch,
-                doc,
-            },
-        )
-        .await
+        self.apply_task(who, id, expected, change).await
     }
 
     /// Judges and writes a change to the Task's current version, or to the version
@@ -179,7 +179,9 @@ impl Gateway {
             if let Some(expected) = expected.filter(|e| *e != version) {
                 return fail(stale(id, expected, version));
             }
-            let proposed = change.proposed(id, &current).or_else(fail)?;
+            let proposed = change
+                .proposed(&format!("Task/{id}"), &current)
+                .or_else(fail)?;
             if let Change::Patch { .. } = &change {
                 fhir::check_structure(&proposed, "Task").or_else(fail)?;
                 check_id(&proposed, id).or_else(fail)?;
@@ -337,6 +339,7 @@ fn tx_reroute(
         reason: format!(
             "{from_name} declined it ({why}); the fallback hub takes referrals no group can"
         ),
+        service: None,
     };
     let new_id = uuid::Uuid::new_v4().to_string();
     let mut task = fhir::task(&fhir::TaskSpec {

@@ -597,6 +597,8 @@ pub fn fhir_sdk_parse(resource: &Value, rtype: &str) -> Result<(), String> {
         "ServiceRequest" => parse::<r::ServiceRequest>(resource),
         "Patient" => parse::<r::Patient>(resource),
         "Organization" => parse::<r::Organization>(resource),
+        "HealthcareService" => parse::<r::HealthcareService>(resource),
+        "Location" => parse::<r::Location>(resource),
         "Bundle" => parse::<r::Bundle>(resource),
         "OperationOutcome" => parse::<r::OperationOutcome>(resource),
         "CapabilityStatement" => parse::<r::CapabilityStatement>(resource),
