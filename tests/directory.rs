@@ -720,3 +720,42 @@ async fn the_directory_through_fhirpy_and_the_independent_validator() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_unreachable_feed_or_a_locked_store_is_a_plain_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_file = dir.path().join("gateway.toml");
+    std::fs::write(&cfg_file, directory_config()).unwrap();
+    let data = dir.path().join("data");
+    let import = |source: &str| {
+        cli([
+            "directory".as_ref(),
+            "import".as_ref(),
+            std::ffi::OsStr::new(source),
+            "--config".as_ref(),
+            cfg_file.as_os_str(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+        ])
+    };
+    // The peer is not there: nothing is read, so nothing is opened or written.
+    let out = import("http://127.0.0.1:9/services");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("error: http://127.0.0.1:9/services"), "{err}");
+    assert!(!data.exists(), "no store was even created");
+    // A file that is not JSON, or not a feed.
+    std::fs::write(dir.path().join("bad.json"), "{\"contents\": [").unwrap();
+    let out = import(dir.path().join("bad.json").to_str().unwrap());
+    assert_eq!(out.status.code(), Some(2));
+    // A running gateway holds the store: the command says so instead of waiting or
+    // writing beside it.
+    let gw = TestGateway::start_with(&data, directory_config()).await;
+    let before = gw.digest();
+    let feed = Path::new(ROOT).join("fixtures/oruk/service_full.json");
+    let out = import(feed.to_str().unwrap());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("stop it first"), "{err}");
+    assert_eq!(gw.digest(), before);
+}
