@@ -116,8 +116,28 @@ pub fn npm_tool(dir: &Path, probe: &str, spec: &str) -> PathBuf {
     node_modules
 }
 
+/// Runs the npm `fhir` validator (`tests/conformance/validate.js`) over every resource in
+/// `returned` (JSON lines); asserts none failed and returns what it printed.
+pub async fn validate_all(returned: PathBuf, node_modules: PathBuf) -> String {
+    let validate = Path::new(crate::common::ROOT).join("tests/conformance/validate.js");
+    let validated = tokio::task::spawn_blocking(move || {
+        run(
+            Command::new("node")
+                .arg(&validate)
+                .arg(&returned)
+                .env("NODE_PATH", &node_modules),
+            "validation (npm fhir)",
+        )
+    })
+    .await
+    .expect("validator");
+    println!("{validated}");
+    assert!(validated.contains(" passed, 0 failed"), "{validated}");
+    validated
+}
+
 /// Installs fhirpy and the npm fhir validator under `dir`, once.
-fn tools(dir: &Path) -> (PathBuf, PathBuf) {
+pub fn tools(dir: &Path) -> (PathBuf, PathBuf) {
     (
         python_tool(dir, FHIRPY),
         npm_tool(dir, "fhir/package.json", FHIR_NPM),
@@ -135,7 +155,7 @@ async fn independent_fhir_client_and_validator() {
     let base = format!("{}/fhir", gw.base);
     let returned = dir.path().join("returned.jsonl");
     let here = Path::new(crate::common::ROOT).join("tests/conformance");
-    let (suite, validate) = (here.join("suite.py"), here.join("validate.js"));
+    let suite = here.join("suite.py");
     let out = {
         let returned = returned.clone();
         tokio::task::spawn_blocking(move || {
@@ -149,19 +169,7 @@ async fn independent_fhir_client_and_validator() {
     };
     println!("{out}");
     assert!(out.contains(" passed, 0 failed"), "{out}");
-    let validated = tokio::task::spawn_blocking(move || {
-        run(
-            Command::new("node")
-                .arg(&validate)
-                .arg(&returned)
-                .env("NODE_PATH", &node_modules),
-            "validation (npm fhir)",
-        )
-    })
-    .await
-    .unwrap();
-    println!("{validated}");
-    assert!(validated.contains(" passed, 0 failed"), "{validated}");
+    let validated = validate_all(returned, node_modules).await;
     for t in [
         "Bundle",
         "Task",

@@ -10,7 +10,7 @@ use std::process::Command;
 use serde_json::{json, Value};
 
 use crate::common::*;
-use crate::conformance::{npm_tool, python_tool, run};
+use crate::conformance::run;
 
 const TODAY_MINUS: i64 = 30;
 /// Organisations linked to the demo providers (`oruk_organization`).
@@ -665,26 +665,18 @@ async fn a_feed_with_broken_records_is_imported_in_part_and_nothing_half_written
     assert_eq!(all.body["total"], 1);
 }
 
-/// Installs fhirpy and the npm fhir validator, once (shared with the conformance test).
-fn tools(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    (
-        python_tool(dir, "fhirpy==2.3.1"),
-        npm_tool(dir, "fhir/package.json", "fhir@4.12.0"),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_directory_through_fhirpy_and_the_independent_validator() {
     let tools_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("conformance-tools");
-    let (python, node_modules) = tokio::task::spawn_blocking(move || tools(&tools_dir))
-        .await
-        .unwrap();
+    let (python, node_modules) =
+        tokio::task::spawn_blocking(move || crate::conformance::tools(&tools_dir))
+            .await
+            .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let gw = TestGateway::start_with(dir.path(), directory_config()).await;
     import(&gw, &feed(&[])).await;
     let returned = dir.path().join("returned.jsonl");
     let script = Path::new(ROOT).join("tests/directory/fhirpy_directory.py");
-    let validate = Path::new(ROOT).join("tests/conformance/validate.js");
     let (base, ret) = (format!("{}/fhir", gw.base), returned.clone());
     let out = tokio::task::spawn_blocking(move || {
         run(
@@ -700,19 +692,7 @@ async fn the_directory_through_fhirpy_and_the_independent_validator() {
     .unwrap();
     println!("{out}");
     assert!(out.contains(" passed, 0 failed"), "{out}");
-    let validated = tokio::task::spawn_blocking(move || {
-        run(
-            Command::new("node")
-                .arg(&validate)
-                .arg(&returned)
-                .env("NODE_PATH", &node_modules),
-            "validation (npm fhir)",
-        )
-    })
-    .await
-    .unwrap();
-    println!("{validated}");
-    assert!(validated.contains(" passed, 0 failed"), "{validated}");
+    let validated = crate::conformance::validate_all(returned, node_modules).await;
     for t in ["HealthcareService", "Location", "Organization", "Bundle"] {
         assert!(
             validated.contains(&format!("\"{t}\"")),

@@ -114,6 +114,26 @@ fn carry_capacity(from: &Value, to: &mut Value) {
 const ALL: [&str; 1] = ["a"];
 
 impl Gateway {
+    /// Every current resource of a directory type, read in batches.
+    fn all_of(&self, rtype: &str) -> Result<Vec<Value>> {
+        let prefix = keys::current(rtype, "");
+        let mut out = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let batch = self.store.scan(prefix.as_bytes(), after.as_deref(), 1000)?;
+            let Some((last, _)) = batch.last() else {
+                return Ok(out);
+            };
+            after = Some(last.clone());
+            for (_, b) in &batch {
+                out.push(
+                    serde_json::from_slice(b)
+                        .map_err(|e| Error::Internal(format!("stored {rtype} unreadable: {e}")))?,
+                );
+            }
+        }
+    }
+
     /// The directory's facts as of the last directory write.
     pub fn directory(&self) -> Arc<Directory> {
         match self.directory.read() {
@@ -125,29 +145,13 @@ impl Gateway {
     /// Reads the directory's facts from the store into the snapshot.
     pub fn reload_directory(&self) -> Result<()> {
         let mut dir = Directory::default();
-        for (rtype, prefix) in [
-            ("HealthcareService", keys::current("HealthcareService", "")),
-            ("Location", keys::current("Location", "")),
-        ] {
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let batch = self.store.scan(prefix.as_bytes(), after.as_deref(), 1000)?;
-                let Some((last, _)) = batch.last() else {
-                    break;
-                };
-                after = Some(last.clone());
-                for (_, b) in &batch {
-                    let r: Value = serde_json::from_slice(b)
-                        .map_err(|e| Error::Internal(format!("stored {rtype} unreadable: {e}")))?;
-                    if rtype == "HealthcareService" {
-                        let s = Service::of(&r);
-                        dir.services.insert(s.id.clone(), s);
-                    } else {
-                        let p = Place::of(&r);
-                        dir.places.insert(p.id.clone(), p);
-                    }
-                }
-            }
+        for r in self.all_of("HealthcareService")? {
+            let s = Service::of(&r);
+            dir.services.insert(s.id.clone(), s);
+        }
+        for r in self.all_of("Location")? {
+            let p = Place::of(&r);
+            dir.places.insert(p.id.clone(), p);
         }
         let mut slot = match self.directory.write() {
             Ok(g) => g,
@@ -410,19 +414,7 @@ impl Gateway {
     /// Every Organization: the directory's, then configured practices and providers it
     /// does not hold.
     fn organizations(&self) -> Result<Vec<Value>> {
-        let prefix = keys::current("Organization", "");
-        let mut out: Vec<Value> = Vec::new();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let batch = self.store.scan(prefix.as_bytes(), after.as_deref(), 1000)?;
-            let Some((last, _)) = batch.last() else {
-                break;
-            };
-            after = Some(last.clone());
-            for (_, b) in batch {
-                out.push(serde_json::from_slice(&b).map_err(|e| Error::Internal(e.to_string()))?);
-            }
-        }
+        let mut out = self.all_of("Organization")?;
         let held: BTreeSet<String> = out
             .iter()
             .filter_map(|o| o["id"].as_str().map(str::to_string))
