@@ -15,8 +15,9 @@ use crate::conformance::{npm_tool, python_tool, run};
 const SELENIUM: &str = "selenium==4.50.0";
 const AXE_NPM: &str = "axe-core@4.14.1";
 
-/// Installs selenium and axe-core under `dir`, once; returns (python, axe.min.js).
-fn tools(dir: &Path) -> (PathBuf, PathBuf) {
+/// Installs selenium and axe-core under `dir`, once; returns (python, axe.min.js). The
+/// /refer browser test uses the same tools.
+pub fn tools(dir: &Path) -> (PathBuf, PathBuf) {
     let python = python_tool(dir, SELENIUM);
     let axe = npm_tool(dir, "axe-core/axe.min.js", AXE_NPM).join("axe-core/axe.min.js");
     (python, axe)

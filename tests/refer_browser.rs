@@ -12,23 +12,14 @@
 //! same pinned versions, so the same virtualenv and node_modules). Screenshots of the form,
 //! the form with its errors and the confirmation land in `target/tmp/refer-screens/`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
 
 use crate::common::*;
-use crate::conformance::{npm_tool, python_tool, run};
-
-const SELENIUM: &str = "selenium==4.50.0";
-const AXE_NPM: &str = "axe-core@4.14.1";
-
-/// Installs selenium and axe-core under `dir`, once; returns (python, axe.min.js).
-fn tools(dir: &Path) -> (PathBuf, PathBuf) {
-    let python = python_tool(dir, SELENIUM);
-    let axe = npm_tool(dir, "axe-core/axe.min.js", AXE_NPM).join("axe-core/axe.min.js");
-    (python, axe)
-}
+use crate::conformance::run;
+use crate::inbox_browser::tools;
 
 /// The self-referral with this reference as the hub sees it: (ServiceRequest, Task).
 async fn in_the_hubs_queue(gw: &TestGateway, reference: &str) -> (Value, Value) {
