@@ -1,8 +1,8 @@
 //! The directory of services (issue #15 items 3–5): ORUK feeds imported (the published
 //! examples, by the command line on a stopped store; a synthetic feed of over 500 services,
 //! through a running gateway's admin API), read and searched as FHIR, routed to from every
-//! kind of referrer, a provider's capacity status, re-import, retirement, and a feed with
-//! broken records imported in part.
+//! kind of referrer, a provider's capacity status (over FHIR and from the inbox's page),
+//! re-import, retirement, and a feed with broken records imported in part.
 
 use std::path::Path;
 use std::process::Command;
@@ -23,7 +23,7 @@ const EXAMPLE: &str = "ac148810-d857-441c-9679-408f346de14b";
 const STALE: &str = "5e000000-0000-4000-8000-000000000001";
 const CLOSED: &str = "5e000000-0000-4000-8000-000000000002";
 const FULL: &str = "5e000000-0000-4000-8000-000000000003";
-const CIRCLE: &str = "5e000000-0000-4000-8000-000000000004";
+pub const CIRCLE: &str = "5e000000-0000-4000-8000-000000000004";
 const DEBT: &str = "5e000000-0000-4000-8000-000000000005";
 /// Synthetic services from organisations the gateway does not serve.
 const FILLER: usize = 520;
@@ -31,7 +31,16 @@ const FILLER: usize = 520;
 /// The demo config with a directory: routes from the directory's services, a rule naming
 /// one, providers linked to ORUK organisations, and local fields.
 pub fn directory_config() -> String {
-    config_text(|t| {
+    config_text(with_directory)
+}
+
+/// The same, with the demo config's inbox people.
+pub fn directory_config_with_people() -> String {
+    with_directory(demo_config_with_people())
+}
+
+fn with_directory(t: String) -> String {
+    {
         let start = t.find("[[routing.routes]]").expect("routes");
         let end = t.find("# Outcome measures").expect("outcomes");
         let routes = format!(
@@ -93,7 +102,7 @@ priority = 5
 "#
         ));
         t
-    })
+    }
 }
 
 fn assured_recently() -> String {
@@ -131,7 +140,7 @@ fn service(id: &str, org: (&str, &str), name: &str, terms: &[&str], districts: &
 
 /// The synthetic feed: the ORUK example, the crafts and money services, and `FILLER`
 /// services of unserved organisations elsewhere in Lancashire.
-fn feed(without: &[&str]) -> Value {
+pub fn feed(without: &[&str]) -> Value {
     let crafts = (ORG_CRAFTS, "Pendle Crafting Circle CIO");
     let mut all = vec![
         fixture("oruk/service_full.json"),
@@ -212,7 +221,7 @@ fn valid(resource: &Value) {
     }
 }
 
-async fn import(gw: &TestGateway, feed: &Value) -> Value {
+pub async fn import(gw: &TestGateway, feed: &Value) -> Value {
     let r = gw.post_json(ADMIN, "/admin/directory/import", feed).await;
     assert_eq!(r.status, 200, "{}", r.body);
     r.body
@@ -562,6 +571,221 @@ async fn the_directory_is_imported_searched_and_routed_to_from_every_referrer() 
     assert!(
         reason.contains("says it has no capacity"),
         "each service turned away says why: {reason}"
+    );
+}
+
+/// Posts the capacity form of service `id` from the services page, as the page has it.
+async fn capacity_form(
+    b: &mut crate::inbox::Browser,
+    id: &str,
+    status: &str,
+) -> crate::inbox::Page {
+    let page = b.get("/inbox/services").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let form_at = page
+        .body
+        .find(&format!("action=\"/inbox/services/{id}\""))
+        .unwrap_or_else(|| panic!("no form for {id}: {}", page.body));
+    let form = crate::inbox::Page {
+        status: 200,
+        location: None,
+        body: page.body[form_at..].to_string(),
+    };
+    let (csrf, version) = (form.hidden("csrf"), form.hidden("version"));
+    b.post(
+        &format!("/inbox/services/{id}"),
+        &[("csrf", &csrf), ("version", &version), ("status", status)],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_group_says_in_the_inbox_that_a_service_is_full_and_referrals_go_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start_with(dir.path(), directory_config_with_people()).await;
+    import(&gw, &feed(&[])).await;
+    let email = "crafts@demo.sp-gateway.example.org";
+    let mut b = crate::inbox::Browser::new(&gw.base);
+    b.sign_in(
+        email,
+        "demo-crafts-password",
+        &crate::inbox::secret_of(email),
+    )
+    .await;
+
+    // The queue links to the services page; it lists the group's own services only.
+    let queue = b.get("/inbox").await;
+    assert!(
+        queue.body.contains("href=\"/inbox/services\""),
+        "{}",
+        queue.body
+    );
+    let page = b.get("/inbox/services").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    for name in [
+        "Crafts Circle",
+        "Walking Group",
+        "Knit and Natter",
+        "Nelson Choir",
+    ] {
+        assert!(page.body.contains(name), "{name}: {}", page.body);
+    }
+    assert!(
+        !page.body.contains("Debt Drop-in"),
+        "another group's service"
+    );
+    assert!(page.body.contains("Not said yet"), "{}", page.body);
+
+    // Refused forms change nothing: no CSRF token, no choice, an unknown choice, a stale
+    // page, another group's service, no such service.
+    let before = crate::inbox::clinical_digest(&gw);
+    let version = |b: &str| {
+        let at = b.find(&format!("/inbox/services/{CIRCLE}")).expect("form");
+        crate::inbox::Page {
+            status: 200,
+            location: None,
+            body: b[at..].to_string(),
+        }
+        .hidden("version")
+    };
+    let v = version(&page.body);
+    let csrf = page.hidden("csrf");
+    let r = b
+        .post(
+            &format!("/inbox/services/{CIRCLE}"),
+            &[("version", &v), ("status", "no-capacity")],
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("Nothing was changed"), "{}", r.body);
+    for status in ["", "full-up"] {
+        let r = capacity_form(&mut b, CIRCLE, status).await;
+        assert_eq!(r.status, 422, "{status}: {}", r.body);
+        assert!(
+            r.body
+                .contains("Choose whether the service can take new referrals"),
+            "{}",
+            r.body
+        );
+        assert!(
+            r.body.contains("nhsuk-form-group--error"),
+            "the field is marked"
+        );
+        assert!(
+            r.body.contains(&format!("href=\"#status-{CIRCLE}\"")),
+            "the summary links to it"
+        );
+    }
+    let r = b
+        .post(
+            &format!("/inbox/services/{CIRCLE}"),
+            &[("csrf", &csrf), ("version", "7"), ("status", "no-capacity")],
+        )
+        .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body.contains("changed since you opened the page"),
+        "{}",
+        r.body
+    );
+    for other in [DEBT, "no-such-service"] {
+        let r = b
+            .post(
+                &format!("/inbox/services/{other}"),
+                &[("csrf", &csrf), ("version", "1"), ("status", "no-capacity")],
+            )
+            .await;
+        assert_eq!(r.status, 404, "{other}: {}", r.body);
+        assert!(r.body.contains("Service not found"), "{}", r.body);
+    }
+    assert_eq!(
+        crate::inbox::clinical_digest(&gw),
+        before,
+        "refused forms write nothing"
+    );
+    let debt = gw
+        .get(MONEY, &format!("/fhir/HealthcareService/{DEBT}"))
+        .await;
+    assert_eq!(debt.body["meta"]["versionId"], "1");
+
+    // "Full": saved, shown, and on the FHIR record as Gravity's code.
+    let r = capacity_form(&mut b, CIRCLE, "no-capacity").await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let done = format!("/inbox/services?done=no-capacity&service={CIRCLE}");
+    assert_eq!(r.location.as_deref(), Some(done.as_str()));
+    let page = b.get(&done).await;
+    assert!(
+        page.body
+            .contains("Saved: Crafts Circle is now shown as “Full”"),
+        "{}",
+        page.body
+    );
+    let svc = gw
+        .get(GP, &format!("/fhir/HealthcareService/{CIRCLE}"))
+        .await
+        .body;
+    valid(&svc);
+    assert_eq!(svc["meta"]["versionId"], "2");
+    let code = svc["extension"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            e["url"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("CapacityStatus")
+        })
+        .and_then(|e| e.pointer("/extension/0/valueCodeableConcept/coding/0/code"))
+        .cloned();
+    assert_eq!(code, Some(json!("no-capacity")));
+    // The same choice again writes nothing new.
+    let r = capacity_form(&mut b, CIRCLE, "no-capacity").await;
+    assert_eq!(r.status, 303);
+    let again = gw
+        .get(GP, &format!("/fhir/HealthcareService/{CIRCLE}"))
+        .await
+        .body;
+    assert_eq!(again["meta"]["versionId"], "2");
+
+    // The trail names the person and the service.
+    let events = crate::inbox::audit_events(&gw, "action=U&_count=50").await;
+    assert!(
+        events.iter().any(|e| {
+            let text = e.to_string();
+            text.contains(&format!("HealthcareService/{CIRCLE}")) && text.contains(email)
+        }),
+        "{events:#?}"
+    );
+
+    // The walking group has a waiting list: set the same way.
+    let r = capacity_form(&mut b, FULL, "waitlist").await;
+    assert_eq!(r.status, 303, "{}", r.body);
+
+    // A GP's referral for loneliness in BB9 passes both over, each with its reason.
+    let (_, _, task) = gw.refer(GP, &fixture("referral-ada.json")).await;
+    let t = gw.get(GP, &format!("/fhir/Task/{task}")).await.body;
+    let (rule, reason, _) = decision(&t);
+    assert_eq!(rule, "fallback", "{reason}");
+    assert!(
+        reason.contains(&format!(
+            "service {CIRCLE} (Crafts Circle) says it has no capacity"
+        )),
+        "{reason}"
+    );
+
+    // Room again: the next referral goes to the circle.
+    let r = capacity_form(&mut b, CIRCLE, "capacity").await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let (_, _, task) = gw
+        .refer(GP, &variant("referral-ada.json", "EMIS-ROOM-AGAIN", None))
+        .await;
+    let t = gw.get(GP, &format!("/fhir/Task/{task}")).await.body;
+    let (rule, reason, svc) = decision(&t);
+    assert_eq!(
+        (rule.as_str(), svc.as_str()),
+        ("directory", format!("HealthcareService/{CIRCLE}").as_str()),
+        "{reason}"
     );
 }
 

@@ -21,7 +21,7 @@ const MONEY: &str = "money@demo.sp-gateway.example.org";
 const MONEY_PASSWORD: &str = "demo-money-password";
 
 /// The demo person's TOTP secret, read from the demo config (as README tells people to).
-fn secret_of(email: &str) -> String {
+pub fn secret_of(email: &str) -> String {
     let cfg = sp_gateway::config::Config::parse(&demo_config_with_people(), "demo").expect("cfg");
     cfg.inbox
         .demo_users
@@ -31,7 +31,7 @@ fn secret_of(email: &str) -> String {
         .expect("demo person")
 }
 
-fn code_now(secret: &str) -> String {
+pub fn code_now(secret: &str) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("time")
@@ -185,7 +185,7 @@ async fn start(dir: &std::path::Path) -> TestGateway {
 
 /// The clinical data's digest: what a refused page action must leave as it was (sessions,
 /// accounts and the audit trail may change).
-fn clinical_digest(gw: &TestGateway) -> String {
+pub fn clinical_digest(gw: &TestGateway) -> String {
     let mut skip: Vec<&[u8]> = sp_gateway::audit::PREFIXES.to_vec();
     skip.extend_from_slice(sp_gateway::accounts::PREFIXES);
     skip.push(b"c/clock");
@@ -206,7 +206,7 @@ async fn sign_ins(gw: &TestGateway) -> Vec<Value> {
         .collect()
 }
 
-async fn audit_events(gw: &TestGateway, query: &str) -> Vec<Value> {
+pub async fn audit_events(gw: &TestGateway, query: &str) -> Vec<Value> {
     let r = gw
         .get("demo-auditor-token", &format!("/fhir/AuditEvent?{query}"))
         .await;

@@ -33,7 +33,10 @@ async fn the_inbox_works_by_keyboard_in_chromium_and_every_page_passes_axe() {
     std::fs::create_dir_all(&shots).expect("screens dir");
 
     let dir = tempfile::tempdir().expect("tmp");
-    let gw = TestGateway::start_with(dir.path(), demo_config_with_people()).await;
+    // A gateway with a directory, so the services page has the group's services to show.
+    let gw =
+        TestGateway::start_with(dir.path(), crate::directory::directory_config_with_people()).await;
+    crate::directory::import(&gw, &crate::directory::feed(&[])).await;
     let mut ada = fixture("referral-ada.json");
     ada["notes"] = serde_json::Value::String(
         "Lives alone since her husband died; would like to meet people. <script>alert('x')</script>"
@@ -62,7 +65,8 @@ async fn the_inbox_works_by_keyboard_in_chromium_and_every_page_passes_axe() {
                 .arg(&script)
                 .args([&base, &email, &password, &secret, &task2])
                 .arg(&axe2)
-                .arg(&shots2),
+                .arg(&shots2)
+                .arg(crate::directory::CIRCLE),
             "tests/inbox/browser.py",
         )
     })
@@ -83,13 +87,17 @@ async fn the_inbox_works_by_keyboard_in_chromium_and_every_page_passes_axe() {
         "referral (new)",
         "referral (score refused)",
         "referral (completed)",
+        "services",
+        "services at phone width",
+        "services (no choice)",
+        "services (saved)",
     ] {
         assert!(
             out.contains(&format!("axe ok: {page} (")),
             "axe ran on {page}"
         );
     }
-    for shot in ["queue.png", "referral.png"] {
+    for shot in ["queue.png", "referral.png", "services.png"] {
         let len = std::fs::metadata(shots.join(shot)).expect(shot).len();
         assert!(len > 10_000, "{shot} is a real screenshot ({len} bytes)");
     }
@@ -103,4 +111,17 @@ async fn the_inbox_works_by_keyboard_in_chromium_and_every_page_passes_axe() {
         .to_string();
     let o = gw.get("demo-gp-token", &format!("/fhir/{obs}")).await;
     assert_eq!(o.body["valueInteger"], 24);
+
+    // What the page saved is the service's FHIR record.
+    let svc = gw
+        .get(
+            "demo-gp-token",
+            &format!("/fhir/HealthcareService/{}", crate::directory::CIRCLE),
+        )
+        .await;
+    assert!(
+        svc.body.to_string().contains("\"code\":\"no-capacity\""),
+        "{}",
+        svc.body
+    );
 }

@@ -458,6 +458,67 @@ impl Gateway {
             Change::Whole(whole)
         };
         let expected = parse_if_match(if_match, self.cfg.server.require_if_match)?;
+        self.write_capacity(who, id, expected, |current| {
+            let proposed = change.proposed(&format!("HealthcareService/{id}"), current)?;
+            if proposed.get("id").and_then(Value::as_str) != Some(id) {
+                return Err(Error::invalid(
+                    "invariant",
+                    "HealthcareService.id",
+                    format!("must be present and equal the id in the URL ({id})"),
+                ));
+            }
+            let status = match CapacityStatus::of(&proposed) {
+                Some(Ok(c)) => Some(c),
+                Some(Err(why)) => {
+                    return Err(Error::rule(
+                        format!("HealthcareService.extension('{}')", directory::EXT_CAPACITY),
+                        why,
+                    ))
+                }
+                None => None,
+            };
+            let mut rest = proposed.clone();
+            directory::set_extension(&mut rest, directory::EXT_CAPACITY, None);
+            let mut was = current.clone();
+            directory::set_extension(&mut was, directory::EXT_CAPACITY, None);
+            if content(&rest) != content(&was) {
+                return Err(Error::rule(
+                    "HealthcareService",
+                    "only the capacity status (extension SDOHCC-ExtensionHealthcareServiceCapacityStatus) \
+                     may change here; the rest of a service comes from the directory's feed",
+                ));
+            }
+            Ok(status)
+        })
+        .await
+    }
+
+    /// The inbox's capacity form: a person of the provider sets one of its own services'
+    /// status (`None` clears it), from the page showing `version`.
+    pub async fn set_service_capacity(
+        &self,
+        who: &Principal,
+        id: &str,
+        version: u64,
+        status: Option<CapacityStatus>,
+    ) -> Result<Value> {
+        if who.role != Role::Provider {
+            return Err(Error::Forbidden);
+        }
+        self.write_capacity(who, id, Some(version), |_| Ok(status))
+            .await
+    }
+
+    /// Writes the capacity status `decide` gives for the provider's own service `id`, at
+    /// version `expected` if given, in one transaction with its audit record; a service of
+    /// another provider (or none) is not found, and the same status again writes nothing.
+    async fn write_capacity(
+        &self,
+        who: &Principal,
+        id: &str,
+        expected: Option<u64>,
+        decide: impl Fn(&Value) -> Result<Option<CapacityStatus>>,
+    ) -> Result<Value> {
         let _one_at_a_time = self.directory_writes.lock().await;
         let own = |s: &Value| Some(Service::of(s).organization.as_str()) == who.provider.as_deref();
         let written = self.commit(|tx| {
@@ -473,37 +534,7 @@ impl Gateway {
                     )));
                 }
             }
-            let proposed = change
-                .proposed(&format!("HealthcareService/{id}"), &current)
-                .or_else(fail)?;
-            if proposed.get("id").and_then(Value::as_str) != Some(id) {
-                return fail(Error::invalid(
-                    "invariant",
-                    "HealthcareService.id",
-                    format!("must be present and equal the id in the URL ({id})"),
-                ));
-            }
-            let status = match CapacityStatus::of(&proposed) {
-                Some(Ok(c)) => Some(c),
-                Some(Err(why)) => {
-                    return fail(Error::rule(
-                        format!("HealthcareService.extension('{}')", directory::EXT_CAPACITY),
-                        why,
-                    ))
-                }
-                None => None,
-            };
-            let mut rest = proposed.clone();
-            directory::set_extension(&mut rest, directory::EXT_CAPACITY, None);
-            let mut was = current.clone();
-            directory::set_extension(&mut was, directory::EXT_CAPACITY, None);
-            if content(&rest) != content(&was) {
-                return fail(Error::rule(
-                    "HealthcareService",
-                    "only the capacity status (extension SDOHCC-ExtensionHealthcareServiceCapacityStatus) \
-                     may change here; the rest of a service comes from the directory's feed",
-                ));
-            }
+            let status = decide(&current).or_else(fail)?;
             if CapacityStatus::of(&current).and_then(Result::ok) == status {
                 return Ok(current);
             }
@@ -515,7 +546,13 @@ impl Gateway {
             );
             let now = tx_now(tx)?;
             fhir::stamp(&mut new, id, v + 1, &now.instant);
-            tx_put_resource(tx, "HealthcareService", &new, Some(&current), &["a".to_string()])?;
+            tx_put_resource(
+                tx,
+                "HealthcareService",
+                &new,
+                Some(&current),
+                &["a".to_string()],
+            )?;
             crate::audit::tx_record(tx, &[format!("HealthcareService/{id}")], &now)?;
             Ok(new)
         })?;
@@ -524,14 +561,23 @@ impl Gateway {
         Ok(written)
     }
 
-    /// A provider's own services (for the inbox).
-    pub fn own_services(&self, provider: &str) -> Vec<Service> {
-        self.directory()
-            .services
-            .values()
-            .filter(|s| s.organization == provider && s.status != "retired")
-            .cloned()
-            .collect()
+    /// A provider's own services that are not retired, by name, each with the version
+    /// of its stored resource (the inbox's capacity form sends it back).
+    pub fn own_services(&self, who: &Principal) -> Result<Vec<(Service, u64)>> {
+        let (Role::Provider, Some(provider)) = (who.role, who.provider.as_deref()) else {
+            return Err(Error::Forbidden);
+        };
+        let mut out = Vec::new();
+        for s in self.directory().services.values() {
+            if s.organization != provider || s.status == "retired" {
+                continue;
+            }
+            if let Some(r) = self.load("HealthcareService", &s.id)? {
+                out.push((s.clone(), fhir::version_of(&r)));
+            }
+        }
+        out.sort_by(|a, b| a.0.name.cmp(&b.0.name).then(a.0.id.cmp(&b.0.id)));
+        Ok(out)
     }
 }
 

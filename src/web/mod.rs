@@ -1,6 +1,6 @@
 //! Pages for people in a browser, over the same `gateway` use cases as the FHIR API: the
-//! provider inbox (`/inbox`) for small groups with no system of their own, and the public
-//! self-referral page (`/refer`, in `refer`).
+//! provider inbox (`/inbox`) for small groups with no system of their own (its services'
+//! capacity in `services`), and the public self-referral page (`/refer`, in `refer`).
 //!
 //! Owns: the page routes, sessions as cookies (`HttpOnly`, `SameSite=Strict`, `Secure`
 //! over TLS), the CSRF token on every form, turning a person's session into the provider
@@ -11,6 +11,7 @@
 
 mod pages;
 mod refer;
+mod services;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -71,6 +72,8 @@ pub fn router(state: WebState) -> Router {
         .route("/inbox/sign-out", post(pages::sign_out))
         .route("/inbox/referrals/{id}", get(pages::referral))
         .route("/inbox/referrals/{id}/{action}", post(pages::act))
+        .route("/inbox/services", get(services::list))
+        .route("/inbox/services/{id}", post(services::set))
         .route("/inbox/{*rest}", get(pages::not_found))
         .route("/refer", get(refer::form).post(refer::submit))
         .route("/refer/privacy", get(refer::privacy))

@@ -30,7 +30,11 @@ fn now_micros(state: &WebState) -> Result<i64, PageError> {
 }
 
 /// The person a request's session cookie names, if their session is live and complete.
-async fn person(state: &WebState, headers: &HeaderMap, peer: &Peer) -> Result<Person, PageError> {
+pub(super) async fn person(
+    state: &WebState,
+    headers: &HeaderMap,
+    peer: &Peer,
+) -> Result<Person, PageError> {
     let (name, _) = cookie_names(peer.tls);
     let token = cookie(headers, name).ok_or(PageError::SignIn)?;
     let cfg = &state.gateway.config().inbox;
@@ -56,7 +60,7 @@ async fn person(state: &WebState, headers: &HeaderMap, peer: &Peer) -> Result<Pe
     })
 }
 
-fn same(a: &str, b: &str) -> bool {
+pub(super) fn same(a: &str, b: &str) -> bool {
     !a.is_empty() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 

@@ -1,11 +1,13 @@
 """The provider inbox in a real browser (Debian chromium, driven by selenium), by keyboard
 alone, with axe-core run on every page.
 
-Usage: browser.py BASE EMAIL PASSWORD TOTP_SECRET TASK_ID AXE_JS SCREENSHOT_DIR
+Usage: browser.py BASE EMAIL PASSWORD TOTP_SECRET TASK_ID AXE_JS SCREENSHOT_DIR SERVICE_ID
 
 Signs in (password, then the TOTP code), finds the referral in the queue, opens it, accepts
 it, records a contact, records SWEMWBS 99 (and checks the message beside the field), then
-24, and completes it. Every page is checked with axe-core (WCAG 2.0/2.1/2.2 A and AA): no
+24, and completes it. Then, from the queue's link, it opens the group's services, saves one
+without a choice (the message is beside the radios), and sets SERVICE_ID (Crafts Circle) to
+"full" with the arrow keys. Every page is checked with axe-core (WCAG 2.0/2.1/2.2 A and AA): no
 violations. The queue and the referral are also checked at a phone's width and at 200%
 zoom (1280 px / 2): no sideways scrolling. Screenshots of the queue and the referral are
 written to SCREENSHOT_DIR. Prints one line per check; exits non-zero on the first failure.
@@ -27,7 +29,7 @@ from selenium.webdriver.common.keys import Keys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pagecheck import Browser, by_id, fail, link_to  # noqa: E402  (beside this script)
 
-BASE, EMAIL, PASSWORD, SECRET, TASK, AXE_JS, SHOTS = sys.argv[1:8]
+BASE, EMAIL, PASSWORD, SECRET, TASK, AXE_JS, SHOTS, SERVICE = sys.argv[1:9]
 
 
 def totp(secret, at=None):
@@ -119,6 +121,33 @@ try:
     if "The referral is complete" not in driver.page_source:
         fail("complete did not say it was done")
     b.axe("referral (completed)")
+
+    b.start_at("/inbox")
+    link = b.tab_to(link_to("/inbox/services"), "the services link")
+    link.send_keys(Keys.ENTER)
+    time.sleep(0.3)
+    if not driver.current_url.endswith("/inbox/services"):
+        fail(f"Enter on the services link went to {driver.current_url}")
+    b.axe("services")
+    b.no_sideways_scroll("services")
+    b.start_at("/inbox/services")
+    b.press("Save for Nelson Choir")
+    err = [e.text for e in driver.find_elements(By.CLASS_NAME, "nhsuk-error-message")]
+    if not any("Choose whether the service can take new referrals" in e for e in err):
+        fail("saving with no choice shows no message beside the radios")
+    b.axe("services (no choice)")
+    b.start_at("/inbox/services")
+    el = b.tab_to(by_id(f"status-{SERVICE}"), "Crafts Circle's radios")
+    el.send_keys(Keys.SPACE)
+    el.send_keys(Keys.ARROW_DOWN)
+    b.focused().send_keys(Keys.ARROW_DOWN)
+    if not driver.find_element(By.ID, f"status-{SERVICE}-no-capacity").is_selected():
+        fail("the arrow keys did not choose 'No, it is full'")
+    b.press("Save for Crafts Circle")
+    if "Crafts Circle is now shown as \u201cFull\u201d" not in driver.page_source:
+        fail("saving 'full' did not say it was done")
+    b.axe("services (saved)")
+    b.screenshot("services.png")
     print(json.dumps({"ok": True, "pages_checked": b.checked}), flush=True)
 finally:
     b.quit()
