@@ -492,13 +492,29 @@ pub fn terminate(child: &mut std::process::Child) -> Option<i32> {
 
 /// Installs a Debian package (as root, with apt) unless `probe` already exists: what a test
 /// needs, it installs itself, as the conformance suite does for its tools.
+/// Tests install at the same time: one apt at a time here (dpkg has one lock, and a second
+/// apt-get fails at once without the timeout), and the probe is looked at again once it is
+/// this test's turn.
 pub fn ensure_debian_package(package: &str, probe: &str) {
+    static APT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if Path::new(probe).exists() {
+        return;
+    }
+    let _turn = APT.lock().unwrap_or_else(|e| e.into_inner());
     if Path::new(probe).exists() {
         return;
     }
     let install = || {
         std::process::Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends", package])
+            .args([
+                "-o",
+                "DPkg::Lock::Timeout=300",
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                package,
+            ])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .output()
             .map(|o| o.status.success())
@@ -506,7 +522,7 @@ pub fn ensure_debian_package(package: &str, probe: &str) {
     };
     if !install() {
         let _ = std::process::Command::new("apt-get")
-            .args(["update", "-qq"])
+            .args(["-o", "DPkg::Lock::Timeout=300", "update", "-qq"])
             .output();
         assert!(
             install(),
