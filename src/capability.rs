@@ -240,6 +240,15 @@ pub const RESOURCES: &[Resource] = &[
         conditional_create: false,
         validate: false,
     },
+    Resource {
+        rtype: "Measure",
+        profile: "http://hl7.org/fhir/StructureDefinition/Measure",
+        interactions: &[Read, SearchType],
+        search: &[],
+        includes: &[],
+        conditional_create: false,
+        validate: false,
+    },
 ];
 
 pub fn resource(rtype: &str) -> Option<&'static Resource> {
@@ -275,12 +284,17 @@ pub fn permitted(role: crate::config::Role, rtype: &str, i: Interaction) -> bool
         i,
         Read | Vread | HistoryInstance | HistoryType | SearchType | Validate
     );
+    if rtype == "Measure" {
+        // The figures: commissioners' (and auditors', who see everything).
+        return matches!(role, Role::Commissioner | Role::Auditor)
+            && matches!(i, Read | SearchType);
+    }
     if rtype == "AuditEvent" || rtype == "Provenance" {
         // The trail is the auditors' alone.
         return role == Role::Auditor && matches!(i, Read | SearchType);
     }
     match role {
-        Role::Admin => false,
+        Role::Admin | Role::Commissioner => false,
         Role::Auditor => reads,
         Role::Referrer => {
             reads

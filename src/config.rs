@@ -43,6 +43,8 @@ pub enum Role {
     /// A referring system that is not a GP practice: a council's social-care system, a
     /// hospital discharge team, a housing association, the link-worker hub.
     Referrer,
+    /// Reads the figures (Measure, `$evaluate-measure`) and nothing of any one person.
+    Commissioner,
 }
 
 impl Role {
@@ -53,6 +55,7 @@ impl Role {
             Role::Auditor => "auditor",
             Role::Admin => "admin",
             Role::Referrer => "referrer",
+            Role::Commissioner => "commissioner",
         }
     }
 }
@@ -624,6 +627,14 @@ pub struct Outcome {
     pub display: String,
     pub min: i64,
     pub max: i64,
+    /// The smallest rise from first to last score that counts as a meaningful improvement
+    /// in the figures (default 3 points: see README's "Figures for commissioners").
+    #[serde(default = "default_meaningful_change")]
+    pub meaningful_change: i64,
+}
+
+fn default_meaningful_change() -> i64 {
+    3
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -677,6 +688,23 @@ pub struct Config {
     pub archive: ArchiveConfig,
     #[serde(default)]
     pub directory: DirectoryConfig,
+    #[serde(default)]
+    pub reports: ReportsConfig,
+}
+
+/// The figures for commissioners (`report`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportsConfig {
+    /// Counts from 1 to this are shown as suppressed (and so are the cells that would give
+    /// them away); medians and changes need a group larger than this. Never below 5.
+    pub suppress_up_to: u32,
+}
+
+impl Default for ReportsConfig {
+    fn default() -> Self {
+        ReportsConfig { suppress_up_to: 7 }
+    }
 }
 
 /// Moving closed, delivered referrals out of the hot store into the archive
@@ -865,6 +893,20 @@ impl Config {
             key,
             message,
         };
+        if self.reports.suppress_up_to < 5 {
+            return Err(bad(
+                "reports.suppress_up_to".into(),
+                "must be 5 or more: smaller counts could identify people".into(),
+            ));
+        }
+        for (i, o) in self.outcomes.iter().enumerate() {
+            if o.meaningful_change < 1 || o.meaningful_change > o.max - o.min {
+                return Err(bad(
+                    format!("outcomes[{i}].meaningful_change"),
+                    "must be at least 1 and within the scale's range".into(),
+                ));
+            }
+        }
         if self.server.max_body_bytes < 1024 || self.server.max_body_bytes > 1024 * 1024 {
             return Err(bad(
                 "server.max_body_bytes".into(),
@@ -1425,7 +1467,7 @@ impl Config {
                         }
                     }
                 }
-                Role::Auditor | Role::Admin => {}
+                Role::Auditor | Role::Admin | Role::Commissioner => {}
             }
             let misplaced = [
                 (

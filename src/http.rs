@@ -1043,6 +1043,20 @@ async fn search(
         }
         return Ok(fhir_response(StatusCode::OK, &b));
     }
+    if rtype == "Measure" {
+        let base = base_url(&headers);
+        let entries: Vec<Value> = st
+            .gateway
+            .measures(&who)?
+            .into_iter()
+            .map(|m| {
+                let id = m.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+                json!({ "fullUrl": format!("{base}/Measure/{id}"), "resource": m, "search": { "mode": "match" } })
+            })
+            .collect();
+        let b = json!({ "resourceType": "Bundle", "type": "searchset", "total": entries.len(), "entry": entries });
+        return Ok(fhir_response(StatusCode::OK, &b));
+    }
     if crate::directory::TYPES.contains(&rtype.as_str()) {
         let bundle = st
             .gateway
@@ -1197,12 +1211,48 @@ fn audit_search(st: &AppState, headers: &HeaderMap, params: &[(String, String)])
 /// `GET /fhir/ServiceRequest/{id}/$trail` (auditors): one referral's whole story in one
 /// Bundle: every version of the ServiceRequest, its Task, Patient and Observations, and
 /// every AuditEvent that touched any of them, in time order.
+/// `GET /fhir/Measure/{id}/$evaluate-measure?periodStart=&periodEnd=`: a summary
+/// MeasureReport, for a commissioner (or an auditor).
+fn evaluate_measure(st: &AppState, id: &str, who: &Principal, raw: Option<&str>) -> ApiResult {
+    require("Measure", Interaction::Read, who)?;
+    let params = query_pairs(raw);
+    let mut start = None;
+    let mut end = None;
+    for (k, v) in &params {
+        match k.as_str() {
+            "periodStart" => start = Some(v.clone()),
+            "periodEnd" => end = Some(v.clone()),
+            "reportType" if v == "summary" => {}
+            other => {
+                return Err(ApiError(Error::invalid(
+                    "not-supported",
+                    other.to_string(),
+                    "$evaluate-measure takes periodStart, periodEnd and reportType=summary",
+                )))
+            }
+        }
+    }
+    let (Some(start), Some(end)) = (start, end) else {
+        return Err(ApiError(Error::invalid(
+            "required",
+            "periodStart",
+            "periodStart and periodEnd are required (months: 2026-01, or the first and last days of months)",
+        )));
+    };
+    let report = st.gateway.evaluate_measure(who, id, &start, &end)?;
+    Ok(fhir_response(StatusCode::OK, &report))
+}
+
 async fn trail(
     State(st): State<AppState>,
     Path((rtype, id, op)): Path<(String, String, String)>,
     who: Principal,
     headers: HeaderMap,
+    RawQuery(raw): RawQuery,
 ) -> ApiResult {
+    if rtype == "Measure" && op == "$evaluate-measure" {
+        return evaluate_measure(&st, &id, &who, raw.as_deref());
+    }
     if rtype != "ServiceRequest" || op != "$trail" {
         return Err(ApiError(Error::NoEndpoint));
     }

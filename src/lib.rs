@@ -21,6 +21,7 @@ pub mod letter;
 pub mod lists;
 pub mod mesh;
 pub mod outbox;
+pub mod report;
 pub mod routing;
 pub mod schema;
 pub mod server;

@@ -115,7 +115,7 @@ pub fn check(old: &Value, new: &Value, role: Role) -> Result<()> {
                 ));
             }
         }
-        Role::Auditor | Role::Admin => return Err(Error::Forbidden),
+        Role::Auditor | Role::Admin | Role::Commissioner => return Err(Error::Forbidden),
     }
     let needs_reason =
         matches!(to, "rejected" | "cancelled" | "failed") || (to == "on-hold" && from != "on-hold");

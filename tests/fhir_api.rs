@@ -786,7 +786,8 @@ async fn capability_statement_matches_what_is_served() {
             "Provenance",
             "Organization",
             "HealthcareService",
-            "Location"
+            "Location",
+            "Measure"
         ]
     );
     // Every advertised interaction is answered by something other than 404/405, and

@@ -16,6 +16,7 @@ mod directory;
 mod emitted_resources;
 mod faults;
 mod fhir_api;
+mod figures;
 mod hostile;
 mod inbox;
 mod inbox_browser;

@@ -108,6 +108,15 @@ enum Command {
         #[command(subcommand)]
         action: directory::Action,
     },
+    /// The commissioners' figures: `report rebuild` recomputes every referral's facts and
+    /// every counter from the stored referrals (archived ones too) on a stopped gateway's
+    /// data directory, says where the kept figures differ, and writes the rebuilt ones.
+    Report {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        action: ReportAction,
+    },
     /// Export every stored resource as FHIR bulk-data NDJSON, one file per type, from a
     /// stopped gateway's data directory.
     Export {
@@ -116,6 +125,16 @@ enum Command {
         /// Directory to write {Type}.ndjson files into (created if absent)
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReportAction {
+    /// Recompute the figures from the stored referrals; exit 1 if the kept ones differed.
+    Rebuild {
+        /// Compare only: write nothing
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -321,6 +340,26 @@ pub fn main() -> ExitCode {
             None => users(&common, action),
         }),
         Command::Directory { common, action } => report(directory::run(&common, action)),
+        Command::Report {
+            common,
+            action: ReportAction::Rebuild { check },
+        } => {
+            let gw = match open_gateway(&common) {
+                Ok(gw) => gw,
+                Err(e) => return report(Err(e.to_string())),
+            };
+            match gw.rebuild_reports(check) {
+                Ok(r) => {
+                    println!("{}", r.text());
+                    if r.differences.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => report(Err(e.to_string())),
+            }
+        }
         Command::Export { common, out } => report(export(&common, &out).map(|counts| {
             counts
                 .iter()

@@ -22,6 +22,7 @@ pub mod directory;
 pub mod inbox;
 mod observation;
 mod referral;
+pub mod report;
 pub mod search;
 pub mod self_referral;
 mod task;
@@ -507,7 +508,7 @@ impl Gateway {
         let gp_owns = |org: Option<&str>| org.is_some_and(|o| who.practices.iter().any(|p| p == o));
         Ok(match (who.role, rtype) {
             (Role::Auditor, _) => true,
-            (Role::Admin, _) => false,
+            (Role::Admin | Role::Commissioner, _) => false,
             (Role::GpSystem, "Task" | "ServiceRequest") => {
                 gp_owns(fhir::parties_of(resource).practice)
             }
@@ -550,6 +551,9 @@ impl Gateway {
     pub fn read(&self, who: &Principal, rtype: &str, id: &str) -> Result<Value> {
         if crate::directory::TYPES.contains(&rtype) {
             return self.read_directory(who, rtype, id);
+        }
+        if rtype == "Measure" {
+            return self.read_measure(who, id);
         }
         if !STORED_TYPES.contains(&rtype) {
             return Err(Error::not_found(format!("resource type {rtype}")));
@@ -609,7 +613,7 @@ impl Gateway {
     /// `who` may see, read from the type-history index of the caller's scopes.
     pub fn type_history(&self, who: &Principal, rtype: &str, count: usize) -> Result<Vec<Value>> {
         let scopes: Vec<String> = match who.role {
-            Role::Admin => return Err(Error::Forbidden),
+            Role::Admin | Role::Commissioner => return Err(Error::Forbidden),
             Role::Auditor => vec!["a".into()],
             Role::Provider => who.provider.iter().map(|p| format!("o/{p}")).collect(),
             Role::GpSystem => who.practices.iter().map(|p| format!("r/{p}")).collect(),

@@ -24,6 +24,7 @@ impl Gateway {
         now: &Now,
     ) -> TxResult<()> {
         tx_put_resource(tx, "Observation", obs, previous, &scopes(provider, parties))?;
+        super::report::tx_track(tx, &self.cfg, "Observation", obs)?;
         let id = obs.get("id").and_then(Value::as_str).unwrap_or_default();
         let key = |o: &Value| {
             let ts = super::micros_of(fhir::last_updated_of(o));

@@ -554,6 +554,8 @@ impl Gateway {
             fhir::stamp(&mut task, &task_id, 1, &now.instant);
             tx_put_resource(tx, "ServiceRequest", &sr, None, &both)?;
             tx_put_resource(tx, "Task", &task, None, &both)?;
+            super::report::tx_track(tx, cfg, "ServiceRequest", &sr)?;
+            super::report::tx_track(tx, cfg, "Task", &task)?;
             tx_add(tx, &keys::open_count(&provider.id), 1)?;
             tx.put(keys::sr_task(&sr_id).as_bytes(), task_id.as_bytes())?;
             // Who may read the Patient and ServiceRequest: every scope but `a`.

@@ -260,7 +260,7 @@ impl Gateway {
 
     fn scopes_for(&self, who: &Principal, q: &Query) -> Result<Option<Vec<String>>> {
         Ok(Some(match who.role {
-            Role::Admin => return Err(Error::Forbidden),
+            Role::Admin | Role::Commissioner => return Err(Error::Forbidden),
             Role::Provider => {
                 let own = who.provider.clone().unwrap_or_default();
                 if q.owner.as_deref().is_some_and(|o| o != own) {

@@ -238,6 +238,7 @@ impl Gateway {
             let parties = fhir::parties_of(&current);
             let practice = parties.practice;
             tx_put_resource(tx, "Task", &task, Some(&current), &scopes(owner, parties))?;
+            super::report::tx_track(tx, cfg, "Task", &task)?;
             // A group without room, or for whom the person is not eligible, passes the
             // referral to the fallback hub rather than ending it there.
             let fallback = cfg.routing.fallback_provider.as_str();
@@ -291,6 +292,7 @@ impl Gateway {
                         Some(&sr),
                         &scopes(owner, parties),
                     )?;
+                    super::report::tx_track(tx, cfg, "ServiceRequest", &next)?;
                 }
             }
             if workflow::is_final(to) && !workflow::is_final(from) {
@@ -356,6 +358,7 @@ fn tx_reroute(
     fhir::stamp(&mut task, &new_id, 1, &now.instant);
     let hub_scopes = scopes(Some(&hub.id), parties);
     tx_put_resource(tx, "Task", &task, None, &hub_scopes)?;
+    super::report::tx_track(tx, cfg, "Task", &task)?;
     tx_add(tx, &keys::open_count(&hub.id), 1)?;
     tx.put(keys::sr_task(sr_id).as_bytes(), new_id.as_bytes())?;
     let hub_scope = format!("o/{}", hub.id);
@@ -373,6 +376,7 @@ fn tx_reroute(
             }
         }
         tx_put_resource(tx, "ServiceRequest", &next, Some(&sr), &hub_scopes)?;
+        super::report::tx_track(tx, cfg, "ServiceRequest", &next)?;
     }
     Ok(new_id)
 }

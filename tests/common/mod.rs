@@ -620,6 +620,8 @@ pub fn fhir_sdk_parse(resource: &Value, rtype: &str) -> Result<(), String> {
         "CapabilityStatement" => parse::<r::CapabilityStatement>(resource),
         "AuditEvent" => parse::<r::AuditEvent>(resource),
         "Provenance" => parse::<r::Provenance>(resource),
+        "Measure" => parse::<r::Measure>(resource),
+        "MeasureReport" => parse::<r::MeasureReport>(resource),
         other => Err(format!("no typed parser for {other}")),
     }
 }

@@ -1,0 +1,608 @@
+//! Commissioners' figures (issue #16): a seeded synthetic population of referrals over
+//! twelve months, worked through the FHIR API as GP systems and providers do, with the
+//! store's commit clock moved to each event's time (the simulated year is ahead of the
+//! wall clock, so every write is stamped with the simulated time). The test keeps its own
+//! record of every referral and computes the true figures from it, with the suppression
+//! rule applied by its own code; every MeasureReport figure must equal them. Then: the
+//! commissioner reads nothing of any one person, and `report rebuild` agrees exactly with
+//! the figures kept write by write.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+const COMMISSIONER: &str = "demo-commissioner-token";
+const DAY: i64 = 86_400_000_000;
+const SWEMWBS: &str = "718466001";
+const UP_TO: i64 = 7;
+
+/// A small deterministic generator (the test's seed is fixed).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What the test knows of one referral.
+#[derive(Default, Clone)]
+struct Truth {
+    month: String,
+    need: String,
+    practice: String,
+    provider: String,
+    sex: String,
+    age_band: String,
+    disposition: String,
+    accept_days: Option<i64>,
+    contact_days: Option<i64>,
+    complete_days: Option<i64>,
+    change: Option<i64>,
+}
+
+fn month_of(micros: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(micros as i128 * 1000).unwrap();
+    format!("{:04}-{:02}", t.year(), t.month() as u8)
+}
+
+fn band(age: i64) -> &'static str {
+    match age {
+        0..=17 => "0-17",
+        18..=24 => "18-24",
+        25..=34 => "25-34",
+        35..=44 => "35-44",
+        45..=54 => "45-54",
+        55..=64 => "55-64",
+        65..=74 => "65-74",
+        75..=84 => "75-84",
+        _ => "85+",
+    }
+}
+
+/// The suppression rule, written again here from README: 1..=7 hidden; in a partition with
+/// exactly one hidden cell, the smallest other non-zero cell is hidden too.
+fn suppressed(counts: &[i64], partition: bool) -> Vec<Option<i64>> {
+    let mut out: Vec<Option<i64>> = counts
+        .iter()
+        .map(|&n| {
+            if (1..=UP_TO).contains(&n) {
+                None
+            } else {
+                Some(n)
+            }
+        })
+        .collect();
+    if partition && out.iter().filter(|o| o.is_none()).count() == 1 {
+        let mut best: Option<usize> = None;
+        for (i, n) in counts.iter().enumerate() {
+            if out[i].is_some() && *n > 0 && best.is_none_or(|b| *n < counts[b]) {
+                best = Some(i);
+            }
+        }
+        if let Some(b) = best {
+            out[b] = None;
+        }
+    }
+    out
+}
+
+fn nearest_rank(mut v: Vec<i64>, p: usize) -> Option<i64> {
+    if v.len() as i64 <= UP_TO {
+        return None;
+    }
+    v.sort();
+    let rank = (p * v.len()).div_ceil(100);
+    Some(v[rank.max(1) - 1])
+}
+
+/// A population's count as the report shows it: `Some(n)` or masked (`None`).
+fn count_of(p: &Value) -> Option<i64> {
+    match p.get("count") {
+        Some(c) => c.as_i64(),
+        None => {
+            assert_eq!(
+                p.pointer("/_count/extension/0/valueCode"),
+                Some(&json!("masked")),
+                "{p}"
+            );
+            None
+        }
+    }
+}
+
+fn group<'a>(report: &'a Value, code: &str) -> &'a Value {
+    report["group"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["code"]["text"] == code)
+        .unwrap_or_else(|| panic!("no group {code}: {report:#}"))
+}
+
+/// The strata of a stratifier as (value, shown count).
+fn strata(g: &Value, stratifier: &str) -> BTreeMap<String, Option<i64>> {
+    g["stratifier"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["code"][0]["text"] == stratifier)
+        .unwrap_or_else(|| panic!("no stratifier {stratifier}"))["stratum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["value"]["coding"][0]["code"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                count_of(&s["population"][0]),
+            )
+        })
+        .collect()
+}
+
+/// The true strata of `key` over `truths`, suppressed (as a partition when `partition`).
+fn true_strata(
+    truths: &[Truth],
+    key: impl Fn(&Truth) -> String,
+    partition: bool,
+) -> BTreeMap<String, Option<i64>> {
+    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+    for t in truths {
+        *counts.entry(key(t)).or_insert(0) += 1;
+    }
+    let values: Vec<i64> = counts.values().copied().collect();
+    counts
+        .keys()
+        .cloned()
+        .zip(suppressed(&values, partition))
+        .collect()
+}
+
+fn score_of(g: &Value) -> Option<f64> {
+    g["measureScore"]["value"].as_f64()
+}
+
+fn set_clock(gw: &TestGateway, micros: i64) {
+    gw.gateway
+        .as_ref()
+        .expect("running")
+        .store()
+        .transact::<_, sp_gateway::error::Error>(|tx| {
+            tx.put(b"c/clock", (micros - 1).to_string().as_bytes())?;
+            Ok(())
+        })
+        .expect("clock");
+}
+
+enum Step {
+    Refer(usize),
+    Accept(usize),
+    Decline(usize, &'static str),
+    Contact(usize),
+    Score(usize, i64),
+    Complete(usize),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_year_of_referrals_is_counted_exactly_and_identifies_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = TestGateway::start_with(dir.path(), unthrottled_config()).await;
+    let n = 2_000usize;
+    let mut rng = Rng(0x5eed_2026);
+    // The simulated year: the January after next, ahead of the wall clock.
+    let year = time::OffsetDateTime::now_utc().year() + 1;
+    let start = time::Date::from_calendar_date(year, time::Month::January, 1)
+        .unwrap()
+        .midnight()
+        .assume_utc();
+    let t0 = (start.unix_timestamp_nanos() / 1000) as i64;
+    let needs = [("loneliness", "BB9"), ("debt", "BB11"), ("housing", "BB10")];
+    let practices = ["P81001", "P81002", "P81003"];
+    let mut steps: Vec<(i64, Step)> = Vec::new();
+    let mut plans = Vec::new();
+    for i in 0..n {
+        // Fewer referrals early in the year, so some months' small cells are suppressed.
+        let day = ((rng.below(365 * 365 * 365) as f64).cbrt()) as i64;
+        let at = t0 + day * DAY + (rng.below(86_000) as i64) * 1_000_000;
+        let need = rng.below(3) as usize;
+        let practice = practices[rng.below(3) as usize];
+        let age = 16 + rng.below(80) as i64;
+        let sex = match rng.below(20) {
+            0..=9 => "female",
+            10..=18 => "male",
+            _ => "other",
+        };
+        steps.push((at, Step::Refer(i)));
+        let fate = rng.below(100);
+        let accept_after = (1 + rng.below(20) as i64) * DAY;
+        if fate < 70 {
+            steps.push((at + accept_after, Step::Accept(i)));
+            if fate < 55 {
+                let contact = accept_after + rng.below(15) as i64 * DAY + DAY / 2;
+                steps.push((at + contact, Step::Contact(i)));
+                if fate < 40 {
+                    let first = 10 + rng.below(15) as i64;
+                    let last = (first + rng.below(9) as i64 - 2).clamp(7, 35);
+                    steps.push((at + contact + DAY, Step::Score(i, first)));
+                    steps.push((at + contact + 30 * DAY, Step::Score(i, last)));
+                    steps.push((at + contact + 31 * DAY, Step::Complete(i)));
+                }
+            }
+        } else if fate < 85 {
+            steps.push((at + accept_after, Step::Decline(i, "patient-declined")));
+        }
+        plans.push((at, need, practice, age, sex));
+    }
+    steps.sort_by_key(|s| s.0);
+
+    let mut ids: Vec<(String, String, String)> = vec![Default::default(); n];
+    let mut truths: Vec<Truth> = vec![Truth::default(); n];
+    let mut first_score: BTreeMap<usize, i64> = BTreeMap::new();
+    let mut last_obs: BTreeMap<usize, String> = BTreeMap::new();
+    for (at, step) in &steps {
+        set_clock(&gw, *at);
+        match *step {
+            Step::Refer(i) => {
+                let (t, need, practice, age, sex) = plans[i];
+                let token = if practice == "P81003" { GP2 } else { GP };
+                let mut r = variant(
+                    "referral-ada.json",
+                    &format!("FIG-{i}"),
+                    Some(&nhs_number(i)),
+                );
+                r["practice"]["odsCode"] = json!(practice);
+                r["needs"] = json!([needs[need].0]);
+                r["reasons"] = json!([]);
+                r["patient"]["postcode"] = json!(format!("{} 1AA", needs[need].1));
+                r["patient"]["gender"] = json!(sex);
+                let birth = time::OffsetDateTime::from_unix_timestamp_nanos(t as i128 * 1000)
+                    .unwrap()
+                    .date()
+                    - time::Duration::days(age * 365 + age / 4 + 30);
+                r["patient"]["birthDate"] = json!(birth.to_string());
+                let (pid, sid, tid) = gw.refer(token, &r).await;
+                let task = gw.get(token, &format!("/fhir/Task/{tid}")).await.body;
+                let provider = task["owner"]["reference"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("Organization/")
+                    .to_string();
+                let years = {
+                    let d = time::OffsetDateTime::from_unix_timestamp_nanos(t as i128 * 1000)
+                        .unwrap()
+                        .date();
+                    let mut y = d.year() - birth.year();
+                    if (d.month() as u8, d.day()) < (birth.month() as u8, birth.day()) {
+                        y -= 1;
+                    }
+                    y as i64
+                };
+                truths[i] = Truth {
+                    month: month_of(t),
+                    need: needs[need].0.into(),
+                    practice: practice.into(),
+                    provider,
+                    sex: sex.into(),
+                    age_band: band(years).into(),
+                    disposition: "open".into(),
+                    ..Truth::default()
+                };
+                ids[i] = (pid, sid, tid);
+            }
+            Step::Accept(i) => {
+                let token = provider_token(&truths[i].provider);
+                let r = gw.transition(token, &ids[i].2, status_to("accepted")).await;
+                assert_eq!(r.status, 200, "{}", r.body);
+                truths[i].disposition = "accepted".into();
+                truths[i].accept_days = Some((at - plans[i].0) / DAY);
+            }
+            Step::Decline(i, code) => {
+                let token = provider_token(&truths[i].provider);
+                let r = gw
+                    .transition(token, &ids[i].2, |t| {
+                        t["status"] = json!("rejected");
+                        t["statusReason"] = json!({ "coding": [{ "system": "https://sp-gateway.example.org/fhir/CodeSystem/task-status-reason", "code": code }], "text": "Patient declined" });
+                    })
+                    .await;
+                assert_eq!(r.status, 200, "{}", r.body);
+                truths[i].disposition = "declined-patient".into();
+            }
+            Step::Contact(i) => {
+                let token = provider_token(&truths[i].provider);
+                let r = gw
+                    .transition(token, &ids[i].2, |t| {
+                        t["status"] = json!("in-progress");
+                        t["businessStatus"] = json!({ "coding": [{ "system": "https://sp-gateway.example.org/fhir/CodeSystem/business-status", "code": "contact-made" }], "text": "Contact made" });
+                    })
+                    .await;
+                assert_eq!(r.status, 200, "{}", r.body);
+                truths[i].contact_days = Some((at - plans[i].0) / DAY);
+            }
+            Step::Score(i, value) => {
+                let token = provider_token(&truths[i].provider);
+                let when =
+                    time::OffsetDateTime::from_unix_timestamp_nanos(*at as i128 * 1000).unwrap();
+                let obs = json!({
+                    "resourceType": "Observation", "status": "final",
+                    "code": { "coding": [{ "system": "http://snomed.info/sct", "code": SWEMWBS }] },
+                    "subject": { "reference": format!("Patient/{}", ids[i].0) },
+                    "basedOn": [{ "reference": format!("ServiceRequest/{}", ids[i].1) }],
+                    "performer": [{ "reference": format!("Organization/{}", truths[i].provider) }],
+                    "effectiveDateTime": when.format(&time::format_description::well_known::Rfc3339).unwrap(),
+                    "valueInteger": value
+                });
+                let r = gw.post_json(token, "/fhir/Observation", &obs).await;
+                assert_eq!(r.status, 201, "{}", r.body);
+                last_obs.insert(i, r.body["id"].as_str().unwrap().to_string());
+                match first_score.get(&i) {
+                    None => {
+                        first_score.insert(i, value);
+                    }
+                    Some(first) => truths[i].change = Some(value - first),
+                }
+            }
+            Step::Complete(i) => {
+                let token = provider_token(&truths[i].provider);
+                let oid = last_obs[&i].clone();
+                let r = gw
+                    .transition(token, &ids[i].2, |t| {
+                        t["status"] = json!("completed");
+                        t["output"] = json!([{ "type": { "text": "SWEMWBS" }, "valueReference": { "reference": format!("Observation/{oid}") } }]);
+                    })
+                    .await;
+                assert_eq!(r.status, 200, "{}", r.body);
+                truths[i].complete_days = Some((at - plans[i].0) / DAY);
+            }
+        }
+    }
+
+    // The year's reports, read as the commissioner.
+    let eval = |id: &str| {
+        let gw = &gw;
+        let path = format!(
+            "/fhir/Measure/{id}/$evaluate-measure?periodStart={year}-01&periodEnd={year}-12"
+        );
+        async move {
+            let r = gw.get(COMMISSIONER, &path).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            valid(&r.body);
+            r.body
+        }
+    };
+    let received = eval("referrals-received").await;
+    let g = group(&received, "received");
+    let total = truths.len() as i64;
+    assert_eq!(count_of(&g["population"][0]), Some(total));
+    assert_eq!(
+        strata(g, "need"),
+        true_strata(&truths, |t| t.need.clone(), false)
+    );
+    assert_eq!(
+        strata(g, "practice"),
+        true_strata(&truths, |t| t.practice.clone(), true)
+    );
+    assert_eq!(
+        strata(g, "provider"),
+        true_strata(&truths, |t| t.provider.clone(), true)
+    );
+    assert_eq!(
+        strata(g, "sex"),
+        true_strata(&truths, |t| t.sex.clone(), true)
+    );
+    assert_eq!(
+        strata(g, "age"),
+        true_strata(&truths, |t| t.age_band.clone(), true)
+    );
+    let mut months = true_strata(&truths, |t| t.month.clone(), true);
+    for m in 1..=12 {
+        months.entry(format!("{year}-{m:02}")).or_insert(Some(0));
+    }
+    assert_eq!(
+        strata(g, "month"),
+        months,
+        "every month of the period, empty ones as 0"
+    );
+    assert!(
+        strata(g, "month").values().any(Option::is_none)
+            || strata(g, "age").values().any(Option::is_none),
+        "the seeded population has small cells, so suppression is exercised"
+    );
+
+    let uptake = eval("uptake").await;
+    let g = group(&uptake, "accepted");
+    let disp = true_strata(&truths, |t| t.disposition.clone(), true);
+    let shown = strata(g, "disposition");
+    for (d, c) in &disp {
+        assert_eq!(shown.get(d), Some(c), "{d}");
+    }
+    let accepted = disp
+        .get("accepted")
+        .copied()
+        .flatten()
+        .expect("accepted shown");
+    let share = (accepted as f64 / total as f64 * 10_000.0).round() / 10_000.0;
+    assert_eq!(score_of(g), Some(share));
+
+    let times = eval("time-to-contact").await;
+    for (timing, pick) in [
+        (
+            "accept",
+            (|t: &Truth| t.accept_days) as fn(&Truth) -> Option<i64>,
+        ),
+        ("contact", |t: &Truth| t.contact_days),
+        ("complete", |t: &Truth| t.complete_days),
+    ] {
+        let v: Vec<i64> = truths.iter().filter_map(pick).collect();
+        assert_eq!(
+            score_of(group(&times, &format!("{timing}-median"))),
+            nearest_rank(v.clone(), 50).map(|d| d as f64),
+            "{timing} median"
+        );
+        assert_eq!(
+            score_of(group(&times, &format!("{timing}-p90"))),
+            nearest_rank(v.clone(), 90).map(|d| d as f64),
+            "{timing} p90"
+        );
+        assert_eq!(
+            count_of(&group(&times, &format!("{timing}-median"))["population"][1]),
+            Some(v.len() as i64)
+        );
+    }
+
+    let change = eval("wellbeing-change").await;
+    let pairs: Vec<i64> = truths.iter().filter_map(|t| t.change).collect();
+    let mean = (pairs.iter().sum::<i64>() as f64 / pairs.len() as f64 * 100.0).round() / 100.0;
+    let g = group(&change, &format!("{SWEMWBS}-mean-change"));
+    assert_eq!(count_of(&g["population"][0]), Some(pairs.len() as i64));
+    assert_eq!(score_of(g), Some(mean));
+    let improved = pairs.iter().filter(|c| **c >= 3).count() as f64;
+    let g = group(&change, &format!("{SWEMWBS}-improved"));
+    assert_eq!(
+        score_of(g),
+        Some((improved / pairs.len() as f64 * 10_000.0).round() / 10_000.0)
+    );
+    // WEMWBS: nobody was scored on it, so nothing to report.
+    assert_eq!(
+        count_of(&group(&change, "718426000-mean-change")["population"][0]),
+        Some(0)
+    );
+
+    // A month with few referrals: its counts are masked, and so is what would reveal them.
+    let jan = gw
+        .get(COMMISSIONER, &format!("/fhir/Measure/referrals-received/$evaluate-measure?periodStart={year}-01-01&periodEnd={year}-01-31"))
+        .await;
+    assert_eq!(jan.status, 200, "{}", jan.body);
+    let jan_truth: Vec<Truth> = truths
+        .iter()
+        .filter(|t| t.month == format!("{year}-01"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        strata(group(&jan.body, "received"), "need"),
+        true_strata(&jan_truth, |t| t.need.clone(), false)
+    );
+
+    // Bad periods are refused, and say why.
+    for (q, says) in [
+        (
+            "periodStart=2026-01-02&periodEnd=2026-12-31",
+            "first day of a month",
+        ),
+        (
+            "periodStart=2026-01&periodEnd=2025-12",
+            "before periodStart",
+        ),
+        ("periodStart=2026-01", "required"),
+        ("periodStart=2026-13&periodEnd=2026-12", "month"),
+    ] {
+        let r = gw
+            .get(
+                COMMISSIONER,
+                &format!("/fhir/Measure/uptake/$evaluate-measure?{q}"),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{q}: {}", r.body);
+        assert!(r.body.to_string().contains(says), "{q}: {}", r.body);
+    }
+
+    // The commissioner reads nothing of any one person; nobody else reads the figures.
+    let (pid, sid, tid) = ids[0].clone();
+    for path in [
+        format!("/fhir/Patient/{pid}"),
+        format!("/fhir/ServiceRequest/{sid}"),
+        format!("/fhir/Task/{tid}"),
+        format!("/fhir/Task/{tid}/_history"),
+        "/fhir/HealthcareService/anything".to_string(),
+    ] {
+        assert_eq!(gw.get(COMMISSIONER, &path).await.status, 404, "{path}");
+    }
+    for path in [
+        "/fhir/Task",
+        "/fhir/Patient",
+        "/fhir/Observation",
+        "/fhir/ServiceRequest",
+        "/fhir/AuditEvent",
+    ] {
+        let s = gw.get(COMMISSIONER, path).await.status;
+        assert!(s == 403 || s == 404, "{path}: {s}");
+    }
+    for token in [GP, CRAFTS, REFERRER, ADMIN] {
+        let r = gw
+            .get(
+                token,
+                "/fhir/Measure/uptake/$evaluate-measure?periodStart=2026-01&periodEnd=2026-12",
+            )
+            .await;
+        assert!(r.status == 403 || r.status == 404, "{token}: {}", r.status);
+    }
+    let measures = gw.get(COMMISSIONER, "/fhir/Measure").await;
+    assert_eq!(measures.status, 200);
+    assert_eq!(measures.entries().len(), 5);
+    for m in measures.entries() {
+        valid(&m);
+    }
+    // Everything it read is on the trail.
+    let trail = gw
+        .get(AUDITOR, "/fhir/AuditEvent?agent=commissioner&_count=200")
+        .await;
+    assert_eq!(trail.status, 200, "{}", trail.body);
+    let text = trail.body.to_string();
+    assert!(
+        trail.entries().len() >= 10 && text.contains("$evaluate-measure"),
+        "the commissioner's reads are audited: {text}"
+    );
+
+    // Rebuilt from the stored referrals, the figures are the same, key for key.
+    gw.stop().await;
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("gateway.toml");
+    std::fs::write(&cfg, unthrottled_config()).unwrap();
+    let out = cli([
+        "report".as_ref(),
+        "rebuild".as_ref(),
+        "--check".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--data-dir".as_ref(),
+        dir.path().as_os_str(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("{n} referrals")), "{stdout}");
+    assert!(stdout.contains("agree"), "{stdout}");
+}
+
+fn provider_token(provider: &str) -> &'static str {
+    match provider {
+        "pendle-crafts" => CRAFTS,
+        "burnley-money-advice" => MONEY,
+        "east-lancs-housing" => HOUSING,
+        _ => HUB,
+    }
+}
+
+/// Every Measure and MeasureReport passes the R4 schema and parses with fhir-sdk.
+fn valid(resource: &Value) {
+    let rtype = resource["resourceType"].as_str().expect("resourceType");
+    let issues = sp_gateway::schema::check_fhir(rtype, resource).expect("schema");
+    assert!(
+        issues.is_empty(),
+        "{rtype} fails the R4 schema: {issues:?}\n{resource:#}"
+    );
+    fhir_sdk_parse(resource, rtype).unwrap_or_else(|e| panic!("{rtype}: {e}\n{resource:#}"));
+}
