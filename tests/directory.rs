@@ -208,7 +208,7 @@ fn decision(task: &Value) -> (String, String, String) {
 }
 
 /// Every resource the gateway emitted passes the R4 schema and parses with fhir-sdk.
-fn valid(resource: &Value) {
+pub fn valid(resource: &Value) {
     let rtype = resource["resourceType"].as_str().expect("resourceType");
     let issues = sp_gateway::schema::check_fhir(rtype, resource).expect("schema");
     assert!(

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use crate::common::*;
+/// Every Measure and MeasureReport passes the R4 schema and parses with fhir-sdk.
+use crate::directory::valid;
 
 const COMMISSIONER: &str = "demo-commissioner-token";
 const DAY: i64 = 86_400_000_000;
@@ -594,15 +596,4 @@ fn provider_token(provider: &str) -> &'static str {
         "east-lancs-housing" => HOUSING,
         _ => HUB,
     }
-}
-
-/// Every Measure and MeasureReport passes the R4 schema and parses with fhir-sdk.
-fn valid(resource: &Value) {
-    let rtype = resource["resourceType"].as_str().expect("resourceType");
-    let issues = sp_gateway::schema::check_fhir(rtype, resource).expect("schema");
-    assert!(
-        issues.is_empty(),
-        "{rtype} fails the R4 schema: {issues:?}\n{resource:#}"
-    );
-    fhir_sdk_parse(resource, rtype).unwrap_or_else(|e| panic!("{rtype}: {e}\n{resource:#}"));
 }
