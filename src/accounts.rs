@@ -42,12 +42,25 @@ fn session_key(token: &str) -> String {
     )
 }
 
+/// What a person's account is for: working a provider's referrals (`/inbox`), or reading
+/// the figures (`/reports`, a commissioner, who sees no patient).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    #[default]
+    Provider,
+    Commissioner,
+}
+
 /// One person's account.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct User {
     pub id: String,
     pub email: String,
+    /// The provider the person works for; empty for a commissioner.
     pub provider: String,
+    #[serde(default)]
+    pub kind: Kind,
     /// argon2id PHC string.
     pub password: String,
     /// Base32 TOTP secret; `None` until a new one is issued at first sign-in.
@@ -246,6 +259,7 @@ pub fn password_policy(password: &str) -> std::result::Result<(), String> {
 pub fn tx_add(
     tx: &Tx<'_>,
     email: &str,
+    kind: Kind,
     provider: &str,
     password_hash: String,
     totp_secret: Option<String>,
@@ -260,6 +274,7 @@ pub fn tx_add(
         id: uuid::Uuid::new_v4().simple().to_string(),
         email: email.to_string(),
         provider: provider.to_string(),
+        kind,
         password: password_hash,
         totp_enrolled: totp_secret.is_some(),
         totp_secret,
@@ -579,21 +594,32 @@ fn commit<T>(
     Ok(out)
 }
 
-/// Adds an account for a person of `provider` (a provider in `cfg`): the command line's
-/// `users add`. Nothing is written when anything is wrong.
+/// Adds an account for a person of `provider` (a provider in `cfg`), or for a commissioner
+/// (`provider` empty): the command line's `users add`. Nothing is written when anything is wrong.
 pub fn add(
     store: &Store,
     cfg: &crate::config::Config,
     email: &str,
+    kind: Kind,
     provider: &str,
     password: &str,
 ) -> Result<User> {
-    if cfg.provider(provider).is_none() {
-        return Err(Error::invalid(
-            "value",
-            "--provider",
-            format!("names no provider in the config: {provider}"),
-        ));
+    match kind {
+        Kind::Provider if cfg.provider(provider).is_none() => {
+            return Err(Error::invalid(
+                "value",
+                "--provider",
+                format!("names no provider in the config: {provider}"),
+            ));
+        }
+        Kind::Commissioner if !provider.is_empty() => {
+            return Err(Error::invalid(
+                "value",
+                "--provider",
+                "a commissioner works for no provider: give --commissioner or --provider, not both",
+            ));
+        }
+        _ => {}
     }
     if !email_ok(email) {
         return Err(Error::invalid(
@@ -605,7 +631,7 @@ pub fn add(
     password_policy(password).map_err(|m| Error::invalid("value", "password", m))?;
     let hash = hash_password(password)?;
     commit(store, |tx| {
-        tx_add(tx, email, provider, hash.clone(), None, false)
+        tx_add(tx, email, kind, provider, hash.clone(), None, false)
     })
 }
 
@@ -634,6 +660,11 @@ pub fn ensure_demo_users(store: &Store, cfg: &crate::config::Config) -> Result<u
             tx_add(
                 tx,
                 &d.email,
+                if d.commissioner {
+                    Kind::Commissioner
+                } else {
+                    Kind::Provider
+                },
                 &d.provider,
                 hash.clone(),
                 Some(d.totp_secret.clone()),
@@ -674,6 +705,7 @@ mod tests {
                 tx_add(
                     tx,
                     "d@example.org",
+                    Kind::Provider,
                     "p",
                     hash.clone(),
                     Some("ONYC2Z3BORSXOYLZEBSGK3LPEBUHKYRA".into()),

@@ -519,7 +519,12 @@ fn default_per_address() -> u32 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DemoUser {
+    /// The provider the person works for; empty for a commissioner.
+    #[serde(default)]
     pub provider: String,
+    /// A commissioner, who reads the figures (`/reports`) and works for no provider.
+    #[serde(default)]
+    pub commissioner: bool,
     pub email: String,
     pub password: String,
     /// Base32 TOTP secret, so that the demo's codes can be made from README.
@@ -1014,7 +1019,14 @@ impl Config {
             }
         }
         for (n, d) in i.demo_users.iter().enumerate() {
-            if !self.providers.iter().any(|p| p.id == d.provider) {
+            if d.commissioner {
+                if !d.provider.is_empty() {
+                    return Err(bad(
+                        format!("inbox.demo_users[{n}].provider"),
+                        "a commissioner works for no provider: give commissioner = true or a provider, not both".into(),
+                    ));
+                }
+            } else if !self.providers.iter().any(|p| p.id == d.provider) {
                 return Err(bad(
                     format!("inbox.demo_users[{n}].provider"),
                     format!("names no provider: {}", d.provider),

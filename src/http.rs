@@ -656,6 +656,7 @@ fn person_view(u: &crate::accounts::User) -> Value {
     json!({
         "email": u.email,
         "provider": u.provider,
+        "kind": u.kind,
         "enrolled": u.totp_enrolled,
         "disabled": u.disabled,
         "locked": u.locked_until > 0,
@@ -696,6 +697,9 @@ async fn admin_users(State(st): State<AppState>, who: Principal) -> ApiResult {
 struct PersonBody {
     #[serde(default)]
     provider: String,
+    /// `provider` or `"kind": "commissioner"`.
+    #[serde(default)]
+    kind: crate::accounts::Kind,
     #[serde(default)]
     email: String,
     /// None: a random first password, returned once.
@@ -707,6 +711,7 @@ fn person_body(body: &[u8]) -> Result<PersonBody, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(PersonBody {
             provider: String::new(),
+            kind: crate::accounts::Kind::Provider,
             email: String::new(),
             password: None,
         });
@@ -715,12 +720,12 @@ fn person_body(body: &[u8]) -> Result<PersonBody, ApiError> {
         ApiError(Error::invalid(
             "structure",
             "",
-            format!("the body must be a JSON object with provider, email and (optionally) password: {e}"),
+            format!("the body must be a JSON object with provider (or \"kind\": \"commissioner\"), email and (optionally) password: {e}"),
         ))
     })
 }
 
-/// `POST /admin/users` `{provider, email[, password]}`: adds a person on a running gateway;
+/// `POST /admin/users` `{provider | "kind": "commissioner", email[, password]}`: adds a person on a running gateway;
 /// answers their first password when it made one.
 async fn admin_users_add(State(st): State<AppState>, who: Principal, body: Bytes) -> ApiResult {
     require_admin(&who)?;
@@ -732,7 +737,7 @@ async fn admin_users_add(State(st): State<AppState>, who: Principal, body: Bytes
     let gw = st.gateway.clone();
     let pw = password.clone();
     let u = tokio::task::spawn_blocking(move || {
-        crate::accounts::add(gw.store(), gw.config(), &b.email, &b.provider, &pw)
+        crate::accounts::add(gw.store(), gw.config(), &b.email, b.kind, &b.provider, &pw)
     })
     .await
     .map_err(|e| ApiError(Error::Internal(e.to_string())))??;

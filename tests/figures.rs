@@ -175,7 +175,7 @@ fn score_of(g: &Value) -> Option<f64> {
     g["measureScore"]["value"].as_f64()
 }
 
-fn set_clock(gw: &TestGateway, micros: i64) {
+pub fn set_clock(gw: &TestGateway, micros: i64) {
     gw.gateway
         .as_ref()
         .expect("running")
@@ -565,6 +565,9 @@ async fn a_seeded_year_of_referrals_is_counted_exactly_and_identifies_nobody() {
         "the commissioner's reads are audited: {text}"
     );
 
+    // The same figures on the commissioner's page and in its CSV files.
+    the_page_and_its_csv_say_the_same(&gw, year, &truths).await;
+
     // Rebuilt from the stored referrals, the figures are the same, key for key.
     gw.stop().await;
     let cfg_dir = tempfile::tempdir().unwrap();
@@ -589,7 +592,303 @@ async fn a_seeded_year_of_referrals_is_counted_exactly_and_identifies_nobody() {
     assert!(stdout.contains("agree"), "{stdout}");
 }
 
-fn provider_token(provider: &str) -> &'static str {
+/// Cells of an RFC 4180 CSV body.
+fn parse_csv(body: &str) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let (mut row, mut cell, mut quoted, mut chars) =
+        (Vec::new(), String::new(), false, body.chars().peekable());
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                cell.push('"');
+            }
+            (true, '"') => quoted = false,
+            (true, c) => cell.push(c),
+            (false, '"') => quoted = true,
+            (false, ',') => row.push(std::mem::take(&mut cell)),
+            (false, '\r') => {}
+            (false, '\n') => {
+                row.push(std::mem::take(&mut cell));
+                rows.push(std::mem::take(&mut row));
+            }
+            (false, c) => cell.push(c),
+        }
+    }
+    rows
+}
+
+fn shown(n: Option<i64>) -> String {
+    n.map(|n| n.to_string())
+        .unwrap_or_else(|| "suppressed".into())
+}
+
+/// A new person (password "a long enough password") signs in for the first time, sets up
+/// their authenticator from the page, and is sent to their home: its path.
+async fn enrol(b: &mut crate::inbox::Browser, email: &str) -> Option<String> {
+    let r = b.password_step(email, "a long enough password").await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let page = b.get("/inbox/sign-in/code").await;
+    let secret = {
+        let at = page.body.find("<code>").expect("secret shown") + 6;
+        page.body[at..at + page.body[at..].find('<').expect("end")].to_string()
+    };
+    let csrf = page.hidden("csrf");
+    let code = crate::inbox::code_now(&secret);
+    let r = b
+        .post("/inbox/sign-in/code", &[("csrf", &csrf), ("code", &code)])
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    r.location
+}
+
+/// A commissioner added by the operator on the running gateway enrols their authenticator,
+/// signs in, and is taken to the figures. The page and every CSV table equal the test's own
+/// truth (or, for words the test does not keep, the MeasureReport already checked against
+/// it). A provider's person cannot see the page; a bad period is refused, naming the fault.
+async fn the_page_and_its_csv_say_the_same(gw: &TestGateway, year: i32, truths: &[Truth]) {
+    use crate::inbox::Browser;
+    let r = gw
+        .post_json(
+            ADMIN,
+            "/admin/users",
+            &json!({ "kind": "commissioner", "email": "figures@example.org", "password": "a long enough password" }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["kind"], "commissioner");
+    let mut b = Browser::new(&gw.base);
+    assert_eq!(
+        b.get("/reports").await.location.as_deref(),
+        Some("/inbox/sign-in")
+    );
+    let home = enrol(&mut b, "figures@example.org").await;
+    assert_eq!(home.as_deref(), Some("/reports"), "a commissioner's home");
+    // Their inbox is not theirs: the inbox sends them to the figures.
+    assert_eq!(b.get("/inbox").await.location.as_deref(), Some("/reports"));
+
+    let q = format!("from={year}-01&to={year}-12");
+    let page = b.get(&format!("/reports?{q}")).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert_eq!(
+        page.body.matches("<svg role=\"img\"").count(),
+        4,
+        "four charts"
+    );
+    let csv = |name: &str| format!("/reports/{name}.csv?{q}");
+    let mut tables = BTreeMap::new();
+    for name in [
+        "referrals-by-month-and-need",
+        "referrals-by-characteristic",
+        "uptake",
+        "time-to-contact",
+        "wellbeing-change",
+        "provider-load",
+    ] {
+        let r = b.get(&csv(name)).await;
+        assert_eq!(r.status, 200, "{name}: {}", r.body);
+        let rows = parse_csv(&r.body);
+        assert!(rows.len() >= 2, "{name}: {rows:?}");
+        assert!(
+            rows.iter().all(|r| r.len() == rows[0].len()),
+            "{name}: a rectangle"
+        );
+        tables.insert(name, rows);
+    }
+    // The page shows the same cells: as many suppressed ones as the CSV files together.
+    let suppressed_in_csv: usize = tables
+        .values()
+        .flatten()
+        .flatten()
+        .filter(|c| *c == "suppressed")
+        .count();
+    assert!(
+        suppressed_in_csv > 0,
+        "small cells are suppressed in the CSV too"
+    );
+    assert_eq!(
+        page.body.matches(">suppressed</td>").count()
+            + page.body.matches(">suppressed</th>").count(),
+        suppressed_in_csv
+    );
+
+    // Month by need, against the truth: each cell alone (needs overlap, as the need stratifier).
+    let t = &tables["referrals-by-month-and-need"];
+    let cfg = sp_gateway::config::Config::parse(&unthrottled_config(), "test").expect("config");
+    // The months' totals are one partition of the year (as the month stratifier).
+    let mut months = true_strata(truths, |t| t.month.clone(), true);
+    for m in 1..=12 {
+        months.entry(format!("{year}-{m:02}")).or_insert(Some(0));
+    }
+    for (m, row) in t.iter().skip(1).enumerate() {
+        let month = format!("{year}-{:02}", m + 1);
+        let of_month: Vec<&Truth> = truths.iter().filter(|t| t.month == month).collect();
+        assert_eq!(row[1], shown(months[&month]), "{month}");
+        for (col, head) in t[0].iter().enumerate().skip(2) {
+            let need = cfg
+                .needs
+                .iter()
+                .find(|n| &n.display == head)
+                .expect("need column");
+            let n = of_month.iter().filter(|t| t.need == need.name).count() as i64;
+            assert_eq!(
+                row[col],
+                shown(suppressed(&[n], false)[0]),
+                "{month} {head}"
+            );
+        }
+    }
+    assert_eq!(t.len(), 13, "a row per month of the year: {t:?}");
+
+    // By characteristic: the MeasureReport's strata, row for row (those equal the truth above).
+    let received = gw
+        .get(COMMISSIONER, &format!("/fhir/Measure/referrals-received/$evaluate-measure?periodStart={year}-01&periodEnd={year}-12"))
+        .await
+        .body;
+    let g = group(&received, "received");
+    let t = &tables["referrals-by-characteristic"];
+    assert_eq!(t[1], ["All", "All referrals", &truths.len().to_string()]);
+    let mut expected = Vec::new();
+    for s in g["stratifier"].as_array().unwrap() {
+        let id = s["code"][0]["text"].as_str().unwrap();
+        if id == "month" || id == "month-need" {
+            continue;
+        }
+        for st in s["stratum"].as_array().unwrap() {
+            expected.push((
+                st["value"]["text"].as_str().unwrap().to_string(),
+                shown(count_of(&st["population"][0])),
+            ));
+        }
+    }
+    let got: Vec<(String, String)> = t[2..]
+        .iter()
+        .map(|r| (r[1].clone(), r[2].clone()))
+        .collect();
+    assert_eq!(got, expected);
+
+    // Uptake, against the truth.
+    let t = &tables["uptake"];
+    let disp = true_strata(truths, |t| t.disposition.clone(), true);
+    let accepted = disp["accepted"].expect("accepted shown");
+    assert_eq!(t[1][1], accepted.to_string());
+    assert_eq!(
+        t[1][2],
+        format!("{:.1}%", accepted as f64 / truths.len() as f64 * 100.0)
+    );
+    let declined = disp["declined-patient"];
+    assert_eq!(t[2][1], shown(declined));
+
+    // Times, against the truth.
+    let t = &tables["time-to-contact"];
+    for (row, pick) in [
+        (1, (|t: &Truth| t.accept_days) as fn(&Truth) -> Option<i64>),
+        (2, |t: &Truth| t.contact_days),
+        (3, |t: &Truth| t.complete_days),
+    ] {
+        let v: Vec<i64> = truths.iter().filter_map(pick).collect();
+        assert_eq!(t[row][1], v.len().to_string());
+        assert_eq!(t[row][2], nearest_rank(v.clone(), 50).unwrap().to_string());
+        assert_eq!(t[row][3], nearest_rank(v, 90).unwrap().to_string());
+    }
+
+    // Wellbeing, against the truth.
+    let t = &tables["wellbeing-change"];
+    let pairs: Vec<i64> = truths.iter().filter_map(|t| t.change).collect();
+    let swemwbs = t
+        .iter()
+        .find(|r| r[0].contains("Short"))
+        .expect("SWEMWBS row");
+    assert_eq!(swemwbs[1], pairs.len().to_string());
+    assert_eq!(
+        swemwbs[2],
+        format!(
+            "{:.2}",
+            pairs.iter().sum::<i64>() as f64 / pairs.len() as f64
+        )
+    );
+    assert_eq!(
+        swemwbs[4],
+        pairs.iter().filter(|c| **c >= 3).count().to_string()
+    );
+
+    // Provider load: as the MeasureReport has it.
+    let load = gw
+        .get(COMMISSIONER, &format!("/fhir/Measure/provider-load/$evaluate-measure?periodStart={year}-01&periodEnd={year}-12"))
+        .await
+        .body;
+    let t = &tables["provider-load"];
+    for p in &cfg.providers {
+        let row = t.iter().find(|r| r[0] == p.name).expect("provider row");
+        assert_eq!(
+            row[1],
+            shown(count_of(&group(&load, &p.id)["population"][0])),
+            "{}",
+            p.id
+        );
+        assert_eq!(row[2], p.capacity.to_string());
+    }
+
+    // A bad period: said beside the picker, no figures, nothing written.
+    let before = crate::inbox::clinical_digest(gw);
+    let bad = b
+        .get(&format!("/reports?from={year}-06&to={year}-02"))
+        .await;
+    assert_eq!(bad.status, 400);
+    assert!(bad
+        .body
+        .contains("The last month must be the same as the first month or after it"));
+    assert!(bad.body.contains("nhsuk-error-summary") && !bad.body.contains("<table"));
+    let bad = b
+        .get(&format!("/reports/uptake.csv?from=soon&to={year}-02"))
+        .await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(
+        b.get(&format!("/reports/nothing.csv?{q}")).await.status,
+        404
+    );
+    assert_eq!(crate::inbox::clinical_digest(gw), before);
+
+    // A provider's person is sent to their inbox, not shown the figures.
+    let r = gw
+        .post_json(
+            ADMIN,
+            "/admin/users",
+            &json!({ "provider": "pendle-crafts", "email": "crafts@example.org", "password": "a long enough password" }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let mut crafts = Browser::new(&gw.base);
+    assert_eq!(
+        enrol(&mut crafts, "crafts@example.org").await.as_deref(),
+        Some("/inbox")
+    );
+    assert_eq!(
+        crafts
+            .get(&format!("/reports?{q}"))
+            .await
+            .location
+            .as_deref(),
+        Some("/inbox")
+    );
+    assert_eq!(
+        crafts.get(&csv("uptake")).await.location.as_deref(),
+        Some("/inbox")
+    );
+
+    // The page's reads are on the trail, as the commissioner person.
+    let trail = crate::inbox::audit_events(gw, "action=E&_count=100").await;
+    let reads = trail
+        .iter()
+        .filter(|e| {
+            let t = e.to_string();
+            t.contains("commissioner-person") && t.contains("/reports")
+        })
+        .count();
+    assert!(reads >= 8, "the page's reads are audited: {reads}");
+}
+
+pub fn provider_token(provider: &str) -> &'static str {
     match provider {
         "pendle-crafts" => CRAFTS,
         "burnley-money-advice" => MONEY,

@@ -152,6 +152,11 @@ impl Browser {
 
     /// Signs in with password and the current TOTP code; panics unless it works.
     pub async fn sign_in(&mut self, email: &str, password: &str, secret: &str) {
+        self.sign_in_to(email, password, secret, "/inbox").await
+    }
+
+    /// Signs in, and checks the person is taken to `home` (their inbox, or the figures).
+    pub async fn sign_in_to(&mut self, email: &str, password: &str, secret: &str, home: &str) {
         let r = self.password_step(email, password).await;
         assert_eq!(r.status, 303, "password step: {}", r.body);
         assert_eq!(r.location.as_deref(), Some("/inbox/sign-in/code"));
@@ -164,7 +169,7 @@ impl Browser {
             )
             .await;
         assert_eq!(r.status, 303, "code step: {}", r.body);
-        assert_eq!(r.location.as_deref(), Some("/inbox"));
+        assert_eq!(r.location.as_deref(), Some(home));
     }
 
     /// Posts an action form of a referral page, with the page's CSRF token and version.
@@ -539,6 +544,7 @@ async fn a_new_person_enrols_their_authenticator_from_a_qr_code() {
         g.store(),
         g.config(),
         "new@example.org",
+        sp_gateway::accounts::Kind::Provider,
         "pendle-crafts",
         "short"
     )
@@ -547,7 +553,18 @@ async fn a_new_person_enrols_their_authenticator_from_a_qr_code() {
         g.store(),
         g.config(),
         "new@example.org",
+        sp_gateway::accounts::Kind::Provider,
         "no-such-group",
+        "a long enough password"
+    )
+    .is_err());
+    // A commissioner works for no provider: naming one is refused too.
+    assert!(sp_gateway::accounts::add(
+        g.store(),
+        g.config(),
+        "new@example.org",
+        sp_gateway::accounts::Kind::Commissioner,
+        "pendle-crafts",
         "a long enough password"
     )
     .is_err());
@@ -555,6 +572,7 @@ async fn a_new_person_enrols_their_authenticator_from_a_qr_code() {
         g.store(),
         g.config(),
         "new@example.org",
+        sp_gateway::accounts::Kind::Provider,
         "pendle-crafts",
         "a long enough password",
     )
@@ -869,8 +887,8 @@ fn readme_lists_the_demo_people_as_the_demo_config_has_them() {
     let cfg = sp_gateway::config::Config::parse(&demo_config_with_people(), "demo").expect("cfg");
     assert_eq!(
         cfg.inbox.demo_users.len(),
-        cfg.providers.len(),
-        "one per provider"
+        cfg.providers.len() + 1,
+        "one per provider, and a commissioner"
     );
     for d in &cfg.inbox.demo_users {
         let row = format!("| `{}` | `{}` | `{}` |", d.email, d.password, d.totp_secret);

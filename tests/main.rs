@@ -30,5 +30,6 @@ mod refer;
 mod refer_browser;
 mod referral_loop;
 mod referrers;
+mod reports_browser;
 mod structure;
 mod tls;

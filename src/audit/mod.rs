@@ -136,12 +136,20 @@ pub fn set_client(client: &str, role: &str, organisations: Vec<String>) {
 }
 
 /// Sets the person (account id, email) a page request acts for, and their organisation.
-pub fn set_person(id: &str, email: &str, provider: &str) {
+pub fn set_person(id: &str, email: &str, provider: Option<&str>) {
     let _ = REQUEST.try_with(|c| {
         let mut c = c.borrow_mut();
         c.client = Some(format!("person/{id}"));
-        c.role = Some("provider-person".into());
-        c.organisations = vec![format!("Organization/{provider}")];
+        match provider {
+            Some(p) => {
+                c.role = Some("provider-person".into());
+                c.organisations = vec![format!("Organization/{p}")];
+            }
+            None => {
+                c.role = Some("commissioner-person".into());
+                c.organisations = Vec::new();
+            }
+        }
         c.person = Some((id.to_string(), email.to_string()));
     });
 }

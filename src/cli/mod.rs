@@ -163,11 +163,19 @@ enum ArchiveAction {
 
 #[derive(Subcommand)]
 enum UsersAction {
-    /// Add a person to a provider. Prints a first password to pass on (or reads one from
-    /// --password-file); they set up their security code at first sign-in.
+    /// Add a person to a provider (or a commissioner, who reads the figures at /reports).
+    /// Prints a first password to pass on (or reads one from --password-file); they set up
+    /// their security code at first sign-in.
     Add {
+        #[arg(
+            long,
+            required_unless_present = "commissioner",
+            conflicts_with = "commissioner"
+        )]
+        provider: Option<String>,
+        /// A commissioner: reads the figures, works for no provider, sees no patient
         #[arg(long)]
-        provider: String,
+        commissioner: bool,
         #[arg(long)]
         email: String,
         /// A file holding the password (at least 12 characters) instead of a random one
@@ -480,10 +488,15 @@ fn users_remote(
         UsersAction::List => ("GET", "/admin/users".to_string(), None),
         UsersAction::Add {
             provider,
+            commissioner,
             email,
             password_file,
         } => {
-            let mut b = serde_json::json!({ "provider": provider, "email": email });
+            let mut b = if *commissioner {
+                serde_json::json!({ "kind": "commissioner", "email": email })
+            } else {
+                serde_json::json!({ "provider": provider, "email": email })
+            };
             if let Some(f) = password_file {
                 b["password"] = read_password(Some(f))?.0.into();
             }
@@ -583,12 +596,23 @@ fn users(common: &Common, action: UsersAction) -> Result<String, String> {
     match action {
         UsersAction::Add {
             provider,
+            commissioner,
             email,
             password_file,
         } => {
             let (password, generated) = read_password(password_file.as_deref())?;
-            let u = accounts::add(store, gw.config(), &email, &provider, &password).map_err(e)?;
-            let mut out = format!("added {} to {}", u.email, u.provider);
+            let kind = if commissioner {
+                accounts::Kind::Commissioner
+            } else {
+                accounts::Kind::Provider
+            };
+            let provider = provider.unwrap_or_default();
+            let u =
+                accounts::add(store, gw.config(), &email, kind, &provider, &password).map_err(e)?;
+            let mut out = match u.kind {
+                accounts::Kind::Provider => format!("added {} to {}", u.email, u.provider),
+                accounts::Kind::Commissioner => format!("added {} as a commissioner", u.email),
+            };
             if generated {
                 out.push_str(&format!(
                     "\nfirst password (shown once; pass it on safely): {password}"
@@ -635,12 +659,11 @@ fn users(common: &Common, action: UsersAction) -> Result<String, String> {
                 if u.demo {
                     flags.push("demo, loopback only");
                 }
-                out.push_str(&format!(
-                    "{}\t{}\t{}\n",
-                    u.email,
-                    u.provider,
-                    flags.join(", ")
-                ));
+                let org = match u.kind {
+                    accounts::Kind::Provider => u.provider.as_str(),
+                    accounts::Kind::Commissioner => "(commissioner)",
+                };
+                out.push_str(&format!("{}\t{}\t{}\n", u.email, org, flags.join(", ")));
             }
             if out.is_empty() {
                 out.push_str("no accounts");

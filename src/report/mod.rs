@@ -489,7 +489,18 @@ pub fn measure(cfg: &Config, canonical_base: &str, id: &str) -> Option<Value> {
             "code": { "text": "received" },
             "description": "Referrals received",
             "population": [pop("initial-population", "Referrals received in the period")],
-            "stratifier": STRATIFIERS.iter().map(|(s, what, _)| json!({ "code": { "text": s }, "description": what })).collect::<Vec<_>>()
+            "stratifier": STRATIFIERS
+                .iter()
+                .map(|(s, what, _)| json!({ "code": { "text": s }, "description": what }))
+                .chain(std::iter::once(json!({
+                    "code": { "text": "month-need" },
+                    "description": "Month received and need together (a referral with two needs counts under each)",
+                    "component": [
+                        { "code": { "text": "month" }, "description": "Month received", "criteria": { "language": "text/fhirpath", "expression": "'month'" } },
+                        { "code": { "text": "need" }, "description": "Need", "criteria": { "language": "text/fhirpath", "expression": "'need'" } }
+                    ]
+                })))
+                .collect::<Vec<_>>()
         })],
         "uptake" => vec![
             json!({
@@ -763,6 +774,32 @@ fn stratifier_json(
     })
 }
 
+/// The month × need table: one stratum per month and need, with components. A referral
+/// with two needs counts under each, so a month's cells overlap and get the first rule of
+/// suppression only, as the need stratifier does.
+fn month_need_json(cfg: &Config, by_month: &ByMonth, up_to: u32) -> Value {
+    let mut cells: Vec<(&str, &str, i64)> = Vec::new();
+    for (month, t) in by_month {
+        for (k, v) in t {
+            if let Some(need) = k.strip_prefix("rec|need|") {
+                cells.push((month, need, *v));
+            }
+        }
+    }
+    let counts: Vec<i64> = cells.iter().map(|c| c.2).collect();
+    let shown = suppress(&counts, up_to, false);
+    json!({
+        "code": [{ "text": "month-need" }],
+        "stratum": cells.iter().zip(shown).map(|((month, need, _), s)| json!({
+            "component": [
+                { "code": { "text": "month" }, "value": { "coding": [{ "code": month }], "text": month } },
+                { "code": { "text": "need" }, "value": { "coding": [{ "code": need }], "text": stratum_text(cfg, "need", need) } }
+            ],
+            "population": [population("initial-population", s)]
+        })).collect::<Vec<_>>()
+    })
+}
+
 /// What a MeasureReport is made from.
 pub struct Period<'a> {
     pub start: &'a str,
@@ -801,6 +838,7 @@ pub fn evaluate(
                         *partition,
                     )
                 })
+                .chain(std::iter::once(month_need_json(cfg, period.by_month, up_to)))
                 .collect();
             vec![json!({
                 "code": { "text": "received" },

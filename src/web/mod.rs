@@ -1,6 +1,7 @@
 //! Pages for people in a browser, over the same `gateway` use cases as the FHIR API: the
 //! provider inbox (`/inbox`) for small groups with no system of their own (its services'
-//! capacity in `services`), and the public self-referral page (`/refer`, in `refer`).
+//! capacity in `services`), the commissioner's figures (`/reports`, in `reports`, charts
+//! in `charts`), and the public self-referral page (`/refer`, in `refer`).
 //!
 //! Owns: the page routes, sessions as cookies (`HttpOnly`, `SameSite=Strict`, `Secure`
 //! over TLS), the CSRF token on every form, turning a person's session into the provider
@@ -9,8 +10,10 @@
 //! to plain pages. It must not hold business rules (those are `gateway`'s and `workflow`'s)
 //! nor touch the store except through `accounts` and `gateway`.
 
+mod charts;
 mod pages;
 mod refer;
+mod reports;
 mod services;
 
 use std::net::IpAddr;
@@ -75,6 +78,8 @@ pub fn router(state: WebState) -> Router {
         .route("/inbox/services", get(services::list))
         .route("/inbox/services/{id}", post(services::set))
         .route("/inbox/{*rest}", get(pages::not_found))
+        .route("/reports", get(reports::show))
+        .route("/reports/{file}", get(reports::csv))
         .route("/refer", get(refer::form).post(refer::submit))
         .route("/refer/privacy", get(refer::privacy))
         .route("/assets/{*path}", get(asset))
@@ -134,6 +139,7 @@ impl Person {
     pub fn chrome(&self) -> Chrome {
         Chrome {
             who: Some(ChromeWho {
+                home: home(self.user.kind),
                 org_name: self.org_name.clone(),
                 email: self.user.email.clone(),
                 csrf: self.session.csrf.clone(),
@@ -150,19 +156,38 @@ pub struct Chrome {
 
 #[derive(Clone, Debug)]
 pub struct ChromeWho {
+    /// Where the service name in the header leads.
+    pub home: &'static str,
     pub org_name: String,
     pub email: String,
     pub csrf: String,
 }
 
-/// The provider principal a person acts as: the gateway scopes them exactly as it scopes
-/// their organisation's system.
+/// The principal a person acts as: a provider's person is scoped exactly as their
+/// organisation's system is; a commissioner exactly as a commissioner's system (figures
+/// only, no patient).
 pub fn principal_of(user: &accounts::User) -> Principal {
-    Principal {
-        client_id: format!("person/{}", user.id),
-        role: Role::Provider,
-        practices: Vec::new(),
-        provider: Some(user.provider.clone()),
+    match user.kind {
+        accounts::Kind::Provider => Principal {
+            client_id: format!("person/{}", user.id),
+            role: Role::Provider,
+            practices: Vec::new(),
+            provider: Some(user.provider.clone()),
+        },
+        accounts::Kind::Commissioner => Principal {
+            client_id: format!("person/{}", user.id),
+            role: Role::Commissioner,
+            practices: Vec::new(),
+            provider: None,
+        },
+    }
+}
+
+/// Where a person of `kind` starts: their referrals, or the figures.
+pub fn home(kind: accounts::Kind) -> &'static str {
+    match kind {
+        accounts::Kind::Provider => "/inbox",
+        accounts::Kind::Commissioner => "/reports",
     }
 }
 
@@ -171,6 +196,9 @@ pub fn principal_of(user: &accounts::User) -> Principal {
 pub enum PageError {
     #[error("sign in first")]
     SignIn,
+    /// The person signed in is of another kind: their own pages are there.
+    #[error("not a page for this account")]
+    Elsewhere(&'static str),
     #[error("the form was not sent from this site's page")]
     Csrf,
     #[error("{0}")]
@@ -214,6 +242,7 @@ impl IntoResponse for PageError {
     fn into_response(self) -> Response {
         match self {
             PageError::SignIn => redirect("/inbox/sign-in"),
+            PageError::Elsewhere(to) => redirect(to),
             PageError::Csrf => message(
                 StatusCode::FORBIDDEN,
                 "This form has expired",

@@ -14,7 +14,7 @@ use base64::Engine;
 use subtle::ConstantTimeEq;
 
 use super::{
-    cookie, cookie_names, page, principal_of, redirect, set_cookie, Chrome, PageError, Peer,
+    cookie, cookie_names, home, page, principal_of, redirect, set_cookie, Chrome, PageError, Peer,
     Person, WebState,
 };
 use crate::accounts::{self, SignInError};
@@ -30,7 +30,8 @@ fn now_micros(state: &WebState) -> Result<i64, PageError> {
 }
 
 /// The person a request's session cookie names, if their session is live and complete.
-pub(super) async fn person(
+/// The signed-in person of any kind (a provider's person or a commissioner).
+pub(super) async fn signed_in(
     state: &WebState,
     headers: &HeaderMap,
     peer: &Peer,
@@ -45,19 +46,45 @@ pub(super) async fn person(
     let Some((session, user)) = found.filter(|(s, _)| s.full) else {
         return Err(PageError::SignIn);
     };
-    crate::audit::set_person(&user.id, &user.email, &user.provider);
-    let org_name = state
-        .gateway
-        .config()
-        .provider(&user.provider)
-        .map(|p| p.name.clone())
-        .unwrap_or_else(|| user.provider.clone());
+    audit_person(&user);
+    let org_name = match user.kind {
+        accounts::Kind::Commissioner => "Commissioning".to_string(),
+        accounts::Kind::Provider => state
+            .gateway
+            .config()
+            .provider(&user.provider)
+            .map(|p| p.name.clone())
+            .unwrap_or_else(|| user.provider.clone()),
+    };
     Ok(Person {
         principal: principal_of(&user),
         user,
         session,
         org_name,
     })
+}
+
+/// The signed-in person of a provider, for the inbox's pages; a commissioner is sent to
+/// their own pages.
+pub(super) async fn person(
+    state: &WebState,
+    headers: &HeaderMap,
+    peer: &Peer,
+) -> Result<Person, PageError> {
+    let p = signed_in(state, headers, peer).await?;
+    match p.user.kind {
+        accounts::Kind::Provider => Ok(p),
+        other => Err(PageError::Elsewhere(home(other))),
+    }
+}
+
+/// Names the person a page request acts for in its audit record.
+pub(super) fn audit_person(u: &accounts::User) {
+    let org = match u.kind {
+        accounts::Kind::Provider => Some(u.provider.as_str()),
+        accounts::Kind::Commissioner => None,
+    };
+    crate::audit::set_person(&u.id, &u.email, org);
 }
 
 pub(super) fn same(a: &str, b: &str) -> bool {
@@ -107,8 +134,8 @@ pub async fn sign_in_form(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> PageResult {
-    if person(&state, &headers, &peer).await.is_ok() {
-        return Ok(redirect("/inbox"));
+    if let Ok(p) = signed_in(&state, &headers, &peer).await {
+        return Ok(redirect(home(p.user.kind)));
     }
     let note = match q.as_deref() {
         Some("signed-out") => Some("You have signed out.".to_string()),
@@ -166,7 +193,7 @@ pub async fn sign_in(
     })?;
     state.gateway.store().durable().await.map_err(Error::from)?;
     if let Some(u) = &attempt.user {
-        crate::audit::set_person(&u.id, &u.email, &u.provider);
+        audit_person(u);
     }
     match (attempt.result, token) {
         (Ok(()), Some(token)) => {
@@ -273,7 +300,7 @@ pub async fn code_form(
     headers: HeaderMap,
 ) -> PageResult {
     match half_session(&state, &headers, &peer)? {
-        Some((_, s, _)) if s.full => Ok(redirect("/inbox")),
+        Some((_, s, u)) if s.full => Ok(redirect(home(u.kind))),
         Some((_, s, u)) => code_page(StatusCode::OK, &s, &u, None),
         None => Ok(redirect("/inbox/sign-in?expired")),
     }
@@ -297,7 +324,7 @@ pub async fn code(
     let Some((token, session, user)) = half_session(&state, &headers, &peer)? else {
         return Ok(redirect("/inbox/sign-in?expired"));
     };
-    crate::audit::set_person(&user.id, &user.email, &user.provider);
+    audit_person(&user);
     if !same(&form.csrf, &session.csrf) {
         return Err(PageError::Csrf);
     }
@@ -322,7 +349,7 @@ pub async fn code(
     let (session_name, _) = cookie_names(peer.tls);
     match (attempt.result, fresh) {
         (Ok(()), Some(fresh)) => {
-            let mut r = redirect("/inbox");
+            let mut r = redirect(home(user.kind));
             r.headers_mut().append(
                 header::SET_COOKIE,
                 set_cookie(session_name, &fresh, peer.tls, None),
@@ -368,7 +395,7 @@ pub async fn sign_out(
     Form(form): Form<CsrfOnly>,
 ) -> PageResult {
     crate::audit::set_login("110123");
-    let p = person(&state, &headers, &peer).await?;
+    let p = signed_in(&state, &headers, &peer).await?;
     if !same(&form.csrf, &p.session.csrf) {
         return Err(PageError::Csrf);
     }

@@ -14,12 +14,8 @@ written to SCREENSHOT_DIR. Prints one line per check; exits non-zero on the firs
 The browser, axe and keyboard helpers are in pagecheck.py, beside this script.
 """
 
-import base64
-import hashlib
-import hmac
 import json
 import os
-import struct
 import sys
 import time
 
@@ -27,19 +23,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pagecheck import Browser, by_id, fail, link_to  # noqa: E402  (beside this script)
+from pagecheck import Browser, by_id, fail, link_to, totp  # noqa: E402  (beside this script)
 
 BASE, EMAIL, PASSWORD, SECRET, TASK, AXE_JS, SHOTS, SERVICE = sys.argv[1:9]
-
-
-def totp(secret, at=None):
-    """RFC 6238: HMAC-SHA1 over the 30-second step, 6 digits."""
-    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
-    step = int((at or time.time()) // 30)
-    mac = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
-    off = mac[-1] & 15
-    n = struct.unpack(">I", mac[off : off + 4])[0] & 0x7FFFFFFF
-    return f"{n % 1_000_000:06d}"
 
 
 b = Browser(BASE, AXE_JS, SHOTS)

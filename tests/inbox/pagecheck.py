@@ -7,7 +7,11 @@ prints one line when it passes; the first failure prints `FAIL: …` and exits n
 Used by `browser.py` (the provider inbox) and `refer_browser.py` (the self-referral page).
 """
 
+import base64
+import hashlib
+import hmac
 import json
+import struct
 import sys
 import time
 
@@ -22,6 +26,16 @@ TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
 # The desktop window; a phone's width; and 200% zoom of the desktop (1280 px / 2).
 DESKTOP = (1280, 1000)
 NARROW = [(375, "phone width"), (640, "200% zoom")]
+
+
+def totp(secret, at=None):
+    """RFC 6238: HMAC-SHA1 over the 30-second step, 6 digits."""
+    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
+    step = int((at or time.time()) // 30)
+    mac = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
+    off = mac[-1] & 15
+    n = struct.unpack(">I", mac[off : off + 4])[0] & 0x7FFFFFFF
+    return f"{n % 1_000_000:06d}"
 
 
 def fail(msg):
