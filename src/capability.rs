@@ -363,11 +363,22 @@ pub fn capability_statement(require_if_match: bool) -> Value {
             if !r.includes.is_empty() {
                 v["searchInclude"] = json!(r.includes);
             }
+            let mut operations = Vec::new();
             if r.validate {
-                v["operation"] = json!([{
+                operations.push(json!({
                     "name": "validate",
                     "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"
-                }]);
+                }));
+            }
+            if r.rtype == "Measure" {
+                operations.push(json!({
+                    "name": "evaluate-measure",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Measure-evaluate-measure",
+                    "documentation": "periodStart and periodEnd: whole calendar months (2027-01, or the first and last day of a month). Commissioners and auditors only; small counts suppressed."
+                }));
+            }
+            if !operations.is_empty() {
+                v["operation"] = json!(operations);
             }
             v
         })

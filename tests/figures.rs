@@ -554,6 +554,29 @@ async fn a_seeded_year_of_referrals_is_counted_exactly_and_identifies_nobody() {
     for m in measures.entries() {
         valid(&m);
     }
+    // And the independent validator (npm fhir) passes every Measure and MeasureReport.
+    let mut lines = String::new();
+    for m in measures.entries() {
+        lines.push_str(&m.to_string());
+        lines.push('\n');
+    }
+    for r in [&received, &uptake, &times, &change, &jan.body] {
+        lines.push_str(&r.to_string());
+        lines.push('\n');
+    }
+    lines.push_str(&eval("provider-load").await.to_string());
+    lines.push('\n');
+    let returned = dir.path().join("figures.jsonl");
+    std::fs::write(&returned, lines).unwrap();
+    let tools_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("conformance-tools");
+    let node_modules = tokio::task::spawn_blocking(move || crate::conformance::tools(&tools_dir).1)
+        .await
+        .unwrap();
+    let validated = crate::conformance::validate_all(returned, node_modules).await;
+    assert!(
+        validated.contains("\"Measure\":5") && validated.contains("\"MeasureReport\":6"),
+        "{validated}"
+    );
     // Everything it read is on the trail.
     let trail = gw
         .get(AUDITOR, "/fhir/AuditEvent?agent=commissioner&_count=200")
