@@ -10,6 +10,8 @@
 //!   ./target/release/sp-gateway-bench --census --lives 2000                # what a life writes
 //!   ./target/release/sp-gateway-bench --census --bulk --lives 1000000      # the same, in process
 //!   ./target/release/sp-gateway-bench --census --bulk --archive            # archiving as it goes
+//!   ./target/release/sp-gateway-bench --census --bulk --reports --lives 100000 # figures' latency
+//!   ./target/release/sp-gateway-bench --reports-fill 1000000               # the same, counters only
 //!   ./target/release/sp-gateway-bench --gateway PATH                       # another build
 //!   ./target/release/sp-gateway-bench --census --lives 200 --dictionary F  # store's dictionary
 //!
@@ -31,6 +33,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const GP: &str = "demo-gp-token";
 const HUB: &str = "demo-provider-hub-token";
 const AUDITOR: &str = "demo-auditor-token";
+const COMMISSIONER: &str = "demo-commissioner-token";
+const DAY_US: i64 = 86_400_000_000;
 
 struct Opts {
     quick: bool,
@@ -45,6 +49,12 @@ struct Opts {
     /// With the census: the gateway archives closed referrals as they close (`[archive]
     /// after_days = 0`, every 5 s), and what remains is archived before counting.
     archive: bool,
+    /// With `--census --bulk`: the lives spread over a simulated year (the commit clock
+    /// moved on per batch), then the year's figures read and timed (`--reports`).
+    reports: bool,
+    /// Time the figures over the counters that `N` referrals' writes leave, made directly
+    /// from synthetic facts by the gateway's own `report::cells` (`--reports-fill N`).
+    fill: Option<usize>,
     runs: usize,
     sizes: Vec<usize>,
     /// Reads by id in the read phase (`--reads N`; 5,000, or 200 with `--quick`).
@@ -85,6 +95,8 @@ fn opts() -> Opts {
         cache_mb,
         dictionary: get("--dictionary").map(PathBuf::from),
         archive: args.iter().any(|a| a == "--archive"),
+        reports: args.iter().any(|a| a == "--reports"),
+        fill: get("--reports-fill").and_then(|n| n.parse().ok()),
         runs,
         sizes,
         reads: get("--reads")
@@ -472,6 +484,7 @@ struct InProcess {
     gw: Arc<sp_gateway::gateway::Gateway>,
     gp: sp_gateway::auth::Principal,
     hub: sp_gateway::auth::Principal,
+    commissioner: sp_gateway::auth::Principal,
 }
 
 impl InProcess {
@@ -682,7 +695,7 @@ async fn start_in_process(
         auth.authenticate(Some(&format!("Bearer {token}")), None)
             .expect("demo token")
     };
-    let (gp, hub) = (who(GP), who(HUB));
+    let (gp, hub, commissioner) = (who(GP), who(HUB), who(COMMISSIONER));
     let bound = sp_gateway::server::bind(cfg).await.expect("bind");
     let gw = bound.gateway();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -694,7 +707,16 @@ async fn start_in_process(
             .await
             .expect("server run");
     });
-    (Arc::new(InProcess { gw, gp, hub }), stop, task)
+    (
+        Arc::new(InProcess {
+            gw,
+            gp,
+            hub,
+            commissioner,
+        }),
+        stop,
+        task,
+    )
 }
 
 /// The config [`start`] gives the gateway, as the library reads it.
@@ -797,6 +819,219 @@ fn write_dictionary(store: &sp_gateway::store::Store, path: &Path) {
     eprintln!("wrote {} ({} bytes)", path.display(), out.len());
 }
 
+/// 1 January of `year`, µs.
+fn year_start(year: i32) -> i64 {
+    let d = time::Date::from_calendar_date(year, time::Month::January, 1).expect("date");
+    (d.midnight().assume_utc().unix_timestamp_nanos() / 1000) as i64
+}
+
+/// Moves the store's commit clock on to `at` (µs): the next write is stamped just after it.
+fn set_clock(store: &sp_gateway::store::Store, at: i64) {
+    store
+        .transact::<_, sp_gateway::error::Error>(|tx| {
+            tx.put(b"c/clock", (at - 1).to_string().as_bytes())?;
+            Ok(())
+        })
+        .expect("clock");
+}
+
+/// Times the figures for `year` as the commissioner reads them: each Measure's
+/// `$evaluate-measure` for the whole year and for one month, and the `/reports` page's one
+/// reading of all five (`evaluate_all`), each audited as the HTTP layer audits it; 21 times
+/// each, after one untimed read. Prints a Markdown table: median and slowest, in ms, and how
+/// many counter keys the year holds.
+async fn time_figures(p: &InProcess, year: i32, what: &str) {
+    let who = &p.commissioner;
+    let months =
+        p.gw.store()
+            .scan(format!("m/c/{year}-").as_bytes(), None, 10_000_000)
+            .expect("scan")
+            .len();
+    println!("Figures over {what}: the year holds {months} counter keys (`m/c/{year}-*`)");
+    println!();
+    println!("| read (as the commissioner, audited) | median ms | slowest ms |");
+    println!("| --- | --- | --- |");
+    let (start, end) = (format!("{year}-01"), format!("{year}-12"));
+    let mut reads: Vec<(String, String, String, bool)> = sp_gateway::report::MEASURES
+        .iter()
+        .map(|m| (m.0.to_string(), start.clone(), end.clone(), false))
+        .collect();
+    reads.push((
+        "referrals-received".into(),
+        format!("{year}-06"),
+        format!("{year}-06"),
+        false,
+    ));
+    reads.push((
+        "all five (the /reports page)".into(),
+        start.clone(),
+        end.clone(),
+        true,
+    ));
+    for (id, from, to, all) in reads {
+        let mut times = Vec::new();
+        for i in 0..22 {
+            let t = Instant::now();
+            let path = format!("/fhir/Measure/{id}/$evaluate-measure");
+            let query = format!("periodStart={from}&periodEnd={to}");
+            let n = p
+                .call(who, ("GET", &path, Some(&query)), async {
+                    if all {
+                        p.gw.evaluate_all(who, &from, &to).map(|r| r.len())
+                    } else {
+                        p.gw.evaluate_measure(who, &id, &from, &to).map(|_| 1)
+                    }
+                })
+                .await;
+            assert!(n >= 1);
+            if i > 0 {
+                times.push(t.elapsed());
+            }
+        }
+        times.sort();
+        let label = if from == to {
+            format!("`{id}`, one month")
+        } else if all {
+            id.clone()
+        } else {
+            format!("`{id}`, a year")
+        };
+        println!(
+            "| {label} | {:.2} | {:.2} |",
+            pct(&times, 0.5),
+            pct(&times, 1.0)
+        );
+    }
+    println!();
+}
+
+/// `--reports-fill N`: a store holding the counters that `N` referrals received over a year
+/// leave, made without the referrals: synthetic facts (needs, practices, providers, ages,
+/// dispositions, days to each step, SWEMWBS pairs; fixed seed) folded by the gateway's own
+/// `report::cells` into `m/c/{month}/{cell}` counters, as the write path adds them. The
+/// figures are then timed as in the census. This measures what a report reads (counters),
+/// at a size the bulk census cannot reach in a session (1M lives ≈ 100 min).
+async fn reports_fill(n: usize, cache_mb: Option<u64>) {
+    use sp_gateway::report::{Facts, Score, TaskFacts, AGE_BANDS};
+    let dir = std::env::temp_dir().join(format!("sp-gateway-fill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let cfg = bench_config(&dir, cache_mb);
+    let year = time::OffsetDateTime::now_utc().year() + 1;
+    let t0 = year_start(year);
+    let mut seed = 0x5eed_u64;
+    let mut below = |k: u64| {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) % k
+    };
+    let needs: Vec<String> = cfg.needs.iter().map(|x| x.name.clone()).collect();
+    let practices: Vec<String> = cfg.practices.iter().map(|x| x.ods.clone()).collect();
+    let providers: Vec<String> = cfg.providers.iter().map(|x| x.id.clone()).collect();
+    let t = Instant::now();
+    let mut counters: std::collections::BTreeMap<(String, String), i64> = Default::default();
+    for i in 0..n {
+        let received = t0 + (below(365 * 86_400) as i64) * 1_000_000;
+        let mut f = Facts {
+            received,
+            needs: vec![needs[below(needs.len() as u64) as usize].clone()],
+            practice: practices[below(practices.len() as u64) as usize].clone(),
+            source: ["GP", "self", "other"][below(3) as usize].into(),
+            urgency: if below(10) == 0 { "urgent" } else { "routine" }.into(),
+            age_band: AGE_BANDS[below(9) as usize].into(),
+            sex: ["female", "male", "other"][below(3) as usize].into(),
+            ..Default::default()
+        };
+        if below(5) == 0 {
+            f.needs
+                .push(needs[below(needs.len() as u64) as usize].clone());
+        }
+        let fate = below(100);
+        let day = |d: u64| received + d as i64 * DAY_US;
+        let mut task = TaskFacts {
+            created: received,
+            owner: providers[below(providers.len() as u64) as usize].clone(),
+            status: "requested".into(),
+            ..Default::default()
+        };
+        if fate < 70 {
+            let a = 1 + below(30);
+            task.accepted = Some(day(a));
+            task.status = "accepted".into();
+            if fate < 55 {
+                let c = a + below(30);
+                task.contact = Some(day(c));
+                task.status = "in-progress".into();
+                if fate < 40 {
+                    let first = 7 + below(20) as i64;
+                    f.scores.insert(
+                        format!("o{i}a"),
+                        Score {
+                            code: "718466001".into(),
+                            at: day(c + 1),
+                            value: first,
+                        },
+                    );
+                    f.scores.insert(
+                        format!("o{i}b"),
+                        Score {
+                            code: "718466001".into(),
+                            at: day(c + 60),
+                            value: (first + below(13) as i64 - 4).clamp(7, 35),
+                        },
+                    );
+                    task.completed = Some(day(c + 61));
+                    task.status = "completed".into();
+                }
+            }
+        } else if fate < 85 {
+            task.status = "rejected".into();
+            task.reason = "patient-declined".into();
+        }
+        f.tasks.insert(format!("t{i}"), task);
+        for (k, v) in sp_gateway::report::cells(&f) {
+            *counters.entry(k).or_insert(0) += v;
+        }
+    }
+    let store = sp_gateway::store::Store::open_with(
+        &cfg.server.data_dir,
+        sp_gateway::server::store_options(&cfg),
+    )
+    .expect("open the store");
+    let keys: Vec<_> = counters.into_iter().collect();
+    for chunk in keys.chunks(5_000) {
+        store
+            .transact::<_, sp_gateway::error::Error>(|tx| {
+                for ((month, cell), v) in chunk {
+                    tx.put(
+                        format!("m/c/{month}/{cell}").as_bytes(),
+                        v.to_string().as_bytes(),
+                    )?;
+                }
+                Ok(())
+            })
+            .expect("counters");
+    }
+    store.durable_blocking().expect("flush");
+    drop(store);
+    eprintln!(
+        "filled the counters of {n} referrals in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let (p, stop, task) = start_in_process(&dir, cache_mb).await;
+    time_figures(
+        &p,
+        year,
+        &format!("the counters of {n} synthetic referrals"),
+    )
+    .await;
+    drop(p);
+    let _ = stop.send(());
+    task.await.expect("stopped");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The census (`--census`): `lives` referrals, each through a realistic life (ingest, two
 /// polls that return it, accept, in progress, one outcome Observation, complete, one GP
 /// pull), 50 at a time with 16 clients; then a clean stop, the data directory's size on
@@ -808,9 +1043,17 @@ async fn census(
     bulk: bool,
     dictionary: Option<&Path>,
     archive: bool,
+    reports: bool,
 ) {
     const BATCH: usize = 50;
     let lives = lives.div_ceil(BATCH) * BATCH;
+    assert!(
+        !reports || bulk,
+        "--reports needs --bulk (it moves the store's clock)"
+    );
+    // With --reports: the lives over a simulated year, the year after this one.
+    let year = time::OffsetDateTime::now_utc().year() + 1;
+    let t0 = year_start(year);
     let dir = std::env::temp_dir().join(format!("sp-gateway-census-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -834,6 +1077,10 @@ async fn census(
     let cpu0 = cpu_ms(pid);
     let t = Instant::now();
     for batch in 0..lives / BATCH {
+        if let (true, Driver::InProcess(p)) = (reports, &*driver) {
+            let at = t0 + (batch as i64 * 365 * DAY_US) / (lives / BATCH) as i64;
+            set_clock(p.gw.store(), at);
+        }
         driver.ingest(batch * BATCH, BATCH).await;
         driver.poll(BATCH).await;
         let page = driver.poll(BATCH).await;
@@ -866,6 +1113,9 @@ async fn census(
     let cpu = cpu_ms(pid) - cpu0;
     let rss = peak_rss_mb(pid);
     let data = dir.join("data");
+    if let (true, Driver::InProcess(p)) = (reports, &*driver) {
+        time_figures(p, year, &format!("{lives} lives through the gateway")).await;
+    }
     drop(driver);
     match server {
         Ok(g) => stop(g),
@@ -1009,6 +1259,10 @@ async fn census(
 async fn main() {
     let o = opts();
     ARCHIVE.store(o.archive, std::sync::atomic::Ordering::Relaxed);
+    if let Some(n) = o.fill {
+        reports_fill(n, o.cache_mb).await;
+        return;
+    }
     if let Some(lives) = o.census {
         census(
             lives,
@@ -1016,6 +1270,7 @@ async fn main() {
             o.bulk,
             o.dictionary.as_deref(),
             o.archive,
+            o.reports,
         )
         .await;
         return;
