@@ -819,10 +819,19 @@ fn write_dictionary(store: &sp_gateway::store::Store, path: &Path) {
     eprintln!("wrote {} ({} bytes)", path.display(), out.len());
 }
 
+/// The year after this one (by the wall clock).
+fn next_year() -> i32 {
+    let month = sp_gateway::report::month_of(sp_gateway::clock::Now::current().micros);
+    month
+        .get(..4)
+        .and_then(|y| y.parse::<i32>().ok())
+        .unwrap_or(2026)
+        + 1
+}
+
 /// 1 January of `year`, µs.
 fn year_start(year: i32) -> i64 {
-    let d = time::Date::from_calendar_date(year, time::Month::January, 1).expect("date");
-    (d.midnight().assume_utc().unix_timestamp_nanos() / 1000) as i64
+    sp_gateway::clock::micros_of(&format!("{year:04}-01-01T00:00:00Z"))
 }
 
 /// Moves the store's commit clock on to `at` (µs): the next write is stamped just after it.
@@ -917,7 +926,7 @@ async fn reports_fill(n: usize, cache_mb: Option<u64>) {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let cfg = bench_config(&dir, cache_mb);
-    let year = time::OffsetDateTime::now_utc().year() + 1;
+    let year = next_year();
     let t0 = year_start(year);
     let mut seed = 0x5eed_u64;
     let mut below = |k: u64| {
@@ -1052,7 +1061,7 @@ async fn census(
         "--reports needs --bulk (it moves the store's clock)"
     );
     // With --reports: the lives over a simulated year, the year after this one.
-    let year = time::OffsetDateTime::now_utc().year() + 1;
+    let year = next_year();
     let t0 = year_start(year);
     let dir = std::env::temp_dir().join(format!("sp-gateway-census-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -630,6 +630,9 @@ pub struct Outcome {
     /// SNOMED CT code of the outcome measure.
     pub code: String,
     pub display: String,
+    /// A short name for table headings (`SWEMWBS`); the display when absent.
+    #[serde(default)]
+    pub short: Option<String>,
     pub min: i64,
     pub max: i64,
     /// The smallest rise from first to last score that counts as a meaningful improvement

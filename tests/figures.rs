@@ -171,6 +171,63 @@ fn true_strata(
         .collect()
 }
 
+/// The README's rule for a share in strata: the denominators as counts (complements in a
+/// partition); a numerator hidden when its denominator is, or when it or what it leaves is
+/// small; in a partition, one hidden numerator takes the smallest other non-zero one with it.
+fn share_rule(dens: &[i64], nums: &[i64], partition: bool) -> Vec<(Option<i64>, Option<i64>)> {
+    let d = suppressed(dens, partition);
+    let small = |n: i64| (1..=UP_TO).contains(&n);
+    let mut hidden: Vec<bool> = (0..dens.len())
+        .map(|i| d[i].is_none() || small(nums[i]) || small(dens[i] - nums[i]))
+        .collect();
+    if partition && hidden.iter().filter(|h| **h).count() == 1 {
+        let mut others: Vec<(i64, usize)> = (0..nums.len())
+            .filter(|i| !hidden[*i] && nums[*i] > 0)
+            .map(|i| (nums[i], i))
+            .collect();
+        others.sort();
+        if let Some((_, i)) = others.first() {
+            hidden[*i] = true;
+        }
+    }
+    (0..dens.len())
+        .map(|i| (d[i], (!hidden[i]).then_some(nums[i])))
+        .collect()
+}
+
+/// The strata of `stratifier` in group `g`: value → (the population `code`'s count, score).
+fn strata_scored(
+    g: &Value,
+    stratifier: &str,
+    code: &str,
+) -> BTreeMap<String, (Option<i64>, Option<f64>)> {
+    g["stratifier"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["code"][0]["text"] == stratifier)
+        .unwrap_or_else(|| panic!("no stratifier {stratifier}"))["stratum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let p = s["population"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["code"]["coding"][0]["code"] == code)
+                .unwrap();
+            (
+                s["value"]["coding"][0]["code"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                (count_of(p), score_of(s)),
+            )
+        })
+        .collect()
+}
+
 fn score_of(g: &Value) -> Option<f64> {
     g["measureScore"]["value"].as_f64()
 }
@@ -436,7 +493,51 @@ async fn a_seeded_year_of_referrals_is_counted_exactly_and_identifies_nobody() {
     let share = (accepted as f64 / total as f64 * 10_000.0).round() / 10_000.0;
     assert_eq!(score_of(g), Some(share));
 
+    // Uptake by provider, against the truth (the share rule applied by the test's own code).
+    let mut by_provider: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for t in &truths {
+        let e = by_provider.entry(t.provider.clone()).or_default();
+        e.0 += 1;
+        e.1 += i64::from(t.disposition == "accepted");
+    }
+    let dens: Vec<i64> = by_provider.values().map(|v| v.0).collect();
+    let nums: Vec<i64> = by_provider.values().map(|v| v.1).collect();
+    let expected = share_rule(&dens, &nums, true);
+    let dens_got = strata_scored(g, "provider", "denominator");
+    let nums_got = strata_scored(g, "provider", "numerator");
+    for ((p, _), (d, n)) in by_provider.iter().zip(&expected) {
+        assert_eq!(dens_got[p].0, *d, "{p} referrals");
+        assert_eq!(nums_got[p].0, *n, "{p} accepted");
+        let share = match (d, n) {
+            (Some(d), Some(n)) => Some((*n as f64 / *d as f64 * 10_000.0).round() / 10_000.0),
+            _ => None,
+        };
+        assert_eq!(nums_got[p].1, share, "{p} share");
+    }
+    assert_eq!(dens_got.len(), by_provider.len());
+
     let times = eval("time-to-contact").await;
+    // Median days to first contact by provider, against the truth.
+    let contact_by = strata_scored(
+        group(&times, "contact-median"),
+        "provider",
+        "measure-population",
+    );
+    let mut contact_truth: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for t in &truths {
+        if let Some(d) = t.contact_days {
+            contact_truth.entry(t.provider.clone()).or_default().push(d);
+        }
+    }
+    let ns: Vec<i64> = contact_truth.values().map(|v| v.len() as i64).collect();
+    for ((p, v), n) in contact_truth.iter().zip(suppressed(&ns, true)) {
+        assert_eq!(contact_by[p].0, n, "{p}: referrals with contact");
+        assert_eq!(
+            contact_by[p].1,
+            nearest_rank(v.clone(), 50).map(|d| d as f64),
+            "{p}: median days to contact"
+        );
+    }
     for (timing, pick) in [
         (
             "accept",
@@ -474,6 +575,29 @@ async fn a_seeded_year_of_referrals_is_counted_exactly_and_identifies_nobody() {
         score_of(g),
         Some((improved / pairs.len() as f64 * 10_000.0).round() / 10_000.0)
     );
+    // Mean change by need, against the truth (needs overlap: no complements).
+    let change_by = strata_scored(
+        group(&change, &format!("{SWEMWBS}-mean-change")),
+        "need",
+        "measure-population",
+    );
+    let mut change_truth: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for t in &truths {
+        if let Some(c) = t.change {
+            change_truth.entry(t.need.clone()).or_default().push(c);
+        }
+    }
+    for (need, v) in &change_truth {
+        let n = v.len() as i64;
+        assert_eq!(
+            change_by[need].0,
+            suppressed(&[n], false)[0],
+            "{need} pairs"
+        );
+        let mean =
+            (n > UP_TO).then(|| (v.iter().sum::<i64>() as f64 / n as f64 * 100.0).round() / 100.0);
+        assert_eq!(change_by[need].1, mean, "{need} mean change");
+    }
     // WEMWBS: nobody was scored on it, so nothing to report.
     assert_eq!(
         count_of(&group(&change, "718426000-mean-change")["population"][0]),
@@ -706,6 +830,7 @@ async fn the_page_and_its_csv_say_the_same(gw: &TestGateway, year: i32, truths: 
         "uptake",
         "time-to-contact",
         "wellbeing-change",
+        "by-provider-and-need",
         "provider-load",
     ] {
         let r = b.get(&csv(name)).await;
@@ -834,6 +959,30 @@ async fn the_page_and_its_csv_say_the_same(gw: &TestGateway, year: i32, truths: 
         swemwbs[4],
         pairs.iter().filter(|c| **c >= 3).count().to_string()
     );
+
+    // By provider and need: the provider rows against the truth.
+    let t = &tables["by-provider-and-need"];
+    let mut by_provider: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for tr in truths {
+        let e = by_provider.entry(tr.provider.clone()).or_default();
+        e.0 += 1;
+        e.1 += i64::from(tr.disposition == "accepted");
+    }
+    let dens: Vec<i64> = by_provider.values().map(|v| v.0).collect();
+    let nums: Vec<i64> = by_provider.values().map(|v| v.1).collect();
+    for ((p, _), (d, n)) in by_provider.iter().zip(share_rule(&dens, &nums, true)) {
+        let name = &cfg.provider(p).expect("provider").name;
+        let row = t
+            .iter()
+            .find(|r| r[0] == "Provider" && &r[1] == name)
+            .unwrap_or_else(|| panic!("no row for {name}: {t:?}"));
+        assert_eq!(
+            (row[2].clone(), row[3].clone()),
+            (shown(d), shown(n)),
+            "{name}"
+        );
+    }
+    assert!(t.iter().any(|r| r[0] == "Need"), "need rows too");
 
     // Provider load: as the MeasureReport has it.
     let load = gw

@@ -366,6 +366,11 @@ pub const STRATIFIERS: [(&str, &str, bool); 9] = [
     ("month", "Month received", true),
 ];
 
+/// What uptake, times and outcomes are also given by: (id, what it is, whether a referral
+/// is in exactly one stratum). A referral counts at the provider it is with now (or ended
+/// with), and under each of its needs.
+pub const BY: [(&str, &str, bool); 2] = [("provider", "Provider", true), ("need", "Need", false)];
+
 /// The timings (id, what from → to).
 pub const TIMINGS: [(&str, &str); 3] = [
     ("accept", "Days from referral to acceptance"),
@@ -407,7 +412,18 @@ pub fn cells(f: &Facts) -> BTreeMap<(String, String), i64> {
     ] {
         add(format!("rec|{k}|{v}"), 1);
     }
-    add(format!("disp|{}", f.disposition()), 1);
+    let disposition = f.disposition();
+    add(format!("disp|{disposition}"), 1);
+    // Uptake, times and outcomes again by provider and by need (`BY`): `…s|{by}|{value}|…`.
+    let mut by: Vec<(&str, &str)> = vec![("provider", provider)];
+    let needs: BTreeSet<&str> = f.needs.iter().map(String::as_str).collect();
+    if needs.is_empty() {
+        by.push(("need", "none"));
+    }
+    by.extend(needs.iter().map(|n| ("need", *n)));
+    for (k, v) in &by {
+        add(format!("ds|{k}|{v}|{disposition}"), 1);
+    }
     if f.tasks.values().any(|t| t.declined_capacity) {
         add("declined-capacity".into(), 1);
     }
@@ -417,7 +433,11 @@ pub fn cells(f: &Facts) -> BTreeMap<(String, String), i64> {
         ("complete", f.first(|t| t.completed)),
     ] {
         if let Some(at) = at {
-            add(format!("t|{id}|{}", f.days(at)), 1);
+            let days = f.days(at);
+            add(format!("t|{id}|{days}"), 1);
+            for (k, v) in &by {
+                add(format!("ts|{id}|{k}|{v}|{days}"), 1);
+            }
         }
     }
     // Outcomes: per scale, the change from the first score to the last.
@@ -436,6 +456,9 @@ pub fn cells(f: &Facts) -> BTreeMap<(String, String), i64> {
         let change = scores[scores.len() - 1].2 - scores[0].2;
         add(format!("o|{code}|pairs"), 1);
         add(format!("o|{code}|change|{change}"), 1);
+        for (k, v) in &by {
+            add(format!("os|{code}|{k}|{v}|{change}"), 1);
+        }
     }
     out
 }
@@ -511,7 +534,9 @@ pub fn measure(cfg: &Config, canonical_base: &str, id: &str) -> Option<Value> {
                     pop("denominator", "Referrals received in the period"),
                     pop("numerator", "Those a provider accepted")
                 ],
-                "stratifier": [{ "code": { "text": "disposition" }, "description": "Where the referral ended up" }]
+                "stratifier": std::iter::once(json!({ "code": { "text": "disposition" }, "description": "Where the referral ended up" }))
+                    .chain(by_definitions())
+                    .collect::<Vec<_>>()
             }),
             json!({
                 "code": { "text": "declined-capacity" },
@@ -530,7 +555,8 @@ pub fn measure(cfg: &Config, canonical_base: &str, id: &str) -> Option<Value> {
                             pop("initial-population", "Referrals received in the period"),
                             pop("measure-population", "Those that reached the step"),
                             pop("measure-observation", "Whole days to the step")
-                        ]
+                        ],
+                        "stratifier": by_definitions()
                     })
                 })
             })
@@ -543,7 +569,8 @@ pub fn measure(cfg: &Config, canonical_base: &str, id: &str) -> Option<Value> {
                     json!({
                         "code": { "coding": [{ "system": crate::fhir::SNOMED, "code": o.code, "display": o.display }], "text": format!("{}-mean-change", o.code) },
                         "description": format!("{}: mean change from first to last score", o.display),
-                        "population": [pop("measure-population", "Referrals with two or more scores on the scale")]
+                        "population": [pop("measure-population", "Referrals with two or more scores on the scale")],
+                        "stratifier": by_definitions()
                     }),
                     json!({
                         "code": { "coding": [{ "system": crate::fhir::SNOMED, "code": o.code, "display": o.display }], "text": format!("{}-improved", o.code) },
@@ -581,6 +608,22 @@ pub fn measure(cfg: &Config, canonical_base: &str, id: &str) -> Option<Value> {
         "scoring": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/measure-scoring", "code": scoring }] },
         "group": groups
     }))
+}
+
+/// The Measure's stratifiers by provider and by need (see [`BY`]).
+fn by_definitions() -> Vec<Value> {
+    BY.iter()
+        .map(|(by, what, _)| {
+            json!({
+                "code": { "text": by },
+                "description": if *by == "provider" {
+                    format!("{what}: the one the referral is with now, or ended with")
+                } else {
+                    format!("{what}: a referral with two counts under each")
+                }
+            })
+        })
+        .collect()
 }
 
 fn pop(code: &str, description: &str) -> Value {
@@ -800,6 +843,146 @@ fn month_need_json(cfg: &Config, by_month: &ByMonth, up_to: u32) -> Value {
     })
 }
 
+/// The counters under `{prefix}{by}|` split by stratum value, then by what follows it:
+/// value → (last segment → count).
+fn split_by(totals: &Totals, prefix: &str, by: &str) -> BTreeMap<String, BTreeMap<String, i64>> {
+    let head = format!("{prefix}{by}|");
+    let mut out: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for (k, v) in totals.range(head.clone()..) {
+        let Some(rest) = k.strip_prefix(&head) else {
+            break;
+        };
+        if let Some((value, last)) = rest.rsplit_once('|') {
+            *out.entry(value.to_string())
+                .or_default()
+                .entry(last.to_string())
+                .or_insert(0) += v;
+        }
+    }
+    out
+}
+
+/// Suppression of a share's numerator and denominator in strata: a denominator from 1 to
+/// `up_to` is suppressed (and, in a partition, the one that would give it away); a numerator
+/// is suppressed when it, or what it leaves of its denominator, is from 1 to `up_to`, or
+/// its denominator is; and, in a partition (numerators add up to the shown total), when
+/// exactly one numerator is suppressed, so is the smallest other non-zero one.
+fn share_strata(dens: &[i64], nums: &[i64], up_to: u32, partition: bool) -> Vec<(Shown, Shown)> {
+    let small = |n: i64| n >= 1 && n <= i64::from(up_to);
+    let dens_shown = suppress(dens, up_to, partition);
+    let mut hidden: Vec<bool> = dens_shown
+        .iter()
+        .zip(dens.iter().zip(nums))
+        .map(|(s, (d, n))| *s == Shown::Suppressed || small(*n) || small(d - n))
+        .collect();
+    if partition && hidden.iter().filter(|h| **h).count() == 1 {
+        if let Some(i) = nums
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| !hidden[*i] && **n > 0)
+            .min_by_key(|(i, n)| (**n, *i))
+            .map(|(i, _)| i)
+        {
+            hidden[i] = true;
+        }
+    }
+    dens_shown
+        .into_iter()
+        .zip(nums.iter().zip(hidden))
+        .map(|(d, (n, h))| {
+            (
+                d,
+                if h {
+                    Shown::Suppressed
+                } else {
+                    Shown::Count(*n)
+                },
+            )
+        })
+        .collect()
+}
+
+fn stratum_value(cfg: &Config, by: &str, value: &str) -> Value {
+    json!({ "coding": [{ "code": value }], "text": stratum_text(cfg, by, value) })
+}
+
+/// Uptake by provider and by need: each stratum's referrals, those accepted, and the share.
+fn uptake_by(cfg: &Config, t: &Totals, up_to: u32) -> Vec<Value> {
+    BY.iter()
+        .map(|(by, _, partition)| {
+            let groups = split_by(t, "ds|", by);
+            let dens: Vec<i64> = groups.values().map(|g| g.values().sum()).collect();
+            let nums: Vec<i64> = groups.values().map(|g| g.get("accepted").copied().unwrap_or(0)).collect();
+            let shown = share_strata(&dens, &nums, up_to, *partition);
+            json!({
+                "code": [{ "text": by }],
+                "stratum": groups.keys().zip(shown).map(|(v, (d, n))| {
+                    let share = match (d, n) {
+                        (Shown::Count(d), Shown::Count(n)) if d > 0 => Some(round(n as f64 / d as f64, 4)),
+                        _ => None,
+                    };
+                    json!({
+                        "value": stratum_value(cfg, by, v),
+                        "population": [population("denominator", d), population("numerator", n)],
+                        "measureScore": score(share, None)
+                    })
+                }).collect::<Vec<_>>()
+            })
+        })
+        .collect()
+}
+
+/// A statistic of a histogram (whole days, or changes) in strata by provider and by need:
+/// each stratum's count, and `stat` of it when the count is above `up_to`.
+fn histogram_by(
+    cfg: &Config,
+    t: &Totals,
+    prefix: &str,
+    pop_code: &str,
+    unit: Option<&str>,
+    up_to: u32,
+    stat: &dyn Fn(&BTreeMap<i64, i64>) -> Option<f64>,
+) -> Vec<Value> {
+    BY.iter()
+        .map(|(by, _, partition)| {
+            let groups: Vec<(String, BTreeMap<i64, i64>)> = split_by(t, prefix, by)
+                .into_iter()
+                .map(|(v, g)| {
+                    let hist = g
+                        .into_iter()
+                        .filter_map(|(k, c)| k.parse().ok().map(|k| (k, c)))
+                        .collect();
+                    (v, hist)
+                })
+                .collect();
+            let ns: Vec<i64> = groups.iter().map(|(_, h)| h.values().sum()).collect();
+            let shown = suppress(&ns, up_to, *partition);
+            json!({
+                "code": [{ "text": by }],
+                "stratum": groups.iter().zip(ns.iter().zip(shown)).map(|((v, h), (n, s))| {
+                    let value = (*n > i64::from(up_to)).then(|| stat(h)).flatten();
+                    json!({
+                        "value": stratum_value(cfg, by, v),
+                        "population": [population(pop_code, s)],
+                        "measureScore": score(value, unit)
+                    })
+                }).collect::<Vec<_>>()
+            })
+        })
+        .collect()
+}
+
+/// The mean of a histogram of changes, to two places.
+fn mean_of(h: &BTreeMap<i64, i64>) -> Option<f64> {
+    let n: i64 = h.values().sum();
+    (n > 0).then(|| {
+        round(
+            h.iter().map(|(k, c)| k * c).sum::<i64>() as f64 / n as f64,
+            2,
+        )
+    })
+}
+
 /// What a MeasureReport is made from.
 pub struct Period<'a> {
     pub start: &'a str,
@@ -867,7 +1050,9 @@ pub fn evaluate(
                         population("numerator", accepted)
                     ],
                     "measureScore": score(share, None),
-                    "stratifier": [stratifier_json(cfg, "disposition", "initial-population", &values, up_to, true)]
+                    "stratifier": std::iter::once(stratifier_json(cfg, "disposition", "initial-population", &values, up_to, true))
+                        .chain(uptake_by(cfg, t, up_to))
+                        .collect::<Vec<_>>()
                 }),
                 json!({
                     "code": { "text": "declined-capacity" },
@@ -903,7 +1088,8 @@ pub fn evaluate(
                             population("measure-population", n_shown),
                             population("measure-observation", n_shown)
                         ],
-                        "measureScore": score(value, Some("d"))
+                        "measureScore": score(value, Some("d")),
+                        "stratifier": histogram_by(cfg, t, &format!("ts|{timing}|"), "measure-population", Some("d"), up_to, &|h| percentile(h, p).map(|d| d as f64))
                     })
                 })
             })
@@ -942,7 +1128,8 @@ pub fn evaluate(
                     json!({
                         "code": { "coding": code["coding"], "text": format!("{}-mean-change", o.code) },
                         "population": [population("measure-population", n_shown)],
-                        "measureScore": score(mean, None)
+                        "measureScore": score(mean, None),
+                        "stratifier": histogram_by(cfg, t, &format!("os|{}|", o.code), "measure-population", None, up_to, &mean_of)
                     }),
                     json!({
                         "code": { "coding": code["coding"], "text": format!("{}-improved", o.code) },
@@ -1022,6 +1209,29 @@ mod tests {
             vec![Suppressed, Suppressed],
             "1 to 7"
         );
+    }
+
+    #[test]
+    fn a_share_in_strata_hides_what_would_reveal_a_small_count() {
+        use Shown::*;
+        // Providers b and c: 5 and 6 referrals (small, and they protect each other). d: 20
+        // with 17 accepted leaves 3 not accepted, so its numerator is hidden.
+        let got = share_strata(&[30, 5, 6, 20, 40], &[20, 5, 6, 17, 30], 7, true);
+        assert_eq!(got[1], (Suppressed, Suppressed));
+        assert_eq!(got[2], (Suppressed, Suppressed));
+        assert_eq!(
+            got[3],
+            (Count(20), Suppressed),
+            "17 of 20 reveals 3 not accepted"
+        );
+        assert_eq!((got[0].1, got[4].1), (Count(20), Count(30)));
+        // Only one numerator hidden among the rest: the smallest other goes too.
+        let got = share_strata(&[30, 20, 40], &[20, 17, 30], 7, true);
+        assert_eq!(got.iter().filter(|g| g.1 == Suppressed).count(), 2);
+        assert_eq!(got[0].1, Suppressed, "20 is the smallest other numerator");
+        // Needs overlap: no complement across strata.
+        let got = share_strata(&[30, 20, 40], &[20, 17, 30], 7, false);
+        assert_eq!(got.iter().filter(|g| g.1 == Suppressed).count(), 1);
     }
 
     #[test]

@@ -24,7 +24,7 @@ type PageResult = Result<Response, PageError>;
 pub const SUPPRESSED: &str = "suppressed";
 
 /// The tables, in page order: (id, caption).
-pub const TABLES: [(&str, &str); 6] = [
+pub const TABLES: [(&str, &str); 7] = [
     (
         "referrals-by-month-and-need",
         "Referrals received each month, by need",
@@ -36,6 +36,10 @@ pub const TABLES: [(&str, &str); 6] = [
     ("uptake", "Where referrals ended up"),
     ("time-to-contact", "Days from referral to each step"),
     ("wellbeing-change", "Change in wellbeing scores"),
+    (
+        "by-provider-and-need",
+        "Uptake, time to first contact and wellbeing change, by provider and by need",
+    ),
     ("provider-load", "Open referrals per provider now"),
 ];
 
@@ -157,6 +161,15 @@ fn shown(n: Option<i64>) -> String {
 
 fn score(group: &Value) -> Option<f64> {
     group["measureScore"]["value"].as_f64()
+}
+
+/// A statistic of a group of `n` (the count as shown): "none" for an empty group.
+fn stat(n: &str, v: Option<f64>, dp: usize) -> String {
+    if n == "0" {
+        "none".into()
+    } else {
+        number(v, dp)
+    }
 }
 
 fn number(v: Option<f64>, dp: usize) -> String {
@@ -393,11 +406,12 @@ pub fn tables(
             .unwrap_or(Value::Null);
         medians.push(score(&median));
         p90s.push(score(&p90));
+        let n = shown(count(&median["population"], "measure-population"));
         rows.push(vec![
             words.to_string(),
-            shown(count(&median["population"], "measure-population")),
-            number(score(&median), 0),
-            number(score(&p90), 0),
+            n.clone(),
+            stat(&n, score(&median), 0),
+            stat(&n, score(&p90), 0),
         ]);
     }
     let chart = if charts_too {
@@ -440,13 +454,19 @@ pub fn tables(
             .unwrap_or(Value::Null);
         names.push(o.display.clone());
         means.push(score(&mean));
+        let n = shown(count(&mean["population"], "measure-population"));
+        let share = if n == "0" {
+            "none".to_string()
+        } else {
+            percent(score(&improved))
+        };
         rows.push(vec![
             o.display.clone(),
-            shown(count(&mean["population"], "measure-population")),
-            number(score(&mean), 2),
+            n.clone(),
+            stat(&n, score(&mean), 2),
             o.meaningful_change.to_string(),
             shown(count(&improved["population"], "numerator")),
-            percent(score(&improved)),
+            share,
         ]);
     }
     let chart = if charts_too && !names.is_empty() {
@@ -473,6 +493,72 @@ pub fn tables(
         rows,
         chart,
         note: None,
+    });
+
+    // By provider and by need: the strata of uptake, time to contact and wellbeing change.
+    let contact = group(&timing, "contact-median")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let mut head = vec![
+        "Characteristic".to_string(),
+        "Group".to_string(),
+        "Referrals".to_string(),
+        "Accepted".to_string(),
+        "Share accepted".to_string(),
+        "Referrals with first contact".to_string(),
+        "Median days to first contact".to_string(),
+    ];
+    for o in &cfg.outcomes {
+        let name = o.short.as_deref().unwrap_or(&o.display);
+        head.push(format!("{name}: scored twice or more"));
+        head.push(format!("{name}: mean change"));
+    }
+    let mut rows = Vec::new();
+    let find = |strata: &[&Value], code: &str| -> Value {
+        strata
+            .iter()
+            .find(|s| s["value"]["coding"][0]["code"] == code)
+            .map(|s| (*s).clone())
+            .unwrap_or(Value::Null)
+    };
+    for (by, what, _) in crate::report::BY {
+        let uptake_strata = stratifier(&accepted, by);
+        let contact_strata = stratifier(&contact, by);
+        for u in &uptake_strata {
+            let code = u["value"]["coding"][0]["code"].as_str().unwrap_or("");
+            let c = find(&contact_strata, code);
+            let mut row = vec![
+                what.to_string(),
+                u["value"]["text"].as_str().unwrap_or("").to_string(),
+                shown(count(&u["population"], "denominator")),
+                shown(count(&u["population"], "numerator")),
+                percent(score(u)),
+            ];
+            let n =
+                shown(count(&c["population"], "measure-population").or(c.is_null().then_some(0)));
+            row.push(n.clone());
+            row.push(stat(&n, score(&c), 0));
+            for o in &cfg.outcomes {
+                let g = group(&change, &format!("{}-mean-change", o.code))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                let m = find(&stratifier(&g, by), code);
+                let n = shown(
+                    count(&m["population"], "measure-population").or(m.is_null().then_some(0)),
+                );
+                row.push(n.clone());
+                row.push(stat(&n, score(&m), 2));
+            }
+            rows.push(row);
+        }
+    }
+    out.push(Table {
+        id: "by-provider-and-need",
+        caption: caption("by-provider-and-need"),
+        head,
+        rows,
+        chart: None,
+        note: Some("A referral counts at the provider it is with now, or ended with, and under each of its needs. Shares, medians and means are not shown for groups of the suppression threshold or fewer.".into()),
     });
 
     // Provider load.
