@@ -331,10 +331,12 @@ async fn acknowledged_writes_survive_repeated_sigkill() {
     );
     let uptake = figure("uptake").await;
     let accepted = tasks.iter().filter(|t| t["status"] == "accepted").count();
-    assert_eq!(
-        uptake["group"][0]["population"][2]["count"],
-        json!(accepted),
-        "accepted = Tasks accepted"
+    let shown = &uptake["group"][0]["population"][2];
+    // Suppressed only when the rest (open referrals) is small and would give it away.
+    let rest = tasks.len() - accepted;
+    assert!(
+        shown["count"] == json!(accepted) || (shown["count"].is_null() && (1..=7).contains(&rest)),
+        "accepted = Tasks accepted ({accepted}, {rest} open): {shown}"
     );
     child.kill().unwrap();
     child.wait().unwrap();

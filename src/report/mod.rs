@@ -352,10 +352,11 @@ pub const DISPOSITIONS: [(&str, &str); 8] = [
     ("open", "Not yet accepted"),
 ];
 
-/// The stratifiers of referrals received: (id, what it is, whether a referral is in exactly
-/// one stratum: then the strata add up to the total, and suppression protects that sum).
+/// The stratifiers of referrals received: (id, what it is, whether its strata are protected
+/// as a partition, adding up to the total). Need is too: a referral can have two needs, but
+/// most have one, so its strata nearly add up to the total.
 pub const STRATIFIERS: [(&str, &str, bool); 9] = [
-    ("need", "Need", false),
+    ("need", "Need", true),
     ("practice", "GP practice", true),
     ("source", "Source of referral", true),
     ("provider", "Routed provider", true),
@@ -369,7 +370,7 @@ pub const STRATIFIERS: [(&str, &str, bool); 9] = [
 /// What uptake, times and outcomes are also given by: (id, what it is, whether a referral
 /// is in exactly one stratum). A referral counts at the provider it is with now (or ended
 /// with), and under each of its needs.
-pub const BY: [(&str, &str, bool); 2] = [("provider", "Provider", true), ("need", "Need", false)];
+pub const BY: [(&str, &str, bool); 2] = [("provider", "Provider", true), ("need", "Need", true)];
 
 /// The timings (id, what from → to).
 pub const TIMINGS: [(&str, &str); 3] = [
@@ -656,37 +657,100 @@ impl Shown {
 }
 
 /// The suppression rule (README, "Small numbers"): a count from 1 to `up_to` is
-/// suppressed; and when the cells of a partition (cells that add up to a shown total) have
-/// exactly one suppressed cell, the smallest other non-zero cell is suppressed too, so the
-/// hidden one cannot be worked out by subtraction. `partition` false: cells that overlap
-/// (a referral in more than one) get the first rule only.
+/// suppressed; and in a partition (cells that add up to a total that is shown), while only
+/// one cell is suppressed, or the suppressed cells add up to `up_to` or less, the smallest
+/// other non-zero cell is suppressed too, so that no hidden count, nor the sum of the
+/// hidden ones, can be worked out by subtraction. `partition` false: the first rule only.
 pub fn suppress(counts: &[i64], up_to: u32, partition: bool) -> Vec<Shown> {
-    let small = |n: i64| n >= 1 && n <= i64::from(up_to);
-    let mut out: Vec<Shown> = counts
+    let mut hidden: Vec<bool> = counts.iter().map(|&n| small(n, up_to)).collect();
+    if partition {
+        protect(counts, &mut hidden, up_to);
+    }
+    shown_of(counts, &hidden)
+}
+
+fn small(n: i64, up_to: u32) -> bool {
+    n >= 1 && n <= i64::from(up_to)
+}
+
+fn shown_of(counts: &[i64], hidden: &[bool]) -> Vec<Shown> {
+    counts
         .iter()
-        .map(|&n| {
-            if small(n) {
+        .zip(hidden)
+        .map(|(n, h)| {
+            if *h {
                 Shown::Suppressed
             } else {
-                Shown::Count(n)
+                Shown::Count(*n)
             }
         })
-        .collect();
-    if partition {
-        let hidden = out.iter().filter(|s| **s == Shown::Suppressed).count();
-        if hidden == 1 {
-            let next = counts
-                .iter()
-                .enumerate()
-                .filter(|(i, n)| out[*i] != Shown::Suppressed && **n > 0)
-                .min_by_key(|(i, n)| (**n, *i))
-                .map(|(i, _)| i);
-            if let Some(i) = next {
-                out[i] = Shown::Suppressed;
+        .collect()
+}
+
+/// The second rule on one partition: hides the smallest other non-zero cell while the
+/// hidden cells could be worked out (one alone, or together `up_to` or less). True if it
+/// hid anything.
+fn protect(counts: &[i64], hidden: &mut [bool], up_to: u32) -> bool {
+    let mut changed = false;
+    loop {
+        let n = hidden.iter().filter(|h| **h).count();
+        let sum: i64 = counts
+            .iter()
+            .zip(hidden.iter())
+            .filter(|(_, h)| **h)
+            .map(|(c, _)| *c)
+            .sum();
+        if n == 0 || (n >= 2 && sum > i64::from(up_to)) {
+            return changed;
+        }
+        let next = counts
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| !hidden[*i] && **c > 0)
+            .min_by_key(|(i, c)| (**c, *i))
+            .map(|(i, _)| i);
+        match next {
+            Some(i) => {
+                hidden[i] = true;
+                changed = true;
             }
+            None => return changed,
         }
     }
-    out
+}
+
+/// The rule on a table whose rows and columns are each a partition (the month x need
+/// table): small cells hidden, then the second rule on every row and every column, again
+/// until nothing changes. `cells` are (row, column, count).
+pub fn suppress_table(cells: &[(usize, usize, i64)], up_to: u32) -> Vec<Shown> {
+    let counts: Vec<i64> = cells.iter().map(|c| c.2).collect();
+    let mut hidden: Vec<bool> = counts.iter().map(|&n| small(n, up_to)).collect();
+    let rows: BTreeSet<usize> = cells.iter().map(|c| c.0).collect();
+    let cols: BTreeSet<usize> = cells.iter().map(|c| c.1).collect();
+    let lines: Vec<Vec<usize>> = rows
+        .iter()
+        .map(|r| (0..cells.len()).filter(|i| cells[*i].0 == *r).collect())
+        .chain(
+            cols.iter()
+                .map(|c| (0..cells.len()).filter(|i| cells[*i].1 == *c).collect()),
+        )
+        .collect();
+    loop {
+        let mut changed = false;
+        for line in &lines {
+            let c: Vec<i64> = line.iter().map(|i| counts[*i]).collect();
+            let mut h: Vec<bool> = line.iter().map(|i| hidden[*i]).collect();
+            if protect(&c, &mut h, up_to) {
+                changed = true;
+                for (k, i) in line.iter().enumerate() {
+                    hidden[*i] = h[k];
+                }
+            }
+        }
+        if !changed {
+            return shown_of(&counts, &hidden);
+        }
+    }
 }
 
 /// Nearest-rank percentile (`p` in 1..=100) of a histogram of whole days.
@@ -817,9 +881,8 @@ fn stratifier_json(
     })
 }
 
-/// The month × need table: one stratum per month and need, with components. A referral
-/// with two needs counts under each, so a month's cells overlap and get the first rule of
-/// suppression only, as the need stratifier does.
+/// The month × need table: one stratum per month and need, with components, suppressed as
+/// a table ([`suppress_table`]).
 fn month_need_json(cfg: &Config, by_month: &ByMonth, up_to: u32) -> Value {
     let mut cells: Vec<(&str, &str, i64)> = Vec::new();
     for (month, t) in by_month {
@@ -829,8 +892,31 @@ fn month_need_json(cfg: &Config, by_month: &ByMonth, up_to: u32) -> Value {
             }
         }
     }
-    let counts: Vec<i64> = cells.iter().map(|c| c.2).collect();
-    let shown = suppress(&counts, up_to, false);
+    // Each referral is in one month, so a need's months add up to its total; and most have
+    // one need, so a month's needs add up to (about) its total: both are protected.
+    let months: Vec<&str> = cells
+        .iter()
+        .map(|c| c.0)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let needs: Vec<&str> = cells
+        .iter()
+        .map(|c| c.1)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let table: Vec<(usize, usize, i64)> = cells
+        .iter()
+        .map(|(m, n, c)| {
+            (
+                months.iter().position(|x| x == m).unwrap_or(0),
+                needs.iter().position(|x| x == n).unwrap_or(0),
+                *c,
+            )
+        })
+        .collect();
+    let shown = suppress_table(&table, up_to);
     json!({
         "code": [{ "text": "month-need" }],
         "stratum": cells.iter().zip(shown).map(|((month, need, _), s)| json!({
@@ -862,37 +948,52 @@ fn split_by(totals: &Totals, prefix: &str, by: &str) -> BTreeMap<String, BTreeMa
     out
 }
 
-/// Suppression of a share's numerator and denominator in strata: a denominator from 1 to
-/// `up_to` is suppressed (and, in a partition, the one that would give it away); a numerator
-/// is suppressed when it, or what it leaves of its denominator, is from 1 to `up_to`, or
-/// its denominator is; and, in a partition (numerators add up to the shown total), when
-/// exactly one numerator is suppressed, so is the smallest other non-zero one.
+/// Suppression of a share's numerator and denominator in strata: the denominators by
+/// [`suppress`]; a numerator is suppressed when it, or what it leaves of its denominator, is
+/// from 1 to `up_to`, or its denominator is suppressed; and, in a partition (numerators add
+/// up to a shown total), while the suppressed numerators could be worked out (one alone, or
+/// together, or what they leave of their denominators together, from 1 to `up_to`), the
+/// smallest other non-zero numerator is suppressed too.
 fn share_strata(dens: &[i64], nums: &[i64], up_to: u32, partition: bool) -> Vec<(Shown, Shown)> {
-    let small = |n: i64| n >= 1 && n <= i64::from(up_to);
     let dens_shown = suppress(dens, up_to, partition);
     let mut hidden: Vec<bool> = dens_shown
         .iter()
         .zip(dens.iter().zip(nums))
-        .map(|(s, (d, n))| *s == Shown::Suppressed || small(*n) || small(d - n))
+        .map(|(s, (d, n))| *s == Shown::Suppressed || small(*n, up_to) || small(d - n, up_to))
         .collect();
-    if partition && hidden.iter().filter(|h| **h).count() == 1 {
-        if let Some(i) = nums
+    if !partition {
+        return pair_shown(dens_shown, nums, &hidden);
+    }
+    loop {
+        // Loops until the hidden numerators are safe together, or none is left to hide.
+        let h: Vec<usize> = (0..nums.len()).filter(|i| hidden[*i]).collect();
+        let accepted: i64 = h.iter().map(|i| nums[*i]).sum();
+        let rest: i64 = h.iter().map(|i| dens[*i] - nums[*i]).sum();
+        if h.is_empty() || (h.len() >= 2 && !small(accepted, up_to) && !small(rest, up_to)) {
+            break;
+        }
+        let next = nums
             .iter()
             .enumerate()
             .filter(|(i, n)| !hidden[*i] && **n > 0)
             .min_by_key(|(i, n)| (**n, *i))
-            .map(|(i, _)| i)
-        {
-            hidden[i] = true;
+            .map(|(i, _)| i);
+        match next {
+            Some(i) => hidden[i] = true,
+            None => break,
         }
     }
+    pair_shown(dens_shown, nums, &hidden)
+}
+
+fn pair_shown(dens_shown: Vec<Shown>, nums: &[i64], hidden: &[bool]) -> Vec<(Shown, Shown)> {
     dens_shown
         .into_iter()
         .zip(nums.iter().zip(hidden))
         .map(|(d, (n, h))| {
             (
                 d,
-                if h {
+                if *h {
                     Shown::Suppressed
                 } else {
                     Shown::Count(*n)
@@ -960,7 +1061,11 @@ fn histogram_by(
             json!({
                 "code": [{ "text": by }],
                 "stratum": groups.iter().zip(ns.iter().zip(shown)).map(|((v, h), (n, s))| {
-                    let value = (*n > i64::from(up_to)).then(|| stat(h)).flatten();
+                    // Only beside a count that is shown: a mean beside a count hidden to
+                    // protect another would narrow it down.
+                    let value = (*n > i64::from(up_to) && s != Shown::Suppressed)
+                        .then(|| stat(h))
+                        .flatten();
                     json!({
                         "value": stratum_value(cfg, by, v),
                         "population": [population(pop_code, s)],
@@ -1205,6 +1310,11 @@ mod tests {
         );
         assert_eq!(suppress(&[8, 0], 7, true), vec![Count(8), Count(0)]);
         assert_eq!(
+            suppress(&[20, 1, 1, 12], 7, true),
+            vec![Count(20), Suppressed, Suppressed, Suppressed],
+            "two hidden cells adding up to 2 must both be 1: a third joins them"
+        );
+        assert_eq!(
             suppress(&[7, 1], 7, false),
             vec![Suppressed, Suppressed],
             "1 to 7"
@@ -1224,7 +1334,11 @@ mod tests {
             (Count(20), Suppressed),
             "17 of 20 reveals 3 not accepted"
         );
-        assert_eq!((got[0].1, got[4].1), (Count(20), Count(30)));
+        assert_eq!(
+            (got[0].1, got[4].1),
+            (Suppressed, Count(30)),
+            "the hidden ones leave 0 + 0 + 3 not accepted together: a (10 not accepted) joins them"
+        );
         // Only one numerator hidden among the rest: the smallest other goes too.
         let got = share_strata(&[30, 20, 40], &[20, 17, 30], 7, true);
         assert_eq!(got.iter().filter(|g| g.1 == Suppressed).count(), 2);
@@ -1232,6 +1346,35 @@ mod tests {
         // Needs overlap: no complement across strata.
         let got = share_strata(&[30, 20, 40], &[20, 17, 30], 7, false);
         assert_eq!(got.iter().filter(|g| g.1 == Suppressed).count(), 1);
+    }
+
+    #[test]
+    fn a_table_protects_its_rows_and_its_columns() {
+        use Shown::*;
+        // Rows (months) x columns (needs):
+        //   20  5  30
+        //   25 40  35
+        //   30 45  50
+        let cells: Vec<(usize, usize, i64)> = [[20, 5, 30], [25, 40, 35], [30, 45, 50]]
+            .iter()
+            .enumerate()
+            .flat_map(|(r, row)| row.iter().enumerate().map(move |(c, n)| (r, c, *n)))
+            .collect();
+        let got = suppress_table(&cells, 7);
+        let hidden: Vec<(usize, usize)> = cells
+            .iter()
+            .zip(&got)
+            .filter(|(_, s)| **s == Suppressed)
+            .map(|(c, _)| (c.0, c.1))
+            .collect();
+        // 5 is small; then every row and column with a hidden cell must have two or more.
+        for line in 0..3 {
+            let in_row = hidden.iter().filter(|h| h.0 == line).count();
+            let in_col = hidden.iter().filter(|h| h.1 == line).count();
+            assert!(in_row != 1 && in_col != 1, "{hidden:?}");
+        }
+        assert!(hidden.contains(&(0, 1)));
+        assert_eq!(got[8], Count(50));
     }
 
     #[test]

@@ -179,6 +179,31 @@ mod tests {
         .unwrap_or_default();
         assert!(one.starts_with("<svg role=\"img\" aria-label=\"Referrals &lt;test&gt;\""));
         assert!(one.contains("\nJan\n") && one.contains("\nFeb\n"), "{one}");
+        let hostile = bars(
+            "x",
+            &["<script>alert(1)</script>".to_string()],
+            &[
+                Series {
+                    name: "a \"b\" <i>".into(),
+                    values: vec![Some(1.0)],
+                },
+                Series {
+                    name: "<u>".into(),
+                    values: vec![Some(2.0)],
+                },
+            ],
+            "<b>",
+        )
+        .unwrap_or_default();
+        assert!(
+            !hostile.contains("<script>")
+                && !hostile.contains("<b>")
+                && !hostile.contains("<i>")
+                && !hostile.contains("<u>")
+                && hostile.contains("&lt;script&gt;")
+                && hostile.contains("&lt;u&gt;"),
+            "text in a chart is escaped: {hostile}"
+        );
         let rects = |s: &str| s.matches("<rect").count();
         assert_eq!(
             rects(&one),

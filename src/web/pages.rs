@@ -71,10 +71,21 @@ pub(super) async fn person(
     headers: &HeaderMap,
     peer: &Peer,
 ) -> Result<Person, PageError> {
+    signed_in_as(state, headers, peer, accounts::Kind::Provider).await
+}
+
+/// The signed-in person if of `kind`; a person of another kind is sent to their own home.
+pub(super) async fn signed_in_as(
+    state: &WebState,
+    headers: &HeaderMap,
+    peer: &Peer,
+    kind: accounts::Kind,
+) -> Result<Person, PageError> {
     let p = signed_in(state, headers, peer).await?;
-    match p.user.kind {
-        accounts::Kind::Provider => Ok(p),
-        other => Err(PageError::Elsewhere(home(other))),
+    if p.user.kind == kind {
+        Ok(p)
+    } else {
+        Err(PageError::Elsewhere(home(p.user.kind)))
     }
 }
 

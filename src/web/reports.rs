@@ -12,8 +12,8 @@ use axum::Extension;
 use serde_json::Value;
 
 use super::charts::{self, Series};
-use super::pages::signed_in;
-use super::{home, message, page, Chrome, PageError, Peer, Person, WebState};
+use super::pages::signed_in_as;
+use super::{message, page, Chrome, PageError, Peer, Person, WebState};
 use crate::accounts::Kind;
 use crate::error::Error;
 use crate::report::{DISPOSITIONS, STRATIFIERS, TIMINGS};
@@ -82,11 +82,7 @@ async fn commissioner(
     headers: &HeaderMap,
     peer: &Peer,
 ) -> Result<Person, PageError> {
-    let p = signed_in(state, headers, peer).await?;
-    match p.user.kind {
-        Kind::Commissioner => Ok(p),
-        other => Err(PageError::Elsewhere(home(other))),
-    }
+    signed_in_as(state, headers, peer, Kind::Commissioner).await
 }
 
 /// `YYYY-MM` of the month `back` months before the one of `micros`.
@@ -111,6 +107,15 @@ fn short_month(m: &str) -> String {
     month_words(m).get(..3).unwrap_or(m).to_string() + " " + m.get(2..4).unwrap_or("")
 }
 
+/// Whether `m` is a month as the picker sends it (`2027-01`).
+fn is_month(m: &str) -> bool {
+    m.len() == 7
+        && m.as_bytes()[4] == b'-'
+        && m.bytes()
+            .enumerate()
+            .all(|(i, b)| i == 4 || b.is_ascii_digit())
+}
+
 /// The period asked for, or the twelve months to this one.
 fn period(q: &PeriodQuery, now: i64) -> (String, String) {
     let from = q
@@ -129,7 +134,7 @@ fn period(q: &PeriodQuery, now: i64) -> (String, String) {
 fn month_choices(now: i64, from: &str, to: &str) -> Vec<(String, String)> {
     let mut months: Vec<String> = (0..60).rev().map(|b| month_back(now, b)).collect();
     for m in [from, to] {
-        if m.len() == 7 && !months.iter().any(|x| x == m) {
+        if is_month(m) && !months.iter().any(|x| x == m) {
             months.push(m.to_string());
         }
     }
@@ -610,6 +615,12 @@ fn evaluate(
     from: &str,
     to: &str,
 ) -> Result<Result<Vec<Value>, String>, PageError> {
+    // The page's months only (not the API's dates): what the picker can show again.
+    for (m, field) in [(from, "periodStart"), (to, "periodEnd")] {
+        if !is_month(m) {
+            return Ok(Err(period_problem(field, "not a month")));
+        }
+    }
     match state.gateway.evaluate_all(&p.principal, from, to) {
         Ok(r) => Ok(Ok(r)),
         Err(Error::Invalid(issues)) => Ok(Err(issues
@@ -747,9 +758,12 @@ pub async fn csv(
 }
 
 /// A CSV cell: quoted when it holds a comma, quote or line break; a leading `=`, `+`, `-`
-/// or `@` is prefixed with `'` so that a spreadsheet does not run it as a formula.
+/// (but a number's), `@`, tab or carriage return is prefixed with `'` so that a spreadsheet
+/// does not run it as a formula (OWASP's list).
 fn csv_cell(c: &str) -> String {
-    let c = if c.starts_with(['=', '+', '@']) || (c.starts_with('-') && c.parse::<f64>().is_err()) {
+    let c = if c.starts_with(['=', '+', '@', '\t', '\r'])
+        || (c.starts_with('-') && c.parse::<f64>().is_err())
+    {
         format!("'{c}")
     } else {
         c.to_string()
@@ -770,6 +784,7 @@ mod tests {
         assert_eq!(csv_cell("a, b"), "\"a, b\"");
         assert_eq!(csv_cell("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(csv_cell("=1+1"), "'=1+1");
+        assert_eq!(csv_cell("\t=1"), "'\t=1");
         assert_eq!(
             csv_cell("-1.50"),
             "-1.50",
