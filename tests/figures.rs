@@ -774,22 +774,65 @@ async fn a_seeded_year_of_referrals_is_counted_exactly_and_identifies_nobody() {
     let cfg_dir = tempfile::tempdir().unwrap();
     let cfg = cfg_dir.path().join("gateway.toml");
     std::fs::write(&cfg, unthrottled_config()).unwrap();
-    let out = cli([
-        "report".as_ref(),
-        "rebuild".as_ref(),
-        "--check".as_ref(),
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--data-dir".as_ref(),
-        dir.path().as_os_str(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let rebuild = |check: bool| {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["report".as_ref(), "rebuild".as_ref()];
+        if check {
+            args.push("--check".as_ref());
+        }
+        args.extend([
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--data-dir".as_ref(),
+            dir.path().as_os_str(),
+        ]);
+        let out = cli(args);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, stdout) = rebuild(true);
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains(&format!("{n} referrals")), "{stdout}");
+    assert!(stdout.contains("agree"), "{stdout}");
+
+    // Damaged figures (a counter changed, a referral's facts lost, facts of no referral):
+    // --check names each and changes nothing; the rebuild puts them right.
+    let (counter, facts) = {
+        let store = sp_gateway::store::Store::open(dir.path()).unwrap();
+        let counter = store
+            .scan(format!("m/c/{year}-03/rec").as_bytes(), None, 1)
+            .unwrap()[0]
+            .0
+            .clone();
+        let facts = store.scan(b"m/r/", None, 1).unwrap()[0].0.clone();
+        store
+            .transact::<_, sp_gateway::error::Error>(|tx| {
+                tx.put(&counter, b"99999")?;
+                tx.remove(&facts)?;
+                tx.put(b"m/r/no-such-referral", b"{}")?;
+                Ok(())
+            })
+            .unwrap();
+        store.durable_blocking().unwrap();
+        (
+            String::from_utf8(counter).unwrap(),
+            String::from_utf8(facts).unwrap(),
+        )
+    };
+    for _ in 0..2 {
+        let (code, stdout) = rebuild(true);
+        assert_eq!(code, Some(1), "{stdout}");
+        assert!(stdout.contains("3 keys differ"), "{stdout}");
+        for key in [&counter, &facts, "m/r/no-such-referral"] {
+            assert!(stdout.contains(key), "{key}: {stdout}");
+        }
+    }
+    let (code, stdout) = rebuild(false);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("rewritten"), "{stdout}");
+    let (code, stdout) = rebuild(true);
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains("agree"), "{stdout}");
 }
 

@@ -211,6 +211,80 @@ pub fn months_of(start: &str, end: &str) -> Result<(Vec<String>, String, String)
     ))
 }
 
+/// The keys `report rebuild` finds wrong: each said in words, and (unless checking only)
+/// put right in transactions of up to 5,000 keys.
+struct Fix {
+    check_only: bool,
+    differences: Vec<String>,
+    /// Key → the value to put, or `None` to remove it.
+    pending: Vec<(String, Option<Vec<u8>>)>,
+    written: bool,
+}
+
+impl Fix {
+    fn new(check_only: bool) -> Fix {
+        Fix {
+            check_only,
+            differences: Vec::new(),
+            pending: Vec::new(),
+            written: false,
+        }
+    }
+
+    fn differ(
+        &mut self,
+        gw: &Gateway,
+        key: String,
+        have: Option<Vec<u8>>,
+        want: Option<Vec<u8>>,
+    ) -> Result<()> {
+        let words = |v: Option<&Vec<u8>>| match v {
+            None => "absent".to_string(),
+            Some(b) if key.starts_with("m/r/") => format!("{} bytes", b.len()),
+            Some(b) => String::from_utf8_lossy(b).to_string(),
+        };
+        self.differences.push(format!(
+            "{key}: {} → {}",
+            words(have.as_ref()),
+            words(want.as_ref())
+        ));
+        if !self.check_only {
+            self.pending.push((key, want));
+            if self.pending.len() >= 5_000 {
+                self.flush(gw)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, gw: &Gateway) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        gw.commit(|tx| {
+            for (k, v) in &pending {
+                match v {
+                    Some(v) => tx.put(k.as_bytes(), v)?,
+                    None => tx.remove(k.as_bytes())?,
+                }
+            }
+            Ok(())
+        })?;
+        self.written = true;
+        Ok(())
+    }
+
+    /// Writes what is left; true if anything was written (then made durable).
+    fn finish(&mut self, gw: &Gateway) -> Result<bool> {
+        self.flush(gw)?;
+        if self.written {
+            gw.store.durable_blocking()?;
+        }
+        Ok(self.written)
+    }
+}
+
 /// What `report rebuild` found and did.
 #[derive(Debug, Default, Serialize)]
 pub struct Rebuilt {
@@ -456,17 +530,22 @@ impl Gateway {
             }
             tasks.entry(sr).or_default().push((id, tf));
         }
-        let mut want: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        // Facts are compared (and rewritten) referral by referral, so that the rebuild holds
+        // only the Tasks' facts, the counters and the open referrals' keys, not every
+        // referral's facts twice.
+        let mut fix = Fix::new(check_only);
         let mut counters: BTreeMap<(String, String), i64> = BTreeMap::new();
+        let mut want: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let mut open: BTreeMap<String, u64> = BTreeMap::new();
         let mut referrals = 0;
-        for sr_id in self.ids_of("ServiceRequest")? {
-            let Some(sr) = self.load("ServiceRequest", &sr_id)? else {
+        let srs = self.ids_of("ServiceRequest")?;
+        for sr_id in &srs {
+            let Some(sr) = self.load("ServiceRequest", sr_id)? else {
                 continue;
             };
             referrals += 1;
             let first = self
-                .load_version("ServiceRequest", &sr_id, 1)?
+                .load_version("ServiceRequest", sr_id, 1)?
                 .map(|v| micros_of(fhir::last_updated_of(&v)))
                 .unwrap_or_else(|| micros_of(fhir::last_updated_of(&sr)));
             let patient = match sr.get("subject").and_then(|s| fhir::ref_id(s, "Patient")) {
@@ -475,10 +554,10 @@ impl Gateway {
             };
             let mut f = Facts::default();
             f.fold_service_request(cfg, &sr, first, patient.as_ref());
-            for (id, tf) in tasks.remove(&sr_id).unwrap_or_default() {
+            for (id, tf) in tasks.remove(sr_id).unwrap_or_default() {
                 f.tasks.insert(id, tf);
             }
-            for (k, _) in self.scan(keys::obs_by_sr(&sr_id).as_bytes(), 100_000)? {
+            for (k, _) in self.scan(keys::obs_by_sr(sr_id).as_bytes(), 100_000)? {
                 let k = String::from_utf8_lossy(&k).to_string();
                 if let Some(o) = k.rsplit('/').next() {
                     if let Some(obs) = self.load("Observation", o)? {
@@ -490,12 +569,24 @@ impl Gateway {
                 *counters.entry(k).or_insert(0) += v;
             }
             if let Some(p) = f.open_at() {
-                want.insert(open_key(p, f.received, &sr_id), Vec::new());
+                want.insert(open_key(p, f.received, sr_id), Vec::new());
                 *open.entry(p.to_string()).or_insert(0) += 1;
             }
             let bytes = serde_json::to_vec(&f).map_err(|e| Error::Internal(e.to_string()))?;
-            want.insert(facts_key(&sr_id), bytes);
+            let key = facts_key(sr_id);
+            let have = self.store.get(key.as_bytes())?;
+            if have.as_deref() != Some(bytes.as_slice()) {
+                fix.differ(self, key, have, Some(bytes))?;
+            }
         }
+        // Facts of referrals that are no longer stored.
+        self.each_under("m/r/", |k, v| {
+            let sr = k.trim_start_matches("m/r/");
+            if srs.binary_search_by(|x| x.as_str().cmp(sr)).is_err() {
+                fix.differ(self, k.to_string(), Some(v.to_vec()), None)?;
+            }
+            Ok(())
+        })?;
         let n_counters = counters.len();
         for ((month, cell), n) in counters {
             if n > 0 {
@@ -505,70 +596,51 @@ impl Gateway {
         for (p, n) in open {
             want.insert(open_count_key(&p), n.to_string().into_bytes());
         }
-        // What is kept now.
+        // The counters and the open referrals as kept now.
         let mut have: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for prefix in ["m/c/", "m/o/", "m/open/"] {
+            self.each_under(prefix, |k, v| {
+                have.insert(k.to_string(), v.to_vec());
+                Ok(())
+            })?;
+        }
+        for (k, v) in &want {
+            if have.get(k) != Some(v) {
+                fix.differ(self, k.clone(), have.get(k).cloned(), Some(v.clone()))?;
+            }
+        }
+        for (k, v) in &have {
+            // An open count of 0 kept as "0" is the same as none.
+            let zero = k.starts_with("m/open/") && v.as_slice() == b"0";
+            if !want.contains_key(k) && !zero {
+                fix.differ(self, k.clone(), Some(v.clone()), None)?;
+            }
+        }
+        let written = fix.finish(self)?;
+        Ok(Rebuilt {
+            referrals,
+            counters: n_counters,
+            differences: fix.differences,
+            written,
+        })
+    }
+
+    /// Every key under `prefix` with its value, a page at a time.
+    fn each_under(&self, prefix: &str, mut f: impl FnMut(&str, &[u8]) -> Result<()>) -> Result<()> {
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = self.store.scan(b"m/", after.as_deref(), 10_000)?;
+            let page = self
+                .store
+                .scan(prefix.as_bytes(), after.as_deref(), 10_000)?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
             for (k, v) in &page {
-                have.insert(String::from_utf8_lossy(k).to_string(), v.clone());
+                f(&String::from_utf8_lossy(k), v)?;
             }
             if page.len() < 10_000 {
                 break;
             }
         }
-        let shown = |v: Option<&Vec<u8>>, key: &str| match v {
-            None => "absent".to_string(),
-            Some(b) if key.starts_with("m/r/") => format!("{} bytes", b.len()),
-            Some(b) => String::from_utf8_lossy(b).to_string(),
-        };
-        let mut differences = Vec::new();
-        for (k, v) in &want {
-            // An open count of 0 kept as "0" is the same as none.
-            if have.get(k) != Some(v) {
-                differences.push(format!(
-                    "{k}: {} → {}",
-                    shown(have.get(k), k),
-                    shown(Some(v), k)
-                ));
-            }
-        }
-        for (k, v) in &have {
-            let zero = k.starts_with("m/open/") && v.as_slice() == b"0";
-            if !want.contains_key(k) && !zero {
-                differences.push(format!("{k}: {} → absent", shown(Some(v), k)));
-            }
-        }
-        let mut written = false;
-        if !check_only && !differences.is_empty() {
-            let stale: Vec<&String> = have.keys().filter(|k| !want.contains_key(*k)).collect();
-            for chunk in stale.chunks(5_000) {
-                self.commit(|tx| {
-                    for k in chunk {
-                        tx.remove(k.as_bytes())?;
-                    }
-                    Ok(())
-                })?;
-            }
-            let items: Vec<(&String, &Vec<u8>)> = want.iter().collect();
-            for chunk in items.chunks(5_000) {
-                self.commit(|tx| {
-                    for (k, v) in chunk {
-                        tx.put(k.as_bytes(), v)?;
-                    }
-                    Ok(())
-                })?;
-            }
-            self.store.durable_blocking()?;
-            written = true;
-        }
-        Ok(Rebuilt {
-            referrals,
-            counters: n_counters,
-            differences,
-            written,
-        })
+        Ok(())
     }
 }
