@@ -15,10 +15,11 @@ const CLIENTS: &[(&str, Option<&str>)] = &[
     ("admin", Some(ADMIN)),
     ("anonymous", None),
     ("referrer-other", Some(REFERRER)),
+    ("commissioner", Some("demo-commissioner-token")),
 ];
 
 /// Expected statuses in CLIENTS order.
-type Row = [u16; 8];
+type Row = [u16; 9];
 
 #[tokio::test]
 async fn every_route_for_every_role_and_tenant() {
@@ -65,9 +66,9 @@ async fn every_route_for_every_role_and_tenant() {
         "BB9 7SR".into(),
     ];
 
-    const READ: Row = [200, 404, 200, 404, 200, 404, 401, 404];
-    const SEARCH: Row = [200, 200, 200, 200, 200, 403, 401, 200];
-    const OPEN: Row = [200; 8];
+    const READ: Row = [200, 404, 200, 404, 200, 404, 401, 404, 404];
+    const SEARCH: Row = [200, 200, 200, 200, 200, 403, 401, 200, 403];
+    const OPEN: Row = [200; 9];
     let mut reads: Vec<(String, Row)> = Vec::new();
     for (t, id) in [
         ("Task", &ta),
@@ -98,11 +99,11 @@ async fn every_route_for_every_role_and_tenant() {
         ("/readyz".into(), OPEN),
         (
             "/fhir/Organization/P81001".into(),
-            [200, 200, 200, 200, 200, 404, 401, 200],
+            [200, 200, 200, 200, 200, 404, 401, 200, 404],
         ),
         (
             "/fhir/Organization/pendle-crafts".into(),
-            [200, 200, 200, 200, 200, 404, 401, 200],
+            [200, 200, 200, 200, 200, 404, 401, 200, 404],
         ),
     ];
     let mut failures = Vec::new();
@@ -145,15 +146,15 @@ async fn every_route_for_every_role_and_tenant() {
     // Writes: each client tries to change A; only its owner (and for cancel, its GP) can.
     let auditor_task = || async { gw.get(AUDITOR, &format!("/fhir/Task/{ta}")).await };
     let writes: Vec<(&str, Row)> = vec![
-        ("PUT note", [422, 404, 200, 404, 403, 403, 401, 404]),
-        ("PATCH note", [422, 404, 200, 404, 403, 403, 401, 404]),
-        ("POST Observation", [403, 403, 201, 422, 403, 403, 401, 403]),
-        ("POST $validate", [200, 200, 200, 200, 200, 403, 401, 200]),
-        ("POST referral", [201, 422, 403, 403, 403, 403, 401, 403]),
-        ("POST transaction", [200, 422, 403, 403, 403, 403, 401, 422]),
+        ("PUT note", [422, 404, 200, 404, 403, 403, 401, 404, 403]),
+        ("PATCH note", [422, 404, 200, 404, 403, 403, 401, 404, 403]),
+        ("POST Observation", [403, 403, 201, 422, 403, 403, 401, 403, 403]),
+        ("POST $validate", [200, 200, 200, 200, 200, 403, 401, 200, 403]),
+        ("POST referral", [201, 422, 403, 403, 403, 403, 401, 403, 403]),
+        ("POST transaction", [200, 422, 403, 403, 403, 403, 401, 422, 403]),
         (
             "POST ServiceRequest",
-            [201, 422, 403, 403, 403, 403, 401, 422],
+            [201, 422, 403, 403, 403, 403, 401, 422, 403],
         ),
     ];
     for (n, (what, row)) in writes.iter().enumerate() {
