@@ -1067,8 +1067,29 @@ async fn the_page_and_its_csv_say_the_same(gw: &TestGateway, year: i32, truths: 
         t[1][2],
         format!("{:.1}%", accepted as f64 / truths.len() as f64 * 100.0)
     );
-    let declined = disp["declined-patient"];
-    assert_eq!(t[2][1], shown(declined));
+    // Every disposition's row, in the report's order, with its share of all referrals.
+    let order = [
+        "accepted",
+        "declined-patient",
+        "declined-no-capacity",
+        "declined-not-eligible",
+        "declined-other",
+        "cancelled",
+        "failed",
+        "open",
+    ];
+    for (row, d) in t[1..=8].iter().zip(order) {
+        let n = disp.get(d).copied().unwrap_or(Some(0));
+        assert_eq!(row[1], shown(n), "{d}");
+        let share = n
+            .map(|n| format!("{:.1}%", n as f64 / truths.len() as f64 * 100.0))
+            .unwrap_or_else(|| "suppressed".into());
+        assert_eq!(row[2], share, "{d} share");
+    }
+    assert_eq!(
+        t[9][1], "0",
+        "nobody was declined for capacity and passed on"
+    );
 
     // Times, against the truth.
     let t = &tables["time-to-contact"];
@@ -1124,8 +1145,42 @@ async fn the_page_and_its_csv_say_the_same(gw: &TestGateway, year: i32, truths: 
             (shown(d), shown(n)),
             "{name}"
         );
+        let share = match (d, n) {
+            (Some(d), Some(n)) => {
+                format!("{:.1}%", (n as f64 / d as f64 * 10_000.0).round() / 100.0)
+            }
+            _ => "suppressed".into(),
+        };
+        assert_eq!(row[4], share, "{name} share");
+        // Median days to first contact, as the MeasureReport gives it (checked above).
+        let contact: Vec<i64> = truths
+            .iter()
+            .filter(|t| &t.provider == p)
+            .filter_map(|t| t.contact_days)
+            .collect();
+        if contact.len() as i64 > UP_TO && row[5] != "suppressed" {
+            assert_eq!(
+                row[6],
+                nearest_rank(contact, 50).unwrap().to_string(),
+                "{name} median"
+            );
+        } else {
+            assert!(
+                row[6] == "suppressed" || row[6] == "none",
+                "{name}: {row:?}"
+            );
+        }
     }
-    assert!(t.iter().any(|r| r[0] == "Need"), "need rows too");
+    // The need rows: referrals by need as the need stratifier has them.
+    let needs = true_strata(truths, |t| t.need.clone(), true);
+    for (need, n) in &needs {
+        let words = &cfg.need(need).expect("need").display;
+        let row = t
+            .iter()
+            .find(|r| r[0] == "Need" && &r[1] == words)
+            .unwrap_or_else(|| panic!("no row for {words}"));
+        assert_eq!(row[2], shown(*n), "{need}");
+    }
 
     // Provider load: as the MeasureReport has it.
     let load = gw
