@@ -632,7 +632,7 @@ async fn a_seeded_year_of_referrals_is_counted_exactly_and_identifies_nobody() {
         score_of(g),
         Some((improved / pairs.len() as f64 * 10_000.0).round() / 10_000.0)
     );
-    // Mean change by need, against the truth (needs overlap: no complements).
+    // Mean change by need, against the truth (needs protected as a partition too).
     let change_by = strata_scored(
         group(&change, &format!("{SWEMWBS}-mean-change")),
         "need",

@@ -417,23 +417,13 @@ impl Gateway {
         for m in months {
             let prefix = format!("m/c/{m}/");
             let mut month = report::Totals::new();
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let page = self
-                    .store
-                    .scan(prefix.as_bytes(), after.as_deref(), 10_000)?;
-                let Some((last, _)) = page.last() else { break };
-                after = Some(last.clone());
-                for (k, v) in &page {
-                    let cell = String::from_utf8_lossy(&k[prefix.len()..]).to_string();
-                    let n: i64 = String::from_utf8_lossy(v).parse().unwrap_or(0);
-                    *totals.entry(cell.clone()).or_insert(0) += n;
-                    month.insert(cell, n);
-                }
-                if page.len() < 10_000 {
-                    break;
-                }
-            }
+            self.each_under(&prefix, |k, v| {
+                let cell = k.strip_prefix(prefix.as_str()).unwrap_or(k).to_string();
+                let n: i64 = String::from_utf8_lossy(v).parse().unwrap_or(0);
+                *totals.entry(cell.clone()).or_insert(0) += n;
+                month.insert(cell, n);
+                Ok(())
+            })?;
             by_month.insert(m.clone(), month);
         }
         Ok((totals, by_month))
@@ -472,21 +462,10 @@ impl Gateway {
     fn ids_of(&self, rtype: &str) -> Result<Vec<String>> {
         let mut ids = Vec::new();
         for prefix in [format!("r/{rtype}/"), format!("z/{rtype}/")] {
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let page = self
-                    .store
-                    .scan(prefix.as_bytes(), after.as_deref(), 10_000)?;
-                let Some((last, _)) = page.last() else { break };
-                after = Some(last.clone());
-                ids.extend(
-                    page.iter()
-                        .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).to_string()),
-                );
-                if page.len() < 10_000 {
-                    break;
-                }
-            }
+            self.each_under(&prefix, |k, _| {
+                ids.push(k.strip_prefix(prefix.as_str()).unwrap_or(k).to_string());
+                Ok(())
+            })?;
         }
         ids.sort();
         ids.dedup();
