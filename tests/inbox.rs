@@ -960,6 +960,28 @@ async fn people_are_managed_on_a_running_gateway_through_its_admin_api() {
         .find_map(|l| l.strip_prefix("password (shown once; pass it on safely): "))
         .expect("a first password")
         .to_string();
+    // A commissioner works for no provider: one or the other, never both.
+    let out = run(vec![
+        "add",
+        "--commissioner",
+        "--provider",
+        "pendle-crafts",
+        "--email",
+        "kim@example.org",
+    ])
+    .await
+    .expect("cli");
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(vec!["add", "--commissioner", "--email", "kim@example.org"])
+        .await
+        .expect("cli");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("kim@example.org ((commissioner)): done"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let list = run(vec!["list"]).await.expect("cli");
+    assert!(String::from_utf8_lossy(&list.stdout).contains("kim@example.org\t(commissioner)\t"));
     // Without the admin token the API refuses.
     let r = gw.get("demo-provider-crafts-token", "/admin/users").await;
     assert_eq!(r.status, 403);

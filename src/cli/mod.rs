@@ -468,6 +468,15 @@ fn read_password(file: Option<&std::path::Path>) -> Result<(String, bool), Strin
     }
 }
 
+/// A person's organisation as the admin API gives it: their provider, or "(commissioner)".
+fn org_of(p: &serde_json::Value) -> &str {
+    if p["kind"] == "commissioner" {
+        "(commissioner)"
+    } else {
+        p["provider"].as_str().unwrap_or_default()
+    }
+}
+
 /// `users` against a running gateway's admin API.
 fn users_remote(
     base: &str,
@@ -559,7 +568,7 @@ fn users_remote(
                 out.push_str(&format!(
                     "{}\t{}\tenrolled={} disabled={} locked={}\n",
                     p["email"].as_str().unwrap_or_default(),
-                    p["provider"].as_str().unwrap_or_default(),
+                    org_of(p),
                     p["enrolled"],
                     p["disabled"],
                     p["locked"]
@@ -574,7 +583,7 @@ fn users_remote(
         out.push_str(&format!(
             "{} ({}): done",
             v["email"].as_str().unwrap_or_default(),
-            v["provider"].as_str().unwrap_or_default()
+            org_of(&v)
         ));
         if let Some(p) = v.get("password").and_then(|p| p.as_str()) {
             out.push_str(&format!("\npassword (shown once; pass it on safely): {p}"));
