@@ -707,11 +707,23 @@ pub struct ReportsConfig {
     /// Counts from 1 to this are shown as suppressed (and so are the cells that would give
     /// them away); medians and changes need a group larger than this. Never below 5.
     pub suppress_up_to: u32,
+    /// Published counts are rounded to the nearest multiple of this (after suppression),
+    /// so that figures for overlapping periods cannot be subtracted to reveal a suppressed
+    /// one. 1 publishes exact counts (and gives that protection up).
+    #[serde(default = "default_round_to")]
+    pub round_to: u32,
+}
+
+fn default_round_to() -> u32 {
+    5
 }
 
 impl Default for ReportsConfig {
     fn default() -> Self {
-        ReportsConfig { suppress_up_to: 7 }
+        ReportsConfig {
+            suppress_up_to: 7,
+            round_to: default_round_to(),
+        }
     }
 }
 
@@ -905,6 +917,12 @@ impl Config {
             return Err(bad(
                 "reports.suppress_up_to".into(),
                 "must be 5 or more: smaller counts could identify people".into(),
+            ));
+        }
+        if self.reports.round_to < 1 || self.reports.round_to > 100 {
+            return Err(bad(
+                "reports.round_to".into(),
+                "must be from 1 (exact counts) to 100".into(),
             ));
         }
         for (i, o) in self.outcomes.iter().enumerate() {

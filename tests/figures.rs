@@ -3,7 +3,8 @@
 //! store's commit clock moved to each event's time (the simulated year is ahead of the
 //! wall clock, so every write is stamped with the simulated time). The test keeps its own
 //! record of every referral and computes the true figures from it, with the suppression
-//! rule applied by its own code; every MeasureReport figure must equal them. Then: the
+//! rule and the rounding to 5 applied by its own code; every MeasureReport figure must
+//! equal them. Then: the
 //! commissioner reads nothing of any one person, and `report rebuild` agrees exactly with
 //! the figures kept write by write.
 
@@ -81,8 +82,13 @@ fn suppressed(counts: &[i64], partition: bool) -> Vec<Option<i64>> {
     counts
         .iter()
         .zip(hidden)
-        .map(|(n, h)| (!h).then_some(*n))
+        .map(|(n, h)| (!h).then_some(r5(*n)))
         .collect()
+}
+
+/// A count as published: to the nearest 5, halves up (README; `[reports] round_to`).
+fn r5(n: i64) -> i64 {
+    (n + 2) / 5 * 5
 }
 
 /// README's second rule on one partition; true if it hid anything.
@@ -142,7 +148,12 @@ fn suppressed_grid(grid: &[Vec<i64>]) -> Vec<Vec<Option<i64>>> {
     }
     grid.iter()
         .zip(hidden)
-        .map(|(r, h)| r.iter().zip(h).map(|(n, h)| (!h).then_some(*n)).collect())
+        .map(|(r, h)| {
+            r.iter()
+                .zip(h)
+                .map(|(n, h)| (!h).then_some(r5(*n)))
+                .collect()
+        })
         .collect()
 }
 
@@ -248,7 +259,7 @@ fn share_rule(dens: &[i64], nums: &[i64], partition: bool) -> Vec<(Option<i64>, 
         }
     }
     (0..dens.len())
-        .map(|i| (d[i], (!hidden[i]).then_some(nums[i])))
+        .map(|i| (d[i], (!hidden[i]).then_some(r5(nums[i]))))
         .collect()
 }
 
@@ -499,7 +510,7 @@ async fn a_seeded_year_of_referrals_is_counted_exactly_and_identifies_nobody() {
     let received = eval("referrals-received").await;
     let g = group(&received, "received");
     let total = truths.len() as i64;
-    assert_eq!(count_of(&g["population"][0]), Some(total));
+    assert_eq!(count_of(&g["population"][0]), Some(r5(total)));
     assert_eq!(
         strata(g, "need"),
         true_strata(&truths, |t| t.need.clone(), true)
@@ -547,7 +558,7 @@ async fn a_seeded_year_of_referrals_is_counted_exactly_and_identifies_nobody() {
         .copied()
         .flatten()
         .expect("accepted shown");
-    let share = (accepted as f64 / total as f64 * 10_000.0).round() / 10_000.0;
+    let share = (accepted as f64 / r5(total) as f64 * 10_000.0).round() / 10_000.0;
     assert_eq!(score_of(g), Some(share));
 
     // Uptake by provider, against the truth (the share rule applied by the test's own code).
@@ -616,7 +627,7 @@ async fn a_seeded_year_of_referrals_is_counted_exactly_and_identifies_nobody() {
         );
         assert_eq!(
             count_of(&group(&times, &format!("{timing}-median"))["population"][1]),
-            Some(v.len() as i64)
+            Some(r5(v.len() as i64))
         );
     }
 
@@ -624,13 +635,13 @@ async fn a_seeded_year_of_referrals_is_counted_exactly_and_identifies_nobody() {
     let pairs: Vec<i64> = truths.iter().filter_map(|t| t.change).collect();
     let mean = (pairs.iter().sum::<i64>() as f64 / pairs.len() as f64 * 100.0).round() / 100.0;
     let g = group(&change, &format!("{SWEMWBS}-mean-change"));
-    assert_eq!(count_of(&g["population"][0]), Some(pairs.len() as i64));
+    assert_eq!(count_of(&g["population"][0]), Some(r5(pairs.len() as i64)));
     assert_eq!(score_of(g), Some(mean));
-    let improved = pairs.iter().filter(|c| **c >= 3).count() as f64;
+    let improved = r5(pairs.iter().filter(|c| **c >= 3).count() as i64) as f64;
     let g = group(&change, &format!("{SWEMWBS}-improved"));
     assert_eq!(
         score_of(g),
-        Some((improved / pairs.len() as f64 * 10_000.0).round() / 10_000.0)
+        Some((improved / r5(pairs.len() as i64) as f64 * 10_000.0).round() / 10_000.0)
     );
     // Mean change by need, against the truth (needs protected as a partition too).
     let change_by = strata_scored(
@@ -1038,7 +1049,10 @@ async fn the_page_and_its_csv_say_the_same(gw: &TestGateway, year: i32, truths: 
         .body;
     let g = group(&received, "received");
     let t = &tables["referrals-by-characteristic"];
-    assert_eq!(t[1], ["All", "All referrals", &truths.len().to_string()]);
+    assert_eq!(
+        t[1],
+        ["All", "All referrals", &r5(truths.len() as i64).to_string()]
+    );
     let mut expected = Vec::new();
     for s in g["stratifier"].as_array().unwrap() {
         let id = s["code"][0]["text"].as_str().unwrap();
@@ -1065,7 +1079,10 @@ async fn the_page_and_its_csv_say_the_same(gw: &TestGateway, year: i32, truths: 
     assert_eq!(t[1][1], accepted.to_string());
     assert_eq!(
         t[1][2],
-        format!("{:.1}%", accepted as f64 / truths.len() as f64 * 100.0)
+        format!(
+            "{:.1}%",
+            accepted as f64 / r5(truths.len() as i64) as f64 * 100.0
+        )
     );
     // Every disposition's row, in the report's order, with its share of all referrals.
     let order = [
@@ -1082,7 +1099,7 @@ async fn the_page_and_its_csv_say_the_same(gw: &TestGateway, year: i32, truths: 
         let n = disp.get(d).copied().unwrap_or(Some(0));
         assert_eq!(row[1], shown(n), "{d}");
         let share = n
-            .map(|n| format!("{:.1}%", n as f64 / truths.len() as f64 * 100.0))
+            .map(|n| format!("{:.1}%", n as f64 / r5(truths.len() as i64) as f64 * 100.0))
             .unwrap_or_else(|| "suppressed".into());
         assert_eq!(row[2], share, "{d} share");
     }
@@ -1099,7 +1116,7 @@ async fn the_page_and_its_csv_say_the_same(gw: &TestGateway, year: i32, truths: 
         (3, |t: &Truth| t.complete_days),
     ] {
         let v: Vec<i64> = truths.iter().filter_map(pick).collect();
-        assert_eq!(t[row][1], v.len().to_string());
+        assert_eq!(t[row][1], r5(v.len() as i64).to_string());
         assert_eq!(t[row][2], nearest_rank(v.clone(), 50).unwrap().to_string());
         assert_eq!(t[row][3], nearest_rank(v, 90).unwrap().to_string());
     }
@@ -1111,7 +1128,7 @@ async fn the_page_and_its_csv_say_the_same(gw: &TestGateway, year: i32, truths: 
         .iter()
         .find(|r| r[0].contains("Short"))
         .expect("SWEMWBS row");
-    assert_eq!(swemwbs[1], pairs.len().to_string());
+    assert_eq!(swemwbs[1], r5(pairs.len() as i64).to_string());
     assert_eq!(
         swemwbs[2],
         format!(
@@ -1121,7 +1138,7 @@ async fn the_page_and_its_csv_say_the_same(gw: &TestGateway, year: i32, truths: 
     );
     assert_eq!(
         swemwbs[4],
-        pairs.iter().filter(|c| **c >= 3).count().to_string()
+        r5(pairs.iter().filter(|c| **c >= 3).count() as i64).to_string()
     );
 
     // By provider and need: the provider rows against the truth.

@@ -669,6 +669,17 @@ pub fn suppress(counts: &[i64], up_to: u32, partition: bool) -> Vec<Shown> {
     shown_of(counts, &hidden)
 }
 
+/// A count as published: rounded to the nearest multiple of `reports.round_to` (halves
+/// up; 0 stays 0), so that figures for overlapping periods cannot be subtracted to find a
+/// suppressed one. Suppression is decided on the exact counts first.
+pub fn published(cfg: &Config, s: Shown) -> Shown {
+    let to = i64::from(cfg.reports.round_to.max(1));
+    match s {
+        Shown::Count(n) => Shown::Count((n + to / 2) / to * to),
+        Shown::Suppressed => Shown::Suppressed,
+    }
+}
+
 fn small(n: i64, up_to: u32) -> bool {
     n >= 1 && n <= i64::from(up_to)
 }
@@ -871,7 +882,10 @@ fn stratifier_json(
     partition: bool,
 ) -> Value {
     let counts: Vec<i64> = values.iter().map(|v| v.1).collect();
-    let shown = suppress(&counts, up_to, partition);
+    let shown: Vec<Shown> = suppress(&counts, up_to, partition)
+        .into_iter()
+        .map(|s| published(cfg, s))
+        .collect();
     json!({
         "code": [{ "text": id }],
         "stratum": values.iter().zip(shown).map(|((v, _), s)| json!({
@@ -916,7 +930,10 @@ fn month_need_json(cfg: &Config, by_month: &ByMonth, up_to: u32) -> Value {
             )
         })
         .collect();
-    let shown = suppress_table(&table, up_to);
+    let shown: Vec<Shown> = suppress_table(&table, up_to)
+        .into_iter()
+        .map(|s| published(cfg, s))
+        .collect();
     json!({
         "code": [{ "text": "month-need" }],
         "stratum": cells.iter().zip(shown).map(|((month, need, _), s)| json!({
@@ -1014,7 +1031,10 @@ fn uptake_by(cfg: &Config, t: &Totals, up_to: u32) -> Vec<Value> {
             let groups = split_by(t, "ds|", by);
             let dens: Vec<i64> = groups.values().map(|g| g.values().sum()).collect();
             let nums: Vec<i64> = groups.values().map(|g| g.get("accepted").copied().unwrap_or(0)).collect();
-            let shown = share_strata(&dens, &nums, up_to, *partition);
+            let shown: Vec<(Shown, Shown)> = share_strata(&dens, &nums, up_to, *partition)
+                .into_iter()
+                .map(|(d, n)| (published(cfg, d), published(cfg, n)))
+                .collect();
             json!({
                 "code": [{ "text": by }],
                 "stratum": groups.keys().zip(shown).map(|(v, (d, n))| {
@@ -1057,7 +1077,10 @@ fn histogram_by(
                 })
                 .collect();
             let ns: Vec<i64> = groups.iter().map(|(_, h)| h.values().sum()).collect();
-            let shown = suppress(&ns, up_to, *partition);
+            let shown: Vec<Shown> = suppress(&ns, up_to, *partition)
+                .into_iter()
+                .map(|s| published(cfg, s))
+                .collect();
             json!({
                 "code": [{ "text": by }],
                 "stratum": groups.iter().zip(ns.iter().zip(shown)).map(|((v, h), (n, s))| {
@@ -1111,7 +1134,7 @@ pub fn evaluate(
     let t = period.totals;
     let get = |k: &str| t.get(k).copied().unwrap_or(0);
     let total = get("rec");
-    let total_shown = suppress(&[total], up_to, false)[0];
+    let total_shown = published(cfg, suppress(&[total], up_to, false)[0]);
     let groups: Vec<Value> = match id {
         "referrals-received" => {
             let stratifiers: Vec<Value> = STRATIFIERS
@@ -1140,7 +1163,10 @@ pub fn evaluate(
                 .map(|(d, _)| (d.to_string(), get(&format!("disp|{d}"))))
                 .collect();
             let counts: Vec<i64> = values.iter().map(|v| v.1).collect();
-            let shown = suppress(&counts, up_to, true);
+            let shown: Vec<Shown> = suppress(&counts, up_to, true)
+                .into_iter()
+                .map(|s| published(cfg, s))
+                .collect();
             let accepted = shown[0];
             let share = match (accepted, total_shown) {
                 (Shown::Count(a), Shown::Count(n)) if n > 0 => Some(round(a as f64 / n as f64, 4)),
@@ -1161,7 +1187,7 @@ pub fn evaluate(
                 }),
                 json!({
                     "code": { "text": "declined-capacity" },
-                    "population": [population("initial-population", suppress(&[get("declined-capacity")], up_to, false)[0])]
+                    "population": [population("initial-population", published(cfg, suppress(&[get("declined-capacity")], up_to, false)[0]))]
                 }),
             ]
         }
@@ -1178,7 +1204,7 @@ pub fn evaluate(
                     })
                     .collect();
                 let n: i64 = hist.values().sum();
-                let n_shown = suppress(&[n], up_to, false)[0];
+                let n_shown = published(cfg, suppress(&[n], up_to, false)[0]);
                 let big_enough = n > i64::from(up_to);
                 [("median", 50), ("p90", 90)].map(|(stat, p)| {
                     let value = if big_enough {
@@ -1219,13 +1245,14 @@ pub fn evaluate(
                     .filter(|(d, _)| *d >= threshold(cfg, &o.code))
                     .map(|c| c.1)
                     .sum();
-                let n_shown = suppress(&[n], up_to, false)[0];
+                let n_shown = published(cfg, suppress(&[n], up_to, false)[0]);
                 let big_enough = n > i64::from(up_to);
                 let mean = big_enough.then(|| round(sum as f64 / n as f64, 2));
                 let split = suppress(&[improved, n - improved], up_to, true);
-                let improved_shown = if big_enough { split[0] } else { Shown::Suppressed };
-                let share = match (improved_shown, split[1]) {
-                    (Shown::Count(a), Shown::Count(_)) if big_enough => Some(round(a as f64 / n as f64, 4)),
+                let improved_shown = if big_enough { published(cfg, split[0]) } else { Shown::Suppressed };
+                // From the published counts, so that the share gives away no exact count.
+                let share = match (improved_shown, split[1], n_shown) {
+                    (Shown::Count(a), Shown::Count(_), Shown::Count(d)) if big_enough && d > 0 => Some(round(a as f64 / d as f64, 4)),
                     _ => None,
                 };
                 let code = json!({ "coding": [{ "system": crate::fhir::SNOMED, "code": o.code, "display": o.display }] });
@@ -1250,10 +1277,14 @@ pub fn evaluate(
         _ => loads
             .iter()
             .map(|l| {
-                let shown = suppress(&[l.open], up_to, false)[0];
+                let shown = published(cfg, suppress(&[l.open], up_to, false)[0]);
                 let big_enough = l.open > i64::from(up_to);
-                let share = (big_enough && l.capacity > 0)
-                    .then(|| round(l.open as f64 / l.capacity as f64, 4));
+                let share = match shown {
+                    Shown::Count(open) if big_enough && l.capacity > 0 => {
+                        Some(round(open as f64 / l.capacity as f64, 4))
+                    }
+                    _ => None,
+                };
                 let mut g = json!({
                     "code": { "text": l.provider },
                     "population": [population("measure-population", shown)],
@@ -1346,6 +1377,19 @@ mod tests {
         // Needs overlap: no complement across strata.
         let got = share_strata(&[30, 20, 40], &[20, 17, 30], 7, false);
         assert_eq!(got.iter().filter(|g| g.1 == Suppressed).count(), 1);
+    }
+
+    #[test]
+    fn published_counts_are_rounded_to_the_nearest_five_after_suppression() {
+        let mut cfg = Config::parse(crate::config::EMBEDDED_DEFAULT, "demo").expect("config");
+        let p = |cfg: &Config, n| published(cfg, Shown::Count(n));
+        assert_eq!(p(&cfg, 657), Shown::Count(655));
+        assert_eq!(p(&cfg, 658), Shown::Count(660));
+        assert_eq!(p(&cfg, 8), Shown::Count(10));
+        assert_eq!(p(&cfg, 0), Shown::Count(0));
+        assert_eq!(published(&cfg, Shown::Suppressed), Shown::Suppressed);
+        cfg.reports.round_to = 1;
+        assert_eq!(p(&cfg, 657), Shown::Count(657), "1: exact counts");
     }
 
     #[test]

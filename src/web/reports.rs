@@ -72,6 +72,7 @@ struct ReportsPage {
     period_words: String,
     error: Option<String>,
     suppress_up_to: u32,
+    round_to: u32,
     tables: Vec<Table>,
     query: String,
 }
@@ -681,6 +682,7 @@ pub async fn show(
             to,
             error,
             suppress_up_to: cfg.reports.suppress_up_to,
+            round_to: cfg.reports.round_to,
             tables,
             query,
         },
