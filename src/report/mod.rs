@@ -714,13 +714,7 @@ fn protect(counts: &[i64], hidden: &mut [bool], up_to: u32) -> bool {
         if n == 0 || (n >= 2 && sum > i64::from(up_to)) {
             return changed;
         }
-        let next = counts
-            .iter()
-            .enumerate()
-            .filter(|(i, c)| !hidden[*i] && **c > 0)
-            .min_by_key(|(i, c)| (**c, *i))
-            .map(|(i, _)| i);
-        match next {
+        match smallest_shown(counts, hidden) {
             Some(i) => {
                 hidden[i] = true;
                 changed = true;
@@ -728,6 +722,16 @@ fn protect(counts: &[i64], hidden: &mut [bool], up_to: u32) -> bool {
             None => return changed,
         }
     }
+}
+
+/// The smallest non-zero cell not yet hidden (the first of equals): the next to hide.
+fn smallest_shown(counts: &[i64], hidden: &[bool]) -> Option<usize> {
+    counts
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| !hidden[*i] && **c > 0)
+        .min_by_key(|(i, c)| (**c, *i))
+        .map(|(i, _)| i)
 }
 
 /// The rule on a table whose rows and columns are each a partition (the month x need
@@ -989,13 +993,7 @@ fn share_strata(dens: &[i64], nums: &[i64], up_to: u32, partition: bool) -> Vec<
         if h.is_empty() || (h.len() >= 2 && !small(accepted, up_to) && !small(rest, up_to)) {
             break;
         }
-        let next = nums
-            .iter()
-            .enumerate()
-            .filter(|(i, n)| !hidden[*i] && **n > 0)
-            .min_by_key(|(i, n)| (**n, *i))
-            .map(|(i, _)| i);
-        match next {
+        match smallest_shown(nums, &hidden) {
             Some(i) => hidden[i] = true,
             None => break,
         }
